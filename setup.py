@@ -1,0 +1,45 @@
+"""vlpre: pre-training vision encoders with the help of large language models, in JAX."""
+from setuptools import find_packages, setup
+
+# Pinned: these are the versions the test suite runs against. transformers 4.57.x is the
+# last release line with Flax model classes; jax/flax/orbax/grain move together.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "array-record==0.8.6",
+    "ml-collections==1.1.0",
+    "tensorflow-datasets==4.9.10",
+    "transformers==4.57.6",
+    "tokenizers==0.22.2",
+    "safetensors==0.8.0",
+    "gguf==0.19.0",
+    "tensorboardX==2.6.5",
+    "absl-py==2.5.1",
+    "numpy>=2.0,<3",
+    "pillow==13.0.0",
+    "ftfy==6.3.1",
+    "regex",
+    "tqdm",
+]
+
+EXTRAS = {
+    # jax[cuda] on GPU hosts, jax[tpu] on TPU VMs (see launch/).
+    "cuda": ["jax[cuda12]==0.10.2"],
+    "tpu": ["jax[tpu]==0.10.2"],
+    # Reference implementations for parity tests (CPU wheel; pin it, a bare `torch` pulls CUDA).
+    "test": ["pytest", "torch==2.13.0"],
+}
+
+setup(
+    name="vlpre",
+    version="0.1.0",
+    description="JAX/Flax pre-training of vision encoders with LLMs: CLIP, SigLIP, LiT, LIFT, LCL, GPT4Image, HIVE, bridge training.",
+    packages=find_packages(include=["vlpre", "vlpre.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)

@@ -1,0 +1,87 @@
+"""Building blocks shared by the files in configs/: presets, not behaviour.
+
+Every field is commented where it is first set; a config file composes these and
+overrides what its method changes.
+"""
+from __future__ import annotations
+
+import ml_collections as mlc
+
+
+def base(arg: str | None) -> mlc.ConfigDict:
+  """Trainer-level defaults. `arg == "tiny"` gives the CPU-sized run of BASELINES.md."""
+  tiny = arg == "tiny"
+  c = mlc.ConfigDict()
+  c.seed = 0
+  c.total_steps = 500 if tiny else 100_000      # optimiser steps
+  c.batch_size = 64 if tiny else 32_768          # global batch, split over data × fsdp
+  c.dtype = "float32" if tiny else "bfloat16"    # compute dtype; params stay float32
+  # Mesh axes (data, fsdp, tensor); -1 fills the remaining devices.
+  c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
+  c.sharding_rules = ()    # overrides of vlpre.sharding.DEFAULT_RULES: (("embed", "fsdp"),)
+  c.min_fsdp_size = 2**18  # weights this large must be sharded when fsdp > 1 (checked)
+  c.frozen = ()            # regexes over 'a/b/c' param paths kept frozen (not optimised)
+  c.log_every = 10 if tiny else 50
+  c.checkpoint = dict(every_steps=250 if tiny else 2_000, keep=3, **{"async": True})
+  c.optim = dict(name="adamw", lr=5e-4 if tiny else 1e-3, b1=0.9, b2=0.98, eps=1e-6,
+                 weight_decay=0.1 if tiny else 0.2, warmup_steps=50 if tiny else 2_000,
+                 schedule="cosine", grad_clip_norm=0.0)
+  return c
+
+
+def image_input(arg: str | None, train: str = "flickr8k/train-*.tar", **overrides) -> mlc.ConfigDict:
+  """Paired image-text input from webdataset tar shards (or TFDS with kind="tfds")."""
+  tiny = arg == "tiny"
+  cfg = dict(
+      kind="tar",             # tar | tfds
+      data_dir=None,          # None: $VLPRE_DATA_DIR, else ../shared/data beside the repo
+      train=train,            # glob(s) relative to data_dir
+      tfds_name="", tfds_split="train",
+      caption_field="captions",
+      label=False,            # emit the .cls label instead of a caption
+      image_size=64 if tiny else 224,
+      resize_size=72 if tiny else 256,
+      augment="resize_random_crop" if tiny else "random_resized_crop",
+      flip=False,
+      max_text_len=77,
+      num_workers=0 if tiny else 16,  # grain worker processes (0: in-process)
+      prefetch_buffer_size=2,
+      shuffle=True,
+      max_bad_fraction=0.01,  # fail the run past this share of unreadable samples
+  )
+  cfg.update(overrides)
+  return mlc.ConfigDict(cfg)
+
+
+def vit(arg: str | None, pool: str) -> dict:
+  if arg == "tiny":  # BASELINES.md: 64 px, patch 8, width 192, depth 12, 3 heads.
+    return dict(variant="Ti/8", pool=pool)
+  return dict(variant="B/16", pool=pool, remat=True)
+
+
+def text_tower(arg: str | None, vocab_size: int = 49_408) -> dict:
+  if arg == "tiny":
+    return dict(vocab_size=vocab_size, width=192, depth=12, mlp_dim=768, num_heads=3, max_len=77)
+  return dict(vocab_size=vocab_size, width=512, depth=12, mlp_dim=2048, num_heads=8, max_len=77,
+              remat=True)
+
+
+def standard_evals(arg: str | None, every_steps: int = 0, *, text: bool = True) -> dict:
+  """Flickr8k val retrieval, zero-shot CIFAR-10 and imagenet_sample, CIFAR-10 linear probe."""
+  tiny = arg == "tiny"
+  size = dict(image_size=64 if tiny else 224, resize_size=72 if tiny else 256, batch_size=200 if tiny else 1024)
+  size["batch_size"] = 256 if tiny else 1024
+  evals = {}
+  if text:
+    evals["retrieval_flickr8k"] = dict(kind="retrieval", data="flickr8k/val-*.tar",
+                                       every_steps=every_steps, **size)
+    evals["zeroshot_cifar10"] = dict(kind="zeroshot", data="cifar10/test-*.tar", classnames="cifar10",
+                                     templates="photo", every_steps=every_steps, **size)
+    evals["zeroshot_imagenet_sample"] = dict(
+        kind="zeroshot", data="imagenet_sample/*.tar", classnames="imagenet_sample",
+        templates="photo", every_steps=every_steps, **size)
+  evals["linear_probe_cifar10"] = dict(
+      kind="linear_probe", train_data="cifar10/train-*.tar", test_data="cifar10/test-*.tar",
+      num_classes=10, every_steps=every_steps, max_train_examples=5000 if tiny else 0,
+      max_examples=2000 if tiny else 0, **size)
+  return evals

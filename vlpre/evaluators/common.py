@@ -1,0 +1,79 @@
+"""What every evaluator shares: sharded, jitted embedding of images and texts."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from vlpre import losses
+
+
+class Predictor:
+  """Embeds host batches with the current variables; the batch is split over the data axes.
+
+  Built once per run, so each embedding function compiles once per input shape.
+  """
+
+  def __init__(self, setup: Any, tokenizer: Any):
+    self.setup, self.tokenizer = setup, tokenizer
+    model = setup.model
+    self.data_parallel = setup.mesh.shape["data"] * setup.mesh.shape["fsdp"]
+    out = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
+    self._embed_image = jax.jit(
+        lambda v, image: model.apply(v, image, method=model.embed_image), out_shardings=out)
+    self._embed_text = jax.jit(
+        lambda v, text, mask: model.apply(v, text, mask, method=model.embed_text),
+        out_shardings=out)
+
+  def _put(self, x):
+    return jax.device_put(np.asarray(x), self.setup.batch_sharding)
+
+  def _check_batch(self, n: int):
+    if n % self.data_parallel:
+      raise ValueError(f"eval batch size {n} is not divisible by the {self.data_parallel} "
+                       "data-parallel devices")
+
+  def image_embeddings(self, variables, batches: Iterable[dict]) -> dict[str, np.ndarray]:
+    """Concatenated {"zimg", "pre_logits", "label"?} over `batches`, padding rows dropped."""
+    parts: dict[str, list] = {}
+    with self.setup.mesh, nn.logical_axis_rules(self.setup.rules):
+      for batch in batches:
+        self._check_batch(len(batch["image"]))
+        out = jax.device_get(self._embed_image(variables, self._put(batch["image"])))
+        keep = np.asarray(batch["mask"], bool)
+        for k, v in out.items():
+          parts.setdefault(k, []).append(np.asarray(v)[keep])
+        if "label" in batch:
+          parts.setdefault("label", []).append(np.asarray(batch["label"])[keep])
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+  def text_embeddings(self, variables, texts: Sequence[str], max_len: int,
+                      batch_size: int = 256) -> np.ndarray:
+    """[len(texts), E] text embeddings, in order."""
+    if self.tokenizer is None:
+      raise ValueError("this model has no tokenizer: it cannot embed text")
+    self._check_batch(batch_size)
+    outs = []
+    with self.setup.mesh, nn.logical_axis_rules(self.setup.rules):
+      for start in range(0, len(texts), batch_size):
+        chunk = list(texts[start:start + batch_size])
+        real = len(chunk)
+        chunk += [chunk[-1]] * (batch_size - real)  # pad to a fixed shape: one compile
+        ids, mask = self.tokenizer.encode_batch(chunk, max_len)
+        out = self._embed_text(variables, self._put(ids), self._put(mask))
+        outs.append(np.asarray(jax.device_get(out))[:real])
+    return np.concatenate(outs)
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+  return np.asarray(losses.l2_normalize(x))
+
+
+def topk_hits(scores_QxC: np.ndarray, targets: Sequence[set[int]] | np.ndarray, k: int) -> np.ndarray:
+  """Per query, whether any of its target columns ranks in the top k."""
+  top_QxK = np.argsort(-scores_QxC, axis=1, kind="stable")[:, :k]
+  if isinstance(targets, np.ndarray):
+    return (top_QxK == targets[:, None]).any(axis=1)
+  return np.array([bool(set(row.tolist()) & t) for row, t in zip(top_QxK, targets)])

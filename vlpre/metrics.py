@@ -1,0 +1,81 @@
+"""Metric sinks (JSONL + TensorBoard) and the console progress line."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Mapping
+
+from absl import logging
+
+
+class MetricWriter:
+  """Appends `{"step": s, **metrics}` lines to workdir/metrics.jsonl and to TensorBoard."""
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True, is_main_process: bool = True):
+    self.enabled = is_main_process
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._file = open(self.path, "a", encoding="utf-8")
+      if tensorboard:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    if not self.enabled or not metrics:
+      return
+    clean = {k: float(v) for k, v in metrics.items()}
+    self._file.write(json.dumps({"step": int(step), **clean}) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for name, value in clean.items():
+        self._tb.add_scalar(name, value, step)
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._file.close()
+      if self._tb is not None:
+        self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """All metric rows of a run; for a resumed run, later rows of a step win."""
+  rows = {}
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    for line in f:
+      row = json.loads(line)
+      rows.setdefault(row["step"], {}).update(row)
+  return [rows[s] for s in sorted(rows)]
+
+
+class Progress:
+  """'step 120/500 | loss 3.912 | 41.3 img/s | eta 2m31s' every call to `report`."""
+
+  def __init__(self, total_steps: int, batch_size: int, start_step: int = 0):
+    self.total_steps = total_steps
+    self.batch_size = batch_size
+    self._last_step = start_step
+    self._last_time = time.perf_counter()
+
+  def report(self, step: int, loss: float) -> dict[str, float]:
+    now = time.perf_counter()
+    steps = max(step - self._last_step, 1)
+    seconds_per_step = (now - self._last_time) / steps
+    self._last_step, self._last_time = step, now
+    eta = seconds_per_step * (self.total_steps - step)
+    images_per_second = self.batch_size / max(seconds_per_step, 1e-9)
+    logging.info("step %d/%d | loss %.4f | %.1f img/s | %.3f s/step | eta %s", step,
+                 self.total_steps, loss, images_per_second, seconds_per_step, _format_eta(eta))
+    return {"perf/images_per_second": images_per_second, "perf/seconds_per_step": seconds_per_step}
+
+
+def _format_eta(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  minutes, seconds = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"

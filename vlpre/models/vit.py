@@ -1,0 +1,93 @@
+"""Vision Transformer image tower."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from vlpre.models import layers
+
+# width, depth, mlp_dim, heads (the ViT paper / big_vision presets).
+PRESETS = {
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+}
+
+
+def decode_variant(variant: str) -> dict[str, Any]:
+  """'B/16' → width/depth/mlp_dim/num_heads/patch_size keyword arguments."""
+  name, patch = variant.split("/")
+  width, depth, mlp_dim, heads = PRESETS[name]
+  return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads, patch_size=int(patch))
+
+
+def sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+  """Fixed 2D sin-cos position embedding (MoCo v3 / big_vision), shape [1, h*w, width]."""
+  y, x = np.mgrid[:h, :w]
+  omega = np.arange(width // 4) / (width // 4 - 1)
+  omega = 1.0 / (temperature ** omega)
+  y = np.einsum("m,d->md", y.flatten(), omega)
+  x = np.einsum("m,d->md", x.flatten(), omega)
+  pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+  return pe[None].astype(np.float32)
+
+
+class ViT(nn.Module):
+  """Patchify → (+pos, +cls) → encoder → pooled feature.
+
+  `__call__` returns (pooled_BxD, tokens_BxNxD); `pool` is cls | mean | map (attention
+  pooling with a learned query) | none (pooled is None).
+  """
+  width: int = 192
+  depth: int = 12
+  mlp_dim: int = 768
+  num_heads: int = 3
+  patch_size: int = 16
+  pool: str = "mean"
+  posemb: str = "learn"
+  dropout: float = 0.0
+  remat: bool = False
+  scan: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, image_BxHxWx3, *, train: bool = False):
+    if self.pool not in ("cls", "mean", "map", "none"):
+      raise ValueError(f"unknown pooling '{self.pool}'")
+    x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
+                padding="VALID", dtype=self.dtype, name="patch_embed",
+                kernel_init=layers.dense_init((None, None, "conv_in", "embed"),
+                                              nn.initializers.lecun_normal()),
+                bias_init=layers.dense_init(("embed",), nn.initializers.zeros))(
+                    image_BxHxWx3.astype(self.dtype))
+    batch, h, w, _ = x.shape
+    x_BxNxD = x.reshape(batch, h * w, self.width)
+    if self.posemb == "learn":
+      pos_1xNxD = self.param("pos_embedding", layers.dense_init((None, "length", "embed"),
+                                                                nn.initializers.normal(0.02)),
+                             (1, h * w, self.width))
+    elif self.posemb == "sincos2d":
+      pos_1xNxD = jnp.asarray(sincos_2d(h, w, self.width))
+    else:
+      raise ValueError(f"unknown posemb '{self.posemb}'")
+    x_BxNxD = x_BxNxD + pos_1xNxD.astype(self.dtype)
+    if self.pool == "cls":
+      cls_1x1xD = self.param("cls", layers.dense_init((None, None, "embed"), nn.initializers.zeros),
+                             (1, 1, self.width))
+      x_BxNxD = jnp.concatenate([jnp.tile(cls_1x1xD, (batch, 1, 1)).astype(self.dtype), x_BxNxD], 1)
+    x_BxNxD = nn.Dropout(self.dropout)(x_BxNxD, deterministic=not train)
+    x_BxNxD = layers.Encoder(self.depth, self.num_heads, self.mlp_dim, dropout=self.dropout,
+                             remat=self.remat, scan=self.scan, dtype=self.dtype,
+                             name="encoder")(x_BxNxD, train=train)
+    if self.pool == "cls":
+      return x_BxNxD[:, 0], x_BxNxD[:, 1:]
+    if self.pool == "mean":
+      return x_BxNxD.mean(axis=1), x_BxNxD
+    if self.pool == "map":
+      return layers.MapHead(self.num_heads, self.mlp_dim, self.dtype, name="map_head")(x_BxNxD), x_BxNxD
+    return None, x_BxNxD

@@ -1,0 +1,337 @@
+"""The one vlpre trainer: mesh → input → model → shard → update → checkpoint → evals → loop.
+
+Every method runs through `run`. A method contributes a model file (vlpre/models), losses
+(vlpre/losses.py or its own file) and a config; nothing here knows which method runs:
+  * trainable vs frozen parameters are split by the config's regexes (`config.frozen`);
+    frozen ones (an LLM, a locked tower) are a separate sharded argument of the step,
+    never in the optimizer state;
+  * mutable collections (BatchNorm's `batch_stats`) live in `TrainState.model_state`;
+  * the model reads whatever arrays the input pipeline puts in the batch (images,
+    tokens, labels, cached embeddings, interleaved sequences).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import signal
+import threading
+from typing import Any, Callable
+
+from absl import logging
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vlpre import checkpoint as checkpoint_lib
+from vlpre import losses as losses_lib
+from vlpre import metrics as metrics_lib
+from vlpre import models
+from vlpre import optim
+from vlpre import sharding
+
+_STOP = threading.Event()
+
+
+def request_stop(*_):
+  """Asks the loop to save a checkpoint and return after the current step (SIGTERM)."""
+  _STOP.set()
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any       # trainable parameters only
+  opt_state: Any
+  model_state: Any  # mutable collections, e.g. {"batch_stats": ...}
+
+
+def train_step(state: TrainState, frozen: Any, batch: dict, rng: jax.Array, *, model: nn.Module,
+               loss_fn: losses_lib.LossFn, tx: optax.GradientTransformation,
+               lr_schedule: optax.Schedule) -> tuple[TrainState, dict]:
+  """One update. Pure: jitted once with in/out shardings, the state donated."""
+  rng = jax.random.fold_in(rng, state.step)
+  mutable = list(state.model_state.keys())
+
+  def compute_loss(params):
+    variables = {"params": optim.merge(params, jax.lax.stop_gradient(frozen)), **state.model_state}
+    rngs = {"dropout": rng, "aug": jax.random.fold_in(rng, 1)}
+    if mutable:
+      outputs, new_model_state = model.apply(variables, batch, train=True, rngs=rngs, mutable=mutable)
+    else:
+      outputs, new_model_state = model.apply(variables, batch, train=True, rngs=rngs), {}
+    loss, metrics = loss_fn(outputs, batch)
+    return loss, (metrics, new_model_state)
+
+  (loss, (metrics, new_model_state)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
+      state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
+             "learning_rate": lr_schedule(state.step)}
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            model_state=new_model_state)
+  return new_state, metrics
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything `run`, `evaluate` and the benchmarks build from a config."""
+  config: Any
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  built: models.Built
+  state: TrainState
+  state_shardings: TrainState
+  frozen: Any
+  frozen_shardings: Any
+  tx: optax.GradientTransformation
+  lr_schedule: optax.Schedule
+  loss_fn: losses_lib.LossFn
+  batch_sharding: jax.sharding.NamedSharding
+
+  @property
+  def model(self) -> nn.Module:
+    return self.built.model
+
+  def variables(self, state: TrainState | None = None) -> dict:
+    state = state or self.state
+    return {"params": optim.merge(state.params, self.frozen), **state.model_state}
+
+  def jit_train_step(self) -> Callable:
+    step = functools.partial(train_step, model=self.model, loss_fn=self.loss_fn, tx=self.tx,
+                             lr_schedule=self.lr_schedule)
+    replicated = sharding.replicated(self.mesh)
+    return jax.jit(step, in_shardings=(self.state_shardings, self.frozen_shardings,
+                                       self.batch_sharding, replicated),
+                   out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+
+  def device_batch(self, batch: dict) -> dict:
+    """Host-local numpy batch → global arrays sharded over the data axes."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+            for k, v in batch.items() if not k.startswith("_")}
+
+
+def _dtype(config):
+  return jnp.dtype(config.get("dtype", "float32"))
+
+
+def _shardings_for(abstract_variables, mesh, rules, min_fsdp_size):
+  """Logical names where the model gave them, fsdp over the largest dim for big bare leaves."""
+  logical = sharding.logical_shardings(abstract_variables, mesh, rules)
+  fallback = sharding.fsdp_fallback(nn.meta.unbox(abstract_variables), mesh, min_fsdp_size)
+  boxed = jax.tree.map(lambda x: isinstance(x, nn.Partitioned), abstract_variables,
+                       is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  return jax.tree.map(lambda is_boxed, l, f: l if is_boxed else f, boxed, logical, fallback)
+
+
+def setup(config, example_batch: dict, *, mesh=None) -> Setup:
+  """Builds the mesh, the model, and the sharded train state (never materialised unsharded)."""
+  mesh = mesh or sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(config.get("sharding_rules"))
+  built = models.build(config)
+  model = built.model
+  batch_sh = sharding.batch_sharding(mesh)
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.batch_size % dp:
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by the {dp} data-parallel "
+                     f"devices of mesh {dict(mesh.shape)}")
+  example = {k: jnp.asarray(v) for k, v in example_batch.items() if not k.startswith("_")}
+  rng = jax.random.key(config.seed)
+
+  def init(rng):
+    return model.init({"params": rng, "dropout": rng, "aug": rng}, example, train=False)
+
+  with mesh, nn.logical_axis_rules(rules):
+    abstract = jax.eval_shape(init, rng)
+    var_shardings = _shardings_for(abstract, mesh, rules, config.get("min_fsdp_size", 2**18))
+    variables = nn.meta.unbox(jax.jit(init, out_shardings=var_shardings)(rng))
+  var_shardings = nn.meta.unbox(var_shardings)
+  pretrained = dict(built.pretrained or {})
+  if config.get("init_from") and config.init_from.get("workdir"):
+    pretrained.update(load_from_workdir(config.init_from.workdir, config.init_from.prefixes))
+  if pretrained:
+    variables = {**variables, "params": place_pretrained(variables["params"], pretrained,
+                                                         var_shardings["params"])}
+  params, param_sh = variables.pop("params"), var_shardings.pop("params")
+  model_state, model_state_sh = variables, var_shardings
+  frozen_patterns = tuple(config.get("frozen", ()))
+  params, frozen = optim.split_frozen(params, frozen_patterns)
+  param_sh, frozen_sh = optim.split_frozen(param_sh, frozen_patterns)
+  if config.get("check_fsdp_sharding", True):
+    sharding.assert_sharded(params, param_sh, min_size=config.get("min_fsdp_size", 2**18))
+    sharding.assert_sharded(frozen, frozen_sh, min_size=config.get("min_fsdp_size", 2**18))
+
+  tx, lr_schedule = optim.build_optimizer(config.optim, config.total_steps)
+  abstract_opt = jax.eval_shape(tx.init, params)
+  replicated = sharding.replicated(mesh)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
+                                 transform_non_params=lambda _: replicated)
+  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+  state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
+                     opt_state=opt_state, model_state=model_state)
+  state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh,
+                        model_state=model_state_sh)
+  logging.info("parameters: %s trainable, %s frozen",
+               f"{sum(x.size for x in jax.tree.leaves(params)):,}",
+               f"{sum(x.size for x in jax.tree.leaves(frozen)):,}")
+  return Setup(config=config, mesh=mesh, rules=rules, built=built, state=state,
+               state_shardings=state_sh, frozen=frozen, frozen_shardings=frozen_sh, tx=tx,
+               lr_schedule=lr_schedule, loss_fn=losses_lib.build_loss(dict(config.losses)),
+               batch_sharding=batch_sh)
+
+
+def load_from_workdir(workdir: str, prefixes) -> dict[str, Any]:
+  """Top-level parameter subtrees (e.g. "img") from another vlpre run's latest checkpoint."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  with ocp.CheckpointManager(directory, item_handlers={"state": ocp.StandardCheckpointHandler()}) as m:
+    step = m.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"init_from.workdir: no checkpoint in {directory}")
+    state = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  params = state["params"]
+  missing = [p for p in prefixes if p not in params]
+  if missing:
+    raise ValueError(f"checkpoint {directory} step {step} has no parameters {missing}")
+  logging.info("initialising %s from %s step %d", list(prefixes), directory, step)
+  return {p: jax.tree.map(np.asarray, params[p]) for p in prefixes}
+
+
+def place_pretrained(params: dict, pretrained: dict[str, Any], shardings: dict) -> dict:
+  """Overwrites subtrees ('a/b' → tree) of the initialised params with pretrained weights."""
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  flat = traverse_util.flatten_dict(params, sep="/")
+  flat_sh = traverse_util.flatten_dict(shardings, sep="/")
+  for prefix, tree in pretrained.items():
+    for name, value in traverse_util.flatten_dict(tree, sep="/").items():
+      key = f"{prefix}/{name}"
+      if key not in flat:
+        raise ValueError(f"pretrained weight '{key}' has no place in the model")
+      if tuple(flat[key].shape) != tuple(np.shape(value)):
+        raise ValueError(f"pretrained '{key}' has shape {np.shape(value)}, the model "
+                         f"expects {flat[key].shape}")
+      flat[key] = jax.device_put(np.asarray(value, dtype=flat[key].dtype), flat_sh[key])
+    missing = [k for k in flat if k.startswith(prefix + "/") and
+               k[len(prefix) + 1:] not in traverse_util.flatten_dict(tree, sep="/")]
+    if missing:
+      raise ValueError(f"pretrained '{prefix}' lacks {len(missing)} weights, e.g. {missing[:3]}")
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+class BadSampleGuard:
+  """Counts skipped samples; fails once their share passes `max_fraction`."""
+
+  def __init__(self, max_fraction: float, min_samples: int = 256):
+    self.max_fraction, self.min_samples = max_fraction, min_samples
+    self.bad = self.good = 0
+
+  def update(self, num_bad: int, num_good: int) -> None:
+    self.bad += int(num_bad)
+    self.good += int(num_good)
+    seen = self.bad + self.good
+    if seen >= self.min_samples and self.bad / seen > self.max_fraction:
+      raise RuntimeError(
+          f"{self.bad} of {seen} input samples were unreadable (corrupt image, empty or non-UTF-8 "
+          f"caption): more than input.max_bad_fraction={self.max_fraction}. Check the data.")
+
+  @property
+  def fraction(self) -> float:
+    return self.bad / max(self.bad + self.good, 1)
+
+
+def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None) -> dict[str, float]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns last metrics."""
+  from vlpre import data as data_lib  # pylint: disable=g-import-not-at-top
+  from vlpre import evaluators as evaluators_lib  # pylint: disable=g-import-not-at-top
+
+  os.makedirs(workdir, exist_ok=True)
+  _STOP.clear()
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, request_stop)
+
+  built_tokenizer = models.build_tokenizer(config)
+  dataset = data_lib.build_train_dataset(
+      config.input, global_batch_size=config.batch_size, seed=config.seed,
+      tokenizer=built_tokenizer, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  data_iter = iter(dataset)
+  example = next(iter(dataset))
+  s = setup(config, example)
+  step_fn = s.jit_train_step()
+  ckpt = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+      every_steps=config.checkpoint.every_steps, async_save=config.checkpoint.get("async", True))
+  state = s.state
+  start = ckpt.latest_step()
+  if start is not None:
+    logging.info("resuming from %s step %d", ckpt.directory, start)
+    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                            state, s.state_shardings)
+    state = ckpt.restore(start, abstract, data_iter)
+  start = start or 0
+
+  writer = metrics_lib.MetricWriter(workdir, is_main_process=jax.process_index() == 0)
+  evals = evaluators_lib.build_evaluators(config.get("evals", {}), s, tokenizer=built_tokenizer)
+  progress = metrics_lib.Progress(config.total_steps, config.batch_size, start)
+  guard = BadSampleGuard(config.input.get("max_bad_fraction", 0.01))
+  rng = jax.random.key(config.seed + 1)
+  log_every = config.get("log_every", 10)
+  last: dict[str, float] = {}
+  pending = None  # (step, device metrics): read one step late so the host never stalls.
+
+  def read(pending):
+    step, device_metrics = pending
+    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    if not math.isfinite(values["loss"]):
+      raise FloatingPointError(
+          f"loss is {values['loss']} at step {step}; stopping. The last good checkpoint "
+          f"(step {ckpt.latest_step()}) in {ckpt.directory} is intact.")
+    return step, values
+
+  try:
+    with s.mesh, nn.logical_axis_rules(s.rules):
+      for step in range(start + 1, config.total_steps + 1):
+        batch = next(data_iter)
+        guard.update(batch.get("_num_bad", 0), config.batch_size // jax.process_count())
+        state, device_metrics = step_fn(state, s.frozen, s.device_batch(batch), rng)
+        if on_step is not None:
+          on_step(step)
+        if pending is not None:
+          done_step, values = read(pending)
+          if done_step % log_every == 0 or done_step == 1:
+            values.update(progress.report(done_step, values["loss"]))
+            values["input/bad_fraction"] = guard.fraction
+            writer.write(done_step, values)
+          last = values
+        pending = (step, device_metrics)
+        stopping = _STOP.is_set() or step == config.total_steps
+        if stopping or ckpt.should_save(step) or _eval_due(evals, step, config.total_steps):
+          done_step, values = read(pending)  # Never checkpoint or evaluate a NaN state.
+          pending = None
+          if done_step % log_every == 0 or stopping:
+            values.update(progress.report(done_step, values["loss"]))
+            writer.write(done_step, values)
+          last = values
+        if stopping or ckpt.should_save(step):
+          ckpt.save(step, state, data_iter, force=stopping)
+        for evaluator in evals:
+          if evaluator.due(step, config.total_steps):
+            results = evaluator.run(s.variables(state))
+            writer.write(step, results)
+            last.update(results)
+        if _STOP.is_set():
+          logging.info("stop requested: saved step %d, exiting", step)
+          break
+  finally:
+    ckpt.close()
+    writer.close()
+  return last
+
+
+def _eval_due(evals, step, total_steps):
+  return any(e.due(step, total_steps) for e in evals)
