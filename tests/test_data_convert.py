@@ -1,0 +1,125 @@
+"""Converter: image folders + captions / class folders -> shards, read back with TarShardSource."""
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlpre.data import convert
+from vlpre.data import sources
+from vlpre.data import transforms as T
+
+
+def _save(path, size=(30, 20), fmt=None, mode="RGB", seed=0):
+  rng = np.random.default_rng(seed)
+  w, h = size
+  channels = {"RGB": (h, w, 3), "RGBA": (h, w, 4), "L": (h, w)}[mode]
+  Image.fromarray(rng.integers(0, 256, channels, dtype=np.uint8), mode).save(path, format=fmt)
+
+
+@pytest.fixture
+def caption_folder(tmp_path):
+  images = tmp_path / "images"
+  images.mkdir()
+  _save(images / "b.photo.png", fmt="PNG", seed=1)
+  _save(images / "a.jpg", size=(40, 80), fmt="JPEG", seed=2)
+  _save(images / "c.png", fmt="PNG", mode="RGBA", seed=3)
+  (images / "broken.jpg").write_bytes(b"definitely not a jpeg")
+  return images
+
+
+def _read_all(pattern):
+  src = sources.TarShardSource(pattern)
+  return src, [src[i] for i in range(len(src))]
+
+
+def test_captions_csv_round_trip(caption_folder, tmp_path):
+  csv_path = tmp_path / "captions.csv"
+  csv_path.write_text(
+      "filename,caption\n"
+      "a.jpg,A dog runs.\n"
+      "b.photo.png,\"A cat, sleeping\"\n"
+      "a.jpg,  A second caption  \n"
+      "c.png,Café au lait\n"
+      "broken.jpg,never written\n"
+      "missing.jpg,no such file\n", encoding="utf-8")
+  out = tmp_path / "out"
+  stats = convert.convert_captions(str(caption_folder), str(csv_path), str(out), split="val",
+                                   samples_per_shard=2)
+  assert stats.num_written == 3 and stats.num_bad == 2  # broken.jpg, missing.jpg
+  assert any("broken" in b for b in stats.bad) and any("missing.jpg" in b for b in stats.bad)
+  assert sorted(os.listdir(out)) == ["val-00000.tar", "val-00001.tar"]
+  src, records = _read_all(str(out / "val-*.tar"))
+  assert [r["__key__"] for r in records] == ["a", "b_photo", "c"]  # sorted, '.' -> '_'
+  meta = [json.loads(r["json"]) for r in records]
+  assert meta[0] == {"captions": ["A dog runs.", "A second caption"], "filename": "a.jpg"}
+  assert meta[1]["captions"] == ["A cat, sleeping"] and meta[2]["captions"] == ["Café au lait"]
+  # No resize: RGB JPEG/PNG bytes kept as they are; the RGBA PNG is re-encoded as RGB.
+  assert records[0]["jpg"] == (caption_folder / "a.jpg").read_bytes()
+  assert records[1]["png"] == (caption_folder / "b.photo.png").read_bytes()
+  decoded = T.DecodeImage().map(records[2])["image"]
+  assert decoded.shape == (20, 30, 3)
+  # Layout: image member first, then json; ustar headers with mtime 0.
+  with tarfile.open(out / "val-00000.tar") as tf:
+    members = tf.getmembers()
+  assert [m.name for m in members] == ["a.jpg", "a.json", "b_photo.png", "b_photo.json"]
+  assert all(m.mtime == 0 and m.uid == 0 and m.mode == 0o644 for m in members)
+
+
+def test_captions_jsonl_with_resize_is_reproducible(caption_folder, tmp_path):
+  jsonl = tmp_path / "captions.jsonl"
+  rows = [{"filename": "a.jpg", "captions": ["one", "two"]},
+          {"filename": "c.png", "caption": "three"}]
+  jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  outs = []
+  for name in ("out1", "out2"):
+    stats = convert.convert_captions(str(caption_folder), str(jsonl), str(tmp_path / name),
+                                     resize=10, image_format="jpg")
+    assert stats.num_written == 2
+    outs.append((tmp_path / name / "train-00000.tar").read_bytes())
+  assert outs[0] == outs[1]  # byte-identical rebuilds
+  _, records = _read_all(str(tmp_path / "out1" / "train-*.tar"))
+  shapes = [np.asarray(Image.open(io.BytesIO(r["jpg"]))).shape for r in records]
+  assert shapes == [(20, 10, 3), (10, 15, 3)]  # shorter side 10
+  assert json.loads(records[0]["json"])["captions"] == ["one", "two"]
+
+
+def test_class_folders_round_trip(tmp_path):
+  root = tmp_path / "classes"
+  for c, name in enumerate(["dog", "cat", "bird"]):
+    (root / name).mkdir(parents=True)
+    for i in range(2):
+      _save(root / name / f"img{i}.png", size=(12, 12), fmt="PNG", seed=10 * c + i)
+  (root / "cat" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
+  (root / "cat" / "notes.txt").write_text("ignored")
+  stats = convert.convert_class_folders(str(root), str(tmp_path / "out"), samples_per_shard=4)
+  assert stats.num_written == 6 and stats.num_bad == 1 and "cat_bad" in stats.bad[0]
+  _, records = _read_all(str(tmp_path / "out" / "train-*.tar"))
+  names = json.loads((tmp_path / "out" / "classnames.json").read_text())
+  assert names == ["bird", "cat", "dog"]  # sorted folder names define the indices
+  got = {r["__key__"]: names[int(r["cls"])] for r in records}
+  assert got == {f"{n}_img{i}": n for n in names for i in range(2)}
+  label = T.ParseLabel().map(records[0])["label"]
+  assert label == 0 and records[0]["__key__"] == "bird_img0"
+
+
+def test_cli(tmp_path):
+  root = tmp_path / "classes"
+  (root / "a").mkdir(parents=True)
+  _save(root / "a" / "x.jpg", fmt="JPEG")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, "-m", "vlpre.data.convert", "--mode=classes", f"--images_dir={root}",
+       f"--out_dir={tmp_path / 'out'}", "--split=test", "--resize=8"],
+      capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)),
+      timeout=60)
+  assert result.returncode == 0, result.stderr
+  assert "wrote 1 samples in 1 shards" in result.stdout
+  _, records = _read_all(str(tmp_path / "out" / "test-*.tar"))
+  assert records[0]["__key__"] == "a_x" and records[0]["cls"] == b"0"
+  assert Image.open(io.BytesIO(records[0]["jpg"])).size == (12, 8)

@@ -1,0 +1,354 @@
+r"""Writes webdataset tar shards in the layout of /work/shared/data.
+
+Layout (what TarShardSource and the README of the shared data expect): each sample's
+members are adjacent, image first (`<key>.jpg|png`, then `<key>.json` or `<key>.cls`);
+samples sorted by key; `--samples_per_shard` per shard, named `<out>/<split>-%05d.tar`;
+ustar headers with mtime 0, uid/gid 0 and mode 0644, so rebuilding gives byte-identical
+shards. Images that PIL cannot decode are skipped and reported.
+
+Usage:
+  # (a) image folder + captions (CSV with columns filename,caption, several rows per
+  #     image allowed; or JSONL with {"filename": ..., "caption" | "captions": ...})
+  python -m vlpre.data.convert --mode=captions --images_dir=imgs/ \
+      --captions=captions.csv --out_dir=out/mydata --split=train --resize=160
+  # (b) one subfolder per class -> .cls members + classnames.json (sorted folder names)
+  python -m vlpre.data.convert --mode=classes --images_dir=train/ --out_dir=out/x --split=train
+  # (c) a locally prepared TFDS dataset (array_record)
+  python -m vlpre.data.convert --mode=tfds --tfds_name=cifar10 --tfds_split=test \
+      --tfds_data_dir=~/tensorflow_datasets --out_dir=out/cifar10 --split=test
+"""
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import io
+import json
+import os
+import tarfile
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+from PIL import Image
+
+from vlpre.data import sources as sources_lib
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclasses.dataclass
+class ConvertStats:
+  """What a conversion wrote and skipped (also logged)."""
+  num_written: int = 0
+  num_bad: int = 0
+  shards: list[str] = dataclasses.field(default_factory=list)
+  bad: list[str] = dataclasses.field(default_factory=list)  # "key: reason"
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def _tar_info(name: str, size: int) -> tarfile.TarInfo:
+  info = tarfile.TarInfo(name)
+  info.size = size
+  info.mtime = 0
+  info.mode = 0o644
+  info.uid = info.gid = 0
+  info.uname = info.gname = ""
+  return info
+
+
+class ShardWriter:
+  """Appends samples to `<out_dir>/<split>-%05d.tar`, starting a new shard every N."""
+
+  def __init__(self, out_dir: str, split: str, samples_per_shard: int = 1000):
+    if samples_per_shard <= 0:
+      raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
+    os.makedirs(out_dir, exist_ok=True)
+    self._out_dir, self._split, self._per_shard = out_dir, split, samples_per_shard
+    self._tar: tarfile.TarFile | None = None
+    self._count = 0
+    self.shards: list[str] = []
+
+  def write(self, key: str, members: dict[str, bytes]) -> None:
+    """Writes one sample; `members` maps extension (no dot) -> bytes, in writing order."""
+    if "." in os.path.basename(key) or not key:
+      raise ValueError(f"sample key {key!r} must be non-empty and contain no '.'")
+    if self._tar is None or self._count % self._per_shard == 0:
+      self._open_next()
+    for ext, data in members.items():
+      self._tar.addfile(_tar_info(f"{key}.{ext}", len(data)), io.BytesIO(data))
+    self._count += 1
+
+  def _open_next(self) -> None:
+    self.close()
+    path = os.path.join(self._out_dir, f"{self._split}-{len(self.shards):05d}.tar")
+    # ustar like the shared data: no pax header with mtimes; names are short keys.
+    self._tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
+    self.shards.append(path)
+
+  def close(self) -> None:
+    if self._tar is not None:
+      self._tar.close()
+      self._tar = None
+
+  def __enter__(self) -> ShardWriter:
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.close()
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def prepare_image(data: bytes, resize: int | None, fmt: str = "auto", quality: int = 90
+                  ) -> tuple[str, bytes]:
+  """Validates image bytes and optionally resizes them; returns (extension, bytes).
+
+  Original bytes are kept when no resize is asked and the file already is an RGB JPEG or
+  PNG (no generation loss); anything else is re-encoded: JPEG (quality 90) unless
+  `fmt` or a lossless source (PNG) says otherwise.
+
+  Raises:
+    Exception: whatever PIL raises for undecodable data (callers count it as bad).
+  """
+  with Image.open(io.BytesIO(data)) as img:
+    img.load()
+    src_format = img.format
+    keep = (resize is None and img.mode == "RGB" and src_format in ("JPEG", "PNG")
+            and fmt in ("auto", {"JPEG": "jpg", "PNG": "png"}[src_format]))
+    if keep:
+      return ("jpg" if src_format == "JPEG" else "png"), data
+    rgb = img.convert("RGB")
+  if resize:
+    w, h = rgb.size
+    scale = resize / min(w, h)
+    if scale != 1:
+      rgb = rgb.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
+  if fmt == "auto":
+    fmt = "png" if src_format == "PNG" else "jpg"
+  out = io.BytesIO()
+  if fmt == "png":
+    rgb.save(out, format="PNG")
+  elif fmt == "jpg":
+    rgb.save(out, format="JPEG", quality=quality)
+  else:
+    raise ValueError(f"unknown image format {fmt!r}; use auto, jpg or png")
+  return fmt, out.getvalue()
+
+
+def make_key(name: str) -> str:
+  """Sample key from a file name: extension dropped, other '.' (and ' ') replaced by '_'.
+
+  A key must not contain '.', since readers split key and extension at the first one.
+  """
+  stem = os.path.splitext(os.path.basename(name))[0]
+  return stem.replace(".", "_").replace(" ", "_")
+
+
+# (key, loader); the loader returns the image bytes and the other members of the sample.
+Sample = tuple[str, Callable[[], tuple[bytes, dict[str, bytes]]]]
+
+
+def _write_samples(samples: Iterable[Sample], out_dir: str, split: str, samples_per_shard: int,
+                   resize: int | None, image_format: str) -> ConvertStats:
+  """Writes samples in key order, skipping (and reporting) undecodable images."""
+  if image_format not in ("auto", "jpg", "png"):
+    raise ValueError(f"unknown image format {image_format!r}; use auto, jpg or png")
+  stats = ConvertStats()
+  samples = sorted(samples, key=lambda s: s[0])
+  dupes = [k for k, n in collections.Counter(s[0] for s in samples).items() if n > 1]
+  if dupes:
+    raise ValueError(f"duplicate sample keys (file names differing only in extension?): {dupes[:5]}")
+  with ShardWriter(out_dir, split, samples_per_shard) as writer:
+    for key, load in samples:
+      try:
+        data, extra = load()
+        ext, image = prepare_image(data, resize, image_format)
+      except Exception as e:  # pylint: disable=broad-except  # PIL/IO errors of all kinds
+        stats.num_bad += 1
+        stats.bad.append(f"{key}: {type(e).__name__}: {e}")
+        logging.warning("skipping %s: %s: %s", key, type(e).__name__, e)
+        continue
+      writer.write(key, {ext: image, **extra})
+      stats.num_written += 1
+    stats.shards = list(writer.shards)
+  logging.info("wrote %d samples to %d shards in %s (%d bad images skipped)",
+               stats.num_written, len(stats.shards), out_dir, stats.num_bad)
+  return stats
+
+
+def _file_loader(path: str, extra: dict[str, bytes]) -> Callable[[], tuple[bytes, dict[str, bytes]]]:
+  def load() -> tuple[bytes, dict[str, bytes]]:
+    with open(path, "rb") as f:
+      return f.read(), extra
+  return load
+
+
+# ---------------------------------------------------------------------------- sources
+
+
+def read_captions(path: str) -> dict[str, list[str]]:
+  """filename -> captions from a CSV (filename,caption rows) or JSONL file, order kept."""
+  captions: dict[str, list[str]] = collections.defaultdict(list)
+  if path.endswith((".jsonl", ".json")):
+    with open(path, encoding="utf-8") as f:
+      for line_no, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        row = json.loads(line)
+        value = row.get("captions", row.get("caption"))
+        if "filename" not in row or value is None:
+          raise ValueError(f"{path}:{line_no}: need 'filename' and 'caption' or 'captions'")
+        captions[row["filename"]].extend([value] if isinstance(value, str) else list(value))
+  else:
+    with open(path, encoding="utf-8", newline="") as f:
+      reader = csv.DictReader(f)
+      if not reader.fieldnames or not {"filename", "caption"} <= set(reader.fieldnames):
+        raise ValueError(f"{path}: CSV needs a header with columns filename,caption; got {reader.fieldnames}")
+      for row in reader:
+        captions[row["filename"]].append(row["caption"])
+  return dict(captions)
+
+
+def convert_captions(images_dir: str, captions_path: str, out_dir: str, *, split: str = "train",
+                     samples_per_shard: int = 1000, resize: int | None = None,
+                     image_format: str = "auto") -> ConvertStats:
+  """(a) Image folder + captions file -> `<key>.<img>` + `<key>.json` {"captions", "filename"}."""
+  samples = []
+  missing = []
+  for filename, caps in read_captions(captions_path).items():
+    path = os.path.join(images_dir, filename)
+    caps = [c.strip() for c in caps if c and c.strip()]
+    if not os.path.isfile(path):
+      missing.append(filename)
+      continue
+    if not caps:
+      missing.append(f"{filename} (no non-empty caption)")
+      continue
+    meta = json.dumps({"captions": caps, "filename": filename}, ensure_ascii=False).encode("utf-8")
+    samples.append((make_key(filename), _file_loader(path, {"json": meta})))
+  stats = _write_samples(samples, out_dir, split, samples_per_shard, resize, image_format)
+  if missing:
+    logging.warning("%d captioned files skipped (missing image or caption), e.g. %s",
+                    len(missing), missing[:5])
+    stats.num_bad += len(missing)
+    stats.bad += [f"{m}: missing" for m in missing]
+  return stats
+
+
+def convert_class_folders(images_dir: str, out_dir: str, *, split: str = "train",
+                          samples_per_shard: int = 1000, resize: int | None = None,
+                          image_format: str = "auto") -> ConvertStats:
+  """(b) `<images_dir>/<class>/<img>` -> `<key>.<img>` + `<key>.cls`, plus classnames.json.
+
+  Class index = position in the sorted folder names (ImageNet convention); keys are
+  `<class>_<file stem>`.
+  """
+  classes = sorted(d for d in os.listdir(images_dir)
+                   if os.path.isdir(os.path.join(images_dir, d)) and not d.startswith("."))
+  if not classes:
+    raise FileNotFoundError(f"no class subfolders in {images_dir}")
+  samples = []
+  for label, name in enumerate(classes):
+    folder = os.path.join(images_dir, name)
+    for filename in sorted(os.listdir(folder)):
+      if filename.startswith(".") or not filename.lower().endswith(_IMAGE_SUFFIXES):
+        continue
+      key = make_key(f"{name}_{filename}")
+      samples.append((key, _file_loader(os.path.join(folder, filename),
+                                        {"cls": str(label).encode("ascii")})))
+  stats = _write_samples(samples, out_dir, split, samples_per_shard, resize, image_format)
+  _write_classnames(out_dir, classes)
+  return stats
+
+
+def convert_tfds(name: str, tfds_split: str, out_dir: str, *, split: str | None = None,
+                 data_dir: str | None = None, samples_per_shard: int = 1000,
+                 resize: int | None = None, image_format: str = "auto",
+                 label_key: str | None = "label", text_key: str | None = None) -> ConvertStats:
+  """(c) A prepared TFDS dataset, read with TfdsSource, -> shards (+ classnames.json)."""
+  source = sources_lib.TfdsSource(name, tfds_split, data_dir, label_key=label_key, text_key=text_key)
+  width = len(str(max(len(source) - 1, 0)))
+
+  def loader(i: int) -> Callable[[], tuple[bytes, dict[str, bytes]]]:
+    def load() -> tuple[bytes, dict[str, bytes]]:
+      record = source[i]
+      if "_bad" in record:
+        raise ValueError(record["_bad"])
+      image_ext = next(e for e in sources_lib.IMAGE_EXTS if e in record)
+      return record[image_ext], {k: v for k, v in record.items() if k in ("cls", "json")}
+    return load
+
+  # Zero-padded indices as keys: sorted keys keep the TFDS order.
+  samples = [(f"{i:0{width}d}", loader(i)) for i in range(len(source))]
+  stats = _write_samples(samples, out_dir, split or tfds_split.split("[")[0], samples_per_shard,
+                         resize, image_format)
+  if getattr(source, "classnames", None) and label_key:
+    _write_classnames(out_dir, source.classnames)
+  return stats
+
+
+def _write_classnames(out_dir: str, names: list[str]) -> None:
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "classnames.json"), "w", encoding="utf-8") as f:
+    json.dump(list(names), f, indent=0, ensure_ascii=False)
+    f.write("\n")
+
+
+# -------------------------------------------------------------------------------- CLI
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  flags.DEFINE_enum("mode", None, ["captions", "classes", "tfds"], "What to convert.")
+  flags.DEFINE_string("out_dir", None, "Output directory for the shards.")
+  flags.DEFINE_string("split", "train", "Shard name prefix: <out_dir>/<split>-%05d.tar.")
+  flags.DEFINE_integer("samples_per_shard", 1000, "Samples per tar shard.")
+  flags.DEFINE_integer("resize", 0, "Resize the shorter side to this (LANCZOS); 0 keeps the size.")
+  flags.DEFINE_enum("image_format", "auto", ["auto", "jpg", "png"],
+                    "Output encoding; auto keeps JPEG/PNG sources as they are.")
+  flags.DEFINE_string("images_dir", None, "(captions, classes) image folder.")
+  flags.DEFINE_string("captions", None, "(captions) CSV (filename,caption) or JSONL file.")
+  flags.DEFINE_string("tfds_name", None, "(tfds) dataset name.")
+  flags.DEFINE_string("tfds_split", "train", "(tfds) split.")
+  flags.DEFINE_string("tfds_data_dir", None, "(tfds) TFDS data dir.")
+  flags.DEFINE_string("tfds_label_key", "label", "(tfds) label feature ('' for none).")
+  flags.DEFINE_string("tfds_text_key", "", "(tfds) caption feature ('' for none).")
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  if not FLAGS.mode or not FLAGS.out_dir:
+    raise app.UsageError("--mode and --out_dir are required")
+  resize = FLAGS.resize or None
+  common = dict(samples_per_shard=FLAGS.samples_per_shard, resize=resize,
+                image_format=FLAGS.image_format)
+  if FLAGS.mode == "captions":
+    if not FLAGS.images_dir or not FLAGS.captions:
+      raise app.UsageError("--mode=captions needs --images_dir and --captions")
+    stats = convert_captions(FLAGS.images_dir, FLAGS.captions, FLAGS.out_dir, split=FLAGS.split, **common)
+  elif FLAGS.mode == "classes":
+    if not FLAGS.images_dir:
+      raise app.UsageError("--mode=classes needs --images_dir")
+    stats = convert_class_folders(FLAGS.images_dir, FLAGS.out_dir, split=FLAGS.split, **common)
+  else:
+    if not FLAGS.tfds_name:
+      raise app.UsageError("--mode=tfds needs --tfds_name")
+    stats = convert_tfds(FLAGS.tfds_name, FLAGS.tfds_split, FLAGS.out_dir, split=FLAGS.split,
+                         data_dir=FLAGS.tfds_data_dir, label_key=FLAGS.tfds_label_key or None,
+                         text_key=FLAGS.tfds_text_key or None, **common)
+  print(f"wrote {stats.num_written} samples in {len(stats.shards)} shards to {FLAGS.out_dir}; "
+        f"skipped {stats.num_bad} bad samples")
+  for line in stats.bad[:20]:
+    print(f"  bad: {line}")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
