@@ -72,6 +72,7 @@ def train_step(state: TrainState, frozen: Any, batch: dict, rng: jax.Array, *, m
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
+             "param_norm": optax.global_norm(params),
              "learning_rate": lr_schedule(state.step)}
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             model_state=new_model_state)
@@ -255,10 +256,12 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None) -
     signal.signal(signal.SIGTERM, request_stop)
 
   built_tokenizer = models.build_tokenizer(config)
+  extras = models.input_extras(config)
   dataset = data_lib.build_train_dataset(
       config.input, global_batch_size=config.batch_size, seed=config.seed,
-      tokenizer=built_tokenizer, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      tokenizer=built_tokenizer if extras.tokenize else None,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      extra_transforms=extras.transforms, extra_keys=extras.keys)
   data_iter = iter(dataset)
   example = next(iter(dataset))
   s = setup(config, example)
@@ -287,9 +290,10 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None) -
   def read(pending):
     step, device_metrics = pending
     values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-    if not math.isfinite(values["loss"]):
+    bad = [k for k in ("loss", "param_norm") if not math.isfinite(values[k])]
+    if bad:
       raise FloatingPointError(
-          f"loss is {values['loss']} at step {step}; stopping. The last good checkpoint "
+          f"{bad[0]} is {values[bad[0]]} at step {step}; stopping. The last good checkpoint "
           f"(step {ckpt.latest_step()}) in {ckpt.directory} is intact.")
     return step, values
 

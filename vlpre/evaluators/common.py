@@ -4,10 +4,22 @@ from __future__ import annotations
 from typing import Any, Iterable, Sequence
 
 import flax.linen as nn
+import grain
 import jax
 import numpy as np
 
+from vlpre import data
 from vlpre import losses
+
+
+def eval_batches(cfg: Any, pattern: str, *, max_examples: int = 0, **kwargs):
+  """`data.iterate_eval` over `pattern`, its first `max_examples` samples if > 0."""
+  source: Any = data.TarShardSource(pattern, data_dir=cfg.get("data_dir"))
+  if max_examples:
+    source = grain.MapDataset.source(source)[:max_examples]
+  return data.iterate_eval(source, image_size=cfg["image_size"],
+                           resize_size=cfg.get("resize_size", cfg["image_size"]),
+                           batch_size=cfg.get("batch_size", 256), **kwargs)
 
 
 class Predictor:

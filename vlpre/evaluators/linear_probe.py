@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlpre import data
 from vlpre.evaluators import common
 
 
@@ -32,10 +31,8 @@ class Evaluator:
 
   def _features(self, variables, pattern, max_examples):
     cfg = self.cfg
-    out = self.predictor.image_embeddings(variables, data.iterate_eval(
-        pattern, image_size=cfg["image_size"], resize_size=cfg.get("resize_size", cfg["image_size"]),
-        batch_size=cfg.get("batch_size", 256), data_dir=cfg.get("data_dir"), with_labels=True,
-        max_examples=max_examples))
+    out = self.predictor.image_embeddings(
+        variables, common.eval_batches(cfg, pattern, max_examples=max_examples, with_labels=True))
     return out[cfg.get("feature", "pre_logits")], out["label"]
 
   def run(self, variables) -> dict[str, float]:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlpre import data
 from vlpre.evaluators import common
 
 
@@ -30,11 +29,8 @@ class Evaluator:
     captions: list[list[str]] = []
 
     def batches():
-      for batch in data.iterate_eval(cfg["data"], image_size=cfg["image_size"],
-                                     resize_size=cfg.get("resize_size", cfg["image_size"]),
-                                     batch_size=cfg.get("batch_size", 256),
-                                     data_dir=cfg.get("data_dir"), with_captions=True,
-                                     max_examples=cfg.get("max_examples", 0)):
+      for batch in common.eval_batches(cfg, cfg["data"], max_examples=cfg.get("max_examples", 0),
+                                       with_captions=True):
         captions.extend(batch["captions"])
         yield batch
 

@@ -33,10 +33,8 @@ class Evaluator:
 
   def run(self, variables) -> dict[str, float]:
     cfg = self.cfg
-    batches = data.iterate_eval(cfg["data"], image_size=cfg["image_size"],
-                                resize_size=cfg.get("resize_size", cfg["image_size"]),
-                                batch_size=cfg.get("batch_size", 256), data_dir=cfg.get("data_dir"),
-                                with_labels=True, max_examples=cfg.get("max_examples", 0))
+    batches = common.eval_batches(cfg, cfg["data"], max_examples=cfg.get("max_examples", 0),
+                                  with_labels=True)
     images = self.predictor.image_embeddings(variables, batches)
     scores_NxC = common.normalize(images["zimg"]) @ self.class_embeddings(variables).T
     labels = images["label"]

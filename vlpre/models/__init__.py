@@ -41,6 +41,21 @@ class Built:
   pretrained: dict[str, Any] | None = None
 
 
+@dataclasses.dataclass
+class InputExtras:
+  """A method's additions to the input pipeline (see data.build_train_dataset)."""
+  transforms: tuple = ()   # grain transforms run per example, after the standard ones
+  keys: tuple = ()         # fields they add that go into the batch
+  tokenize: bool = True    # False: captions are not tokenised (e.g. cached text embeddings)
+
+
+def input_extras(config) -> InputExtras:
+  module = get_model_module(config.model_name)
+  if hasattr(module, "input_extras"):
+    return module.input_extras(config)
+  return InputExtras()
+
+
 def build(config) -> Built:
   """`config.model_name` → its file's `build(config)` if it has one, else `Model(**config.model)`."""
   module = get_model_module(config.model_name)

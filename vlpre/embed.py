@@ -1,0 +1,193 @@
+"""Precomputes frozen text-encoder embeddings of a dataset's captions into a keyed store.
+
+    python -m vlpre.embed --config=configs/lift.py:tiny
+
+With `config.text_mode = "cached"` the input pipeline then joins each sample to its
+embedding by key, and the train step never runs the LLM (LIFT's O(1) text cost).
+
+Store layout (`config.text_cache`): `meta.json` (the encoder settings it was built
+with), and per shard of samples `emb-NNNNN.npy` (float32 [captions, E], memory-mapped)
+with `index-NNNNN.json` ({key: [first row, number of captions]}). Shards are written
+to a temporary name and renamed when complete, so an interrupted run resumes at the
+first missing shard.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from typing import Any, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from vlpre.data import sources
+from vlpre.data import transforms
+
+
+def encoder_settings(config) -> dict[str, Any]:
+  t = config.text_encoder
+  return {"name": t.name, "max_len": int(t.max_len), "pooling": t.get("pooling") or None,
+          "normalize": bool(t.get("normalize", True)), "instruction": t.get("instruction", ""),
+          "caption_field": config.input.caption_field}
+
+
+def cache_dir(config) -> str:
+  """`config.text_cache`, or a default named after the encoder and its settings."""
+  if config.get("text_cache"):
+    return config.text_cache
+  settings = encoder_settings(config)
+  digest = hashlib.sha1(json.dumps({**settings, "train": str(config.input.train)},
+                                   sort_keys=True).encode()).hexdigest()[:8]
+  name = re.sub(r"[^A-Za-z0-9_.-]+", "_", settings["name"]).strip("_")
+  return os.path.join("workdirs", "embeddings", f"{name}-L{settings['max_len']}-{digest}")
+
+
+class EmbeddingStore:
+  """Read side: `lookup(key, caption_index) -> float32 [E]`. Picklable for grain workers."""
+
+  def __init__(self, directory: str, expected_settings: dict[str, Any] | None = None):
+    self.directory = directory
+    meta_path = os.path.join(directory, "meta.json")
+    if not os.path.exists(meta_path):
+      raise FileNotFoundError(f"no embedding store at {directory}: run "
+                              "`python -m vlpre.embed --config=...` first")
+    with open(meta_path, encoding="utf-8") as f:
+      self.meta = json.load(f)
+    if expected_settings is not None and self.meta["settings"] != expected_settings:
+      raise ValueError(f"embedding store {directory} was built with {self.meta['settings']}, "
+                       f"the config asks for {expected_settings}; rebuild it or point "
+                       "config.text_cache elsewhere")
+    if not self.meta.get("complete"):
+      raise ValueError(f"embedding store {directory} is incomplete: rerun vlpre.embed to finish it")
+    self.dim = int(self.meta["dim"])
+    self._index: dict[str, tuple[int, int, int]] = {}
+    for shard in range(self.meta["num_shards"]):
+      with open(os.path.join(directory, f"index-{shard:05d}.json"), encoding="utf-8") as f:
+        for key, (row, count) in json.load(f).items():
+          self._index[key] = (shard, row, count)
+    self._arrays: dict[int, np.ndarray] = {}
+
+  def __len__(self) -> int:
+    return len(self._index)
+
+  def __getstate__(self):
+    return {**self.__dict__, "_arrays": {}}
+
+  def lookup(self, key: str, caption_index: int = 0) -> np.ndarray:
+    try:
+      shard, row, count = self._index[key]
+    except KeyError:
+      raise KeyError(f"sample '{key}' is not in the embedding store {self.directory}: it was "
+                     "built for other data; rerun vlpre.embed for this dataset") from None
+    if not 0 <= caption_index < count:
+      raise IndexError(f"sample '{key}' has {count} cached captions, asked for #{caption_index}")
+    if shard not in self._arrays:
+      self._arrays[shard] = np.load(os.path.join(self.directory, f"emb-{shard:05d}.npy"),
+                                    mmap_mode="r")
+    return np.asarray(self._arrays[shard][row + caption_index], np.float32)
+
+
+class LookupEmbedding(grain.transforms.Map):
+  """Adds `txt_emb` [E] for the record's key and drawn caption (`caption_index`)."""
+
+  def __init__(self, store: EmbeddingStore):
+    self.store = store
+
+  def map(self, record):
+    if transforms.is_bad(record):
+      return record
+    record["txt_emb"] = self.store.lookup(record["__key__"], int(record.get("caption_index", 0)))
+    return record
+
+
+def _captions(record, field: str) -> list[str]:
+  parsed = transforms.ParseCaption(field=field, pick="all").map(dict(record))
+  return [] if transforms.is_bad(parsed) else list(parsed["captions"])
+
+
+def build_store(config, *, split_patterns: Sequence[str] | str | None = None,
+                directory: str | None = None, shard_size: int = 1000, batch_size: int = 256,
+                progress: bool = True) -> EmbeddingStore:
+  """Embeds every caption of the split with the frozen encoder (resumable)."""
+  from vlpre import sharding  # pylint: disable=g-import-not-at-top
+  from vlpre.models import lift  # pylint: disable=g-import-not-at-top
+
+  directory = directory or cache_dir(config)
+  os.makedirs(directory, exist_ok=True)
+  settings = encoder_settings(config)
+  meta_path = os.path.join(directory, "meta.json")
+  if os.path.exists(meta_path):
+    with open(meta_path, encoding="utf-8") as f:
+      old = json.load(f)
+    if old["settings"] != settings:
+      raise ValueError(f"{directory} holds embeddings built with {old['settings']}; "
+                       f"the config asks for {settings}. Use another text_cache directory.")
+  source = sources.TarShardSource(split_patterns or config.input.train, config.input.data_dir)
+  encoder = lift.text_encoder(config)
+  mesh = sharding.make_mesh(config.mesh)
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  batch_size = -(-batch_size // dp) * dp
+  row_sharding = sharding.batch_sharding(mesh)
+  params = jax.device_put(encoder.params, sharding.replicated(mesh))
+  embed = jax.jit(lambda p, ids, mask: encoder.module.apply({"params": p}, ids, mask),
+                  out_shardings=sharding.replicated(mesh))
+  num_shards = -(-len(source) // shard_size)
+  bar = tqdm.tqdm(total=len(source), disable=not progress, desc="embedding captions")
+  for shard in range(num_shards):
+    emb_path = os.path.join(directory, f"emb-{shard:05d}.npy")
+    index_path = os.path.join(directory, f"index-{shard:05d}.json")
+    lo, hi = shard * shard_size, min((shard + 1) * shard_size, len(source))
+    if os.path.exists(emb_path) and os.path.exists(index_path):
+      bar.update(hi - lo)
+      continue
+    texts, index = [], {}
+    for i in range(lo, hi):
+      record = source[i]
+      caps = _captions(record, config.input.caption_field)
+      index[record["__key__"]] = [len(texts), len(caps)]
+      texts.extend(caps)
+    rows = []
+    for start in range(0, len(texts), batch_size):
+      chunk = texts[start:start + batch_size]
+      real = len(chunk)
+      ids, mask = encoder.tokenizer.encode_batch(chunk + [chunk[-1]] * (batch_size - real),
+                                                 settings["max_len"])
+      out = embed(params, jax.device_put(ids, row_sharding), jax.device_put(mask, row_sharding))
+      rows.append(np.asarray(out, np.float32)[:real])
+    emb = np.concatenate(rows) if rows else np.zeros((0, encoder.dim), np.float32)
+    with open(emb_path + ".tmp", "wb") as f:
+      np.save(f, emb)
+    with open(index_path + ".tmp", "w", encoding="utf-8") as f:
+      json.dump(index, f)
+    os.replace(emb_path + ".tmp", emb_path)
+    os.replace(index_path + ".tmp", index_path)
+    bar.update(hi - lo)
+  bar.close()
+  with open(meta_path, "w", encoding="utf-8") as f:
+    json.dump({"settings": settings, "dim": encoder.dim, "num_shards": num_shards,
+               "num_samples": len(source), "complete": True}, f, indent=1)
+  logging.info("embedding store complete: %s (%d samples)", directory, len(source))
+  return EmbeddingStore(directory, settings)
+
+
+_CONFIG = None
+
+
+def main(argv):
+  del argv
+  build_store(_CONFIG.value)
+
+
+if __name__ == "__main__":
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "A LIFT-style config.")
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

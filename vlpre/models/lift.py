@@ -1,0 +1,107 @@
+"""LIFT: only the image tower trains; a frozen LLM embedder gives the text targets.
+
+Image tower → average pool over patch tokens → Linear → GELU → Linear into the text
+embedding dimension. Text embeddings come either from the frozen encoder running in the
+same jitted step (`text_mode="online"`, batch has `text`/`text_mask`) or from a keyed
+cache joined to the batch by the input pipeline (`text_mode="cached"`, batch has
+`txt_emb`); both give the same loss on the same batch.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from vlpre import models
+from vlpre.models import layers
+from vlpre.models.two_tower import vit_from_config
+
+
+class Model(nn.Module):
+  image: dict[str, Any]
+  text_dim: int
+  txt_encoder: nn.Module | None = None  # frozen: its params are matched by config.frozen
+  head_hidden: int | None = None        # default: text_dim (the paper's 768→4096→4096)
+  text_max_len: int = 77
+  logit_scale_init: float = float(np.log(1 / 0.07))
+  max_logit_scale: float = 100.0
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.img = vit_from_config({**self.image, "pool": "mean"}, self.dtype)
+    hidden = self.head_hidden or self.text_dim
+    self.head_in = nn.Dense(hidden, dtype=self.dtype, kernel_init=layers.dense_init(("embed", "mlp")),
+                            bias_init=layers.dense_init(("mlp",), nn.initializers.zeros))
+    self.head_out = nn.Dense(self.text_dim, dtype=self.dtype,
+                             kernel_init=layers.dense_init(("mlp", None)),
+                             bias_init=nn.initializers.zeros)
+    self.t_prime = self.param("t_prime", nn.initializers.constant(self.logit_scale_init), ())
+
+  def embed_image(self, image, train: bool = False):
+    pooled_BxD, _ = self.img(image, train=train)
+    z_BxE = self.head_out(nn.gelu(self.head_in(pooled_BxD)))
+    return {"zimg": z_BxE.astype(jnp.float32), "pre_logits": pooled_BxD.astype(jnp.float32)}
+
+  def embed_text(self, text, text_mask=None, train: bool = False):
+    del train  # frozen
+    if self.txt_encoder is None:
+      raise ValueError("this LIFT model was built without a text encoder")
+    if text_mask is None:
+      text_mask = jnp.ones_like(text)
+    return self.txt_encoder(text, text_mask).astype(jnp.float32)
+
+  def __call__(self, batch, *, train: bool = False):
+    out = self.embed_image(batch["image"], train=train)
+    if "txt_emb" in batch:
+      out["ztxt"] = batch["txt_emb"].astype(jnp.float32)
+      if self.is_initializing() and self.txt_encoder is not None:
+        # Create the encoder's parameters even in cached mode: evaluators embed prompts.
+        dummy = jnp.zeros((1, self.text_max_len), jnp.int32)
+        self.embed_text(dummy, jnp.ones_like(dummy))
+    else:
+      out["ztxt"] = self.embed_text(batch["text"], batch.get("text_mask"))
+    out["logit_scale"] = jnp.exp(jnp.minimum(self.t_prime, jnp.log(self.max_logit_scale)))
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _load_encoder(name: str, max_len: int, dtype: str, pooling: str | None, normalize: bool,
+                  instruction: str):
+  from vlpre import text_encoders  # pylint: disable=g-import-not-at-top
+  return text_encoders.load_text_encoder(name, max_len=max_len, dtype=jnp.dtype(dtype),
+                                         pooling=pooling, normalize=normalize,
+                                         instruction=instruction)
+
+
+def text_encoder(config):
+  """The frozen encoder named by `config.text_encoder` (loaded once per process)."""
+  t = config.text_encoder
+  return _load_encoder(t.name, t.max_len, t.get("dtype", "float32"), t.get("pooling") or None,
+                       t.get("normalize", True), t.get("instruction", ""))
+
+
+def input_extras(config) -> models.InputExtras:
+  """Cached mode joins each sample's caption embedding from the store by key."""
+  if config.text_mode == "online":
+    return models.InputExtras()
+  if config.text_mode != "cached":
+    raise ValueError(f"text_mode must be 'online' or 'cached', got '{config.text_mode}'")
+  from vlpre import embed  # pylint: disable=g-import-not-at-top
+  store = embed.EmbeddingStore(embed.cache_dir(config), embed.encoder_settings(config))
+  return models.InputExtras(transforms=(embed.LookupEmbedding(store),), keys=("txt_emb",),
+                            tokenize=False)
+
+
+def build(config) -> models.Built:
+  encoder = text_encoder(config)
+  model = Model(txt_encoder=encoder.module, text_dim=encoder.dim,
+                text_max_len=config.text_encoder.max_len,
+                dtype=jnp.dtype(config.get("dtype", "float32")), **config.model)
+  return models.Built(model, pretrained={"txt_encoder": encoder.params})
+
+
+def build_tokenizer(config):
+  return text_encoder(config).tokenizer
