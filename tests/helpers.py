@@ -36,3 +36,20 @@ def with_steps(config, total_steps):
   c = copy.deepcopy(config)
   c.total_steps = total_steps
   return c
+
+
+def small_shard(data_dir, tmp_path, pattern="flickr8k/val-00000.tar", num_samples=16):
+  """Copies the first `num_samples` samples of a real shard into tmp_path; returns its path."""
+  import os
+  import tarfile
+  out = os.path.join(str(tmp_path), "small-00000.tar")
+  keys = []
+  with tarfile.open(os.path.join(data_dir, pattern)) as src, tarfile.open(out, "w") as dst:
+    for member in src:
+      key = member.name.split(".")[0]
+      if key not in keys:
+        if len(keys) == num_samples:
+          break
+        keys.append(key)
+      dst.addfile(member, src.extractfile(member))
+  return out

@@ -5,6 +5,9 @@
 With `config.text_mode = "cached"` the input pipeline then joins each sample to its
 embedding by key, and the train step never runs the LLM (LIFT's O(1) text cost).
 
+The texts are the split's captions, or, for a config with a `describe` section
+(GPT4Image), the descriptions that `python -m vlpre.describe` wrote for each image.
+
 Store layout (`config.text_cache`): `meta.json` (the encoder settings it was built
 with), and per shard of samples `emb-NNNNN.npy` (float32 [captions, E], memory-mapped)
 with `index-NNNNN.json` ({key: [first row, number of captions]}). Shards are written
@@ -34,9 +37,22 @@ from vlpre.data import transforms
 
 def encoder_settings(config) -> dict[str, Any]:
   t = config.text_encoder
-  return {"name": t.name, "max_len": int(t.max_len), "pooling": t.get("pooling") or None,
-          "normalize": bool(t.get("normalize", True)), "instruction": t.get("instruction", ""),
-          "caption_field": config.input.caption_field}
+  settings = {"name": t.name, "max_len": int(t.max_len), "pooling": t.get("pooling") or None,
+              "normalize": bool(t.get("normalize", True)), "instruction": t.get("instruction", ""),
+              "caption_field": config.input.caption_field}
+  if config.get("describe"):  # texts from describe's output: the store follows its content
+    path = _descriptions_path(config)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"no descriptions at {path}: run `python -m vlpre.describe "
+                              "--config=...` first")
+    with open(path, "rb") as f:
+      settings["descriptions_sha1"] = hashlib.sha1(f.read()).hexdigest()
+  return settings
+
+
+def _descriptions_path(config) -> str:
+  from vlpre import describe  # pylint: disable=g-import-not-at-top
+  return describe.descriptions_file(config)
 
 
 def cache_dir(config) -> str:
@@ -116,7 +132,11 @@ def _captions(record, field: str) -> list[str]:
 def build_store(config, *, split_patterns: Sequence[str] | str | None = None,
                 directory: str | None = None, shard_size: int = 1000, batch_size: int = 256,
                 progress: bool = True) -> EmbeddingStore:
-  """Embeds every caption of the split with the frozen encoder (resumable)."""
+  """Embeds every caption (or description) of the split with the frozen encoder (resumable).
+
+  Each distinct text is encoded once per shard (class-level descriptions repeat a lot);
+  rows are still stored per sample, so the layout does not depend on the texts.
+  """
   from vlpre import sharding  # pylint: disable=g-import-not-at-top
   from vlpre.models import lift  # pylint: disable=g-import-not-at-top
 
@@ -131,6 +151,10 @@ def build_store(config, *, split_patterns: Sequence[str] | str | None = None,
       raise ValueError(f"{directory} holds embeddings built with {old['settings']}; "
                        f"the config asks for {settings}. Use another text_cache directory.")
   source = sources.TarShardSource(split_patterns or config.input.train, config.input.data_dir)
+  descriptions = None
+  if config.get("describe"):
+    from vlpre import describe  # pylint: disable=g-import-not-at-top
+    descriptions = describe.read_descriptions(_descriptions_path(config))
   encoder = lift.text_encoder(config)
   mesh = sharding.make_mesh(config.mesh)
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -140,7 +164,8 @@ def build_store(config, *, split_patterns: Sequence[str] | str | None = None,
   embed = jax.jit(lambda p, ids, mask: encoder.module.apply({"params": p}, ids, mask),
                   out_shardings=sharding.replicated(mesh))
   num_shards = -(-len(source) // shard_size)
-  bar = tqdm.tqdm(total=len(source), disable=not progress, desc="embedding captions")
+  bar = tqdm.tqdm(total=len(source), disable=not progress,
+                  desc="embedding " + ("descriptions" if descriptions is not None else "captions"))
   for shard in range(num_shards):
     emb_path = os.path.join(directory, f"emb-{shard:05d}.npy")
     index_path = os.path.join(directory, f"index-{shard:05d}.json")
@@ -151,18 +176,27 @@ def build_store(config, *, split_patterns: Sequence[str] | str | None = None,
     texts, index = [], {}
     for i in range(lo, hi):
       record = source[i]
-      caps = _captions(record, config.input.caption_field)
+      if descriptions is None:
+        caps = _captions(record, config.input.caption_field)
+      else:
+        caps = descriptions.get(record["__key__"])
+        if not caps:
+          raise KeyError(f"sample {record['__key__']!r} has no description in "
+                         f"{_descriptions_path(config)}: rerun vlpre.describe for this split")
       index[record["__key__"]] = [len(texts), len(caps)]
       texts.extend(caps)
+    unique = list(dict.fromkeys(texts))
     rows = []
-    for start in range(0, len(texts), batch_size):
-      chunk = texts[start:start + batch_size]
+    for start in range(0, len(unique), batch_size):
+      chunk = unique[start:start + batch_size]
       real = len(chunk)
       ids, mask = encoder.tokenizer.encode_batch(chunk + [chunk[-1]] * (batch_size - real),
                                                  settings["max_len"])
       out = embed(params, jax.device_put(ids, row_sharding), jax.device_put(mask, row_sharding))
       rows.append(np.asarray(out, np.float32)[:real])
     emb = np.concatenate(rows) if rows else np.zeros((0, encoder.dim), np.float32)
+    row_of = {text: i for i, text in enumerate(unique)}
+    emb = emb[np.array([row_of[t] for t in texts], np.int64)].reshape(len(texts), encoder.dim)
     with open(emb_path + ".tmp", "wb") as f:
       np.save(f, emb)
     with open(index_path + ".tmp", "w", encoding="utf-8") as f:
@@ -188,6 +222,6 @@ def main(argv):
 
 if __name__ == "__main__":
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "A LIFT-style config.")
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "A LIFT or GPT4Image config.")
   flags.mark_flags_as_required(["config"])
   app.run(main)

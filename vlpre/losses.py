@@ -82,12 +82,14 @@ def build_loss(weights: dict[str, float]) -> LossFn:
   unknown = set(weights) - set(LOSSES)
   if unknown:
     raise ValueError(f"unknown losses {sorted(unknown)}; known: {sorted(LOSSES)}")
-  if not weights:
-    raise ValueError("config.losses is empty: name at least one loss")
+  if not any(weights.values()):
+    raise ValueError("config.losses is empty or all zero: give at least one loss a weight")
 
   def total_loss(outputs, batch):
     total, metrics = 0.0, {}
     for name, weight in weights.items():
+      if weight == 0:  # Switched off (e.g. GPT4Image's CE-only baseline): its inputs may be absent.
+        continue
       value, terms = LOSSES[name](outputs, batch)
       total = total + weight * value
       metrics[f"{name}/loss"] = value

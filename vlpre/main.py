@@ -1,7 +1,10 @@
 """Entry point: `python -m vlpre.main --config=configs/X.py[:arg] --workdir=DIR [--config.a=b]`."""
+import os
+
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
 from vlpre import train
@@ -15,6 +18,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
+  if os.environ.get("VLPRE_MULTIHOST"):  # TPU pods / multi-node GPU: one process per host
+    jax.distributed.initialize()
   train.run(_CONFIG.value, _WORKDIR.value)
 
 

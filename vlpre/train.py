@@ -149,9 +149,11 @@ def setup(config, example_batch: dict, *, mesh=None) -> Setup:
 
   with mesh, nn.logical_axis_rules(rules):
     abstract = jax.eval_shape(init, rng)
-    var_shardings = _shardings_for(abstract, mesh, rules, config.get("min_fsdp_size", 2**18))
+    var_shardings = nn.meta.unbox(
+        _shardings_for(abstract, mesh, rules, config.get("min_fsdp_size", 2**18)))
+    for prefix, axes in (built.logical_axes or {}).items():
+      var_shardings["params"][prefix] = sharding.logical_names_to_shardings(axes, mesh, rules)
     variables = nn.meta.unbox(jax.jit(init, out_shardings=var_shardings)(rng))
-  var_shardings = nn.meta.unbox(var_shardings)
   pretrained = dict(built.pretrained or {})
   if config.get("init_from") and config.init_from.get("workdir"):
     pretrained.update(load_from_workdir(config.init_from.workdir, config.init_from.prefixes))

@@ -1,6 +1,6 @@
 """Evaluators: a file each, named by `kind` in the config's `evals` dict.
 
-    config.evals.<name> = dict(kind="zeroshot" | "retrieval" | "linear_probe",
+    config.evals.<name> = dict(kind="zeroshot" | "retrieval" | "linear_probe" | "classification",
                                every_steps=..., **kind-specific fields)
 
 Each kind's file defines `Evaluator(name, cfg, predictor, tokenizer)` with

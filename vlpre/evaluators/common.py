@@ -38,6 +38,7 @@ class Predictor:
     self._embed_text = jax.jit(
         lambda v, text, mask: model.apply(v, text, mask, method=model.embed_text),
         out_shardings=out)
+    self._image_methods: dict[str, Any] = {}
 
   def _put(self, x):
     return jax.device_put(np.asarray(x), self.setup.batch_sharding)
@@ -54,6 +55,31 @@ class Predictor:
       for batch in batches:
         self._check_batch(len(batch["image"]))
         out = jax.device_get(self._embed_image(variables, self._put(batch["image"])))
+        keep = np.asarray(batch["mask"], bool)
+        for k, v in out.items():
+          parts.setdefault(k, []).append(np.asarray(v)[keep])
+        if "label" in batch:
+          parts.setdefault("label", []).append(np.asarray(batch["label"])[keep])
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+  def image_outputs(self, variables, batches: Iterable[dict], method: str) -> dict[str, np.ndarray]:
+    """Like `image_embeddings` for any image method of the model (e.g. "classify").
+
+    A method returning one array is reported under its own name; each method compiles
+    once per input shape.
+    """
+    if method not in self._image_methods:
+      model = self.setup.model
+      self._image_methods[method] = jax.jit(
+          lambda v, image: model.apply(v, image, method=method),
+          out_shardings=jax.sharding.NamedSharding(self.setup.mesh, jax.sharding.PartitionSpec()))
+    apply = self._image_methods[method]
+    parts: dict[str, list] = {}
+    with self.setup.mesh, nn.logical_axis_rules(self.setup.rules):
+      for batch in batches:
+        self._check_batch(len(batch["image"]))
+        out = jax.device_get(apply(variables, self._put(batch["image"])))
+        out = out if isinstance(out, dict) else {method: out}
         keep = np.asarray(batch["mask"], bool)
         for k, v in out.items():
           parts.setdefault(k, []).append(np.asarray(v)[keep])

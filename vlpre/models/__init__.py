@@ -39,6 +39,9 @@ class Built:
   model: Any
   # Subtrees of pretrained weights placed after init, e.g. {"txt_encoder": llm_params}.
   pretrained: dict[str, Any] | None = None
+  # Logical axis names (trees of tuples) for parameter subtrees whose module does not
+  # annotate them, e.g. a Hugging Face checkpoint's layout: {"txt_encoder": axes_tree}.
+  logical_axes: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass

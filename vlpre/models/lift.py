@@ -36,7 +36,7 @@ class Model(nn.Module):
     self.head_in = nn.Dense(hidden, dtype=self.dtype, kernel_init=layers.dense_init(("embed", "mlp")),
                             bias_init=layers.dense_init(("mlp",), nn.initializers.zeros))
     self.head_out = nn.Dense(self.text_dim, dtype=self.dtype,
-                             kernel_init=layers.dense_init(("mlp", None)),
+                             kernel_init=layers.dense_init(("mlp", "embed")),
                              bias_init=nn.initializers.zeros)
     self.t_prime = self.param("t_prime", nn.initializers.constant(self.logit_scale_init), ())
 
@@ -100,7 +100,9 @@ def build(config) -> models.Built:
   model = Model(txt_encoder=encoder.module, text_dim=encoder.dim,
                 text_max_len=config.text_encoder.max_len,
                 dtype=jnp.dtype(config.get("dtype", "float32")), **config.model)
-  return models.Built(model, pretrained={"txt_encoder": encoder.params})
+  from vlpre import text_encoders  # pylint: disable=g-import-not-at-top
+  return models.Built(model, pretrained={"txt_encoder": encoder.params},
+                      logical_axes={"txt_encoder": text_encoders.param_logical_axes(encoder.params)})
 
 
 def build_tokenizer(config):

@@ -1,0 +1,91 @@
+"""LIFT: the frozen LLM inside the sharded step, and online vs cached text embeddings."""
+import copy
+
+import jax
+import numpy as np
+import pytest
+
+from vlpre import config_lib, embed, models, train
+from vlpre.data import pipeline
+from vlpre.models import lift
+
+from tests import helpers
+
+
+def lift_config(data_dir, shard, encoder="smollm2-135m", mode="online"):
+  c = helpers.tiny_clip_config(data_dir, total_steps=2)
+  c.input.train = shard
+  c.input.max_text_len = 16
+  c.model_name = "lift"
+  c.model = dict(image=dict(width=64, depth=2, mlp_dim=128, num_heads=2, patch_size=8),
+                 head_hidden=128)
+  del c["tokenizer"]
+  c.text_encoder = dict(name=encoder, max_len=16, pooling="", normalize=True, instruction="",
+                        dtype="float32")
+  c.text_mode = mode
+  c.text_cache = ""
+  c.frozen = ("txt_encoder/.*",)
+  c.min_fsdp_size = 2**16
+  c.evals = {k: v for k, v in c.evals.items() if k != "probe"}
+  return c
+
+
+@pytest.fixture(scope="module")
+def shard(data_dir, tmp_path_factory):
+  return helpers.small_shard(data_dir, tmp_path_factory.mktemp("lift"), num_samples=16)
+
+
+def _first_batch(config):
+  extras = models.input_extras(config)
+  ds = pipeline.build_train_dataset(
+      config.input, global_batch_size=config.batch_size, seed=config.seed,
+      tokenizer=models.build_tokenizer(config) if extras.tokenize else None,
+      extra_transforms=extras.transforms, extra_keys=extras.keys)
+  return next(iter(ds))
+
+
+def test_online_and_cached_modes_give_the_same_loss(data_dir, shard, tmp_path):
+  online = lift_config(data_dir, shard)
+  cached = copy.deepcopy(online)
+  cached.text_mode = "cached"
+  cached.text_cache = str(tmp_path / "store")
+  store = embed.build_store(cached, progress=False, shard_size=10)
+  assert len(store) == 16 and store.meta["num_shards"] == 2
+
+  online_batch, cached_batch = _first_batch(online), _first_batch(cached)
+  np.testing.assert_array_equal(online_batch["image"], cached_batch["image"])
+  assert "txt_emb" in cached_batch and "text" not in cached_batch
+  assert "text" in online_batch and "txt_emb" not in online_batch
+
+  losses = []
+  for config, batch in ((online, online_batch), (cached, cached_batch)):
+    s = train.setup(config, batch)
+    step = s.jit_train_step()
+    _, metrics = step(s.state, s.frozen, s.device_batch(batch), jax.random.key(0))
+    losses.append(float(metrics["loss"]))
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_store_refuses_other_encoder_settings(data_dir, shard, tmp_path):
+  config = lift_config(data_dir, shard, encoder="minilm-l6", mode="cached")
+  config.text_cache = str(tmp_path / "store")
+  embed.build_store(config, progress=False)
+  config.text_encoder.max_len = 32
+  with pytest.raises(ValueError, match="built with"):
+    embed.EmbeddingStore(config.text_cache, embed.encoder_settings(config))
+
+
+def test_lift_two_steps_with_the_llm_sharded_over_8_devices(data_dir, shard, tmp_path):
+  config = lift_config(data_dir, shard)
+  final = train.run(config, str(tmp_path / "run"))
+  assert np.isfinite(final["loss"]) and "retrieval/i2t_R@1" in final
+  s = train.setup(config, _first_batch(config))
+  frozen_leaves = jax.tree_util.tree_flatten_with_path(s.frozen)[0]
+  big = [(p, x) for p, x in frozen_leaves if x.size >= config.min_fsdp_size]
+  assert big, "the LLM has weights above the fsdp threshold"
+  for path, x in big:  # every large LLM weight is split over fsdp, none replicated
+    assert "fsdp" in str(x.sharding.spec), (jax.tree_util.keystr(path), x.sharding.spec)
+  # Frozen weights never enter the optimizer state.
+  opt_leaves = sum(x.size for x in jax.tree.leaves(s.state.opt_state))
+  trainable = sum(x.size for x in jax.tree.leaves(s.state.params))
+  assert opt_leaves <= 2 * trainable + 16

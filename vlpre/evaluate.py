@@ -1,0 +1,69 @@
+"""Runs a config's evaluators on the latest checkpoint of a workdir.
+
+    python -m vlpre.evaluate --config=configs/clip.py:tiny --workdir=workdirs/clip_tiny
+
+Results are printed, and appended to workdir/metrics.jsonl at the checkpoint's step.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import flax.linen as nn
+import jax
+from ml_collections import config_flags
+
+from vlpre import checkpoint as checkpoint_lib
+from vlpre import data as data_lib
+from vlpre import evaluators as evaluators_lib
+from vlpre import metrics as metrics_lib
+from vlpre import models
+from vlpre import train
+
+
+def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
+  """Restores `step` (default: latest) of `workdir` and runs every `config.evals` entry."""
+  tokenizer = models.build_tokenizer(config)
+  extras = models.input_extras(config)
+  dataset = data_lib.build_train_dataset(
+      config.input, global_batch_size=config.batch_size, seed=config.seed,
+      tokenizer=tokenizer if extras.tokenize else None, extra_transforms=extras.transforms,
+      extra_keys=extras.keys)
+  s = train.setup(config, next(iter(dataset)))  # one batch fixes the input shapes for init
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  step = step if step is not None else ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+  abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                          s.state, s.state_shardings)
+  state = ckpt.restore_state_only(step, abstract)
+  ckpt.close()
+  results = {}
+  with s.mesh, nn.logical_axis_rules(s.rules):
+    for evaluator in evaluators_lib.build_evaluators(config.get("evals", {}), s, tokenizer=tokenizer):
+      results.update(evaluator.run(s.variables(state)))
+  writer = metrics_lib.MetricWriter(workdir, tensorboard=False,
+                                    is_main_process=jax.process_index() == 0)
+  writer.write(step, results)
+  writer.close()
+  return results
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (see configs/).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of the run to evaluate.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.INFO)
+  results = evaluate(_CONFIG.value, _WORKDIR.value, _STEP.value)
+  print(json.dumps(results, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

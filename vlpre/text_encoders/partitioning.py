@@ -1,0 +1,62 @@
+"""Logical axis names for frozen text-encoder weights.
+
+The trainer maps these names to mesh axes with its own rules (e.g. embed -> fsdp,
+mlp/heads -> tensor); this file only says what each weight dimension *is*. Vocabulary:
+  vocab  token-embedding rows
+  embed  model width D
+  mlp    MLP hidden width F
+  heads  query/attention-output width (heads x head_dim, fused as in HF checkpoints)
+  kv     key/value projection width (kv_heads x head_dim; smaller than heads under GQA,
+         so rules can treat it separately)
+  norm   RMSNorm/LayerNorm parameters
+  None   a dimension not worth sharding (biases, position tables' row axis)
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from flax import core as flax_core
+from flax import traverse_util
+
+LogicalAxes = tuple[str | None, ...]
+
+# First match wins; patterns are searched in the "/"-joined parameter path. Decoder names
+# come from vlpre.text_encoders.decoder, BERT names from transformers' Flax BERT.
+_RULES: tuple[tuple[str, LogicalAxes], ...] = (
+    (r"(embed_tokens|word_embeddings)/embedding$", ("vocab", "embed")),
+    (r"(position_embeddings|token_type_embeddings)/embedding$", (None, "embed")),
+    (r"norm[^/]*/(scale|bias)$", ("norm",)),
+    (r"(q_proj|attention/self/(query|key|value))/kernel$", ("embed", "heads")),
+    (r"(k_proj|v_proj)/kernel$", ("embed", "kv")),
+    (r"(o_proj|attention/output/dense)/kernel$", ("heads", "embed")),
+    (r"(gate_proj|up_proj|intermediate/dense)/kernel$", ("embed", "mlp")),
+    (r"(down_proj|output/dense)/kernel$", ("mlp", "embed")),
+    (r"/bias$", (None,)),
+)
+
+
+def logical_axes_for(path: str, ndim: int) -> LogicalAxes:
+  """Logical axes of the parameter at `path` ("a/b/kernel")."""
+  for pattern, axes in _RULES:
+    if re.search(pattern, path, flags=re.IGNORECASE):
+      if len(axes) != ndim:
+        raise ValueError(f"{path}: rule {pattern!r} gives {axes} for a rank-{ndim} array")
+      return axes
+  raise ValueError(f"no logical-axis rule for text-encoder parameter {path!r}")
+
+
+def param_logical_axes(params: Any) -> Any:
+  """A pytree like `params` whose leaves are tuples of logical axis names.
+
+  Args:
+    params: a text encoder's parameter tree (arrays or ShapeDtypeStructs).
+
+  Returns:
+    The same nesting with tuples as leaves. Note tuples are pytree nodes for jax.tree
+    functions; map over both trees with `is_leaf=lambda x: isinstance(x, tuple)`.
+  """
+  flat = traverse_util.flatten_dict(flax_core.unfreeze(params))
+  axes = {path: logical_axes_for("/".join(map(str, path)), len(leaf.shape))
+          for path, leaf in flat.items()}
+  return traverse_util.unflatten_dict(axes)
