@@ -10,12 +10,15 @@ another, so ratios between them compare like with like.
 """
 from __future__ import annotations
 
+import copy
+import math
 import os
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
@@ -34,6 +37,9 @@ PEAK_FLOPS = {
 _CONFIGS = flags.DEFINE_list("configs", None, "config[:arg] files; default: the LIFT vs CLIP table")
 _STEPS = flags.DEFINE_integer("steps", 5, "timed steps per row (after 2 warm-up steps)")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "global batch")
+_OPENCLIP_PYTHON = flags.DEFINE_string(
+    "openclip_python", os.path.join(ROOT, ".bench-venv", "bin", "python"),
+    "a Python with torch + open_clip (see `make bench-venv`); missing: open_clip rows skipped")
 
 
 def load_config(spec: str, overrides: dict):
@@ -79,15 +85,41 @@ def synthetic_batch(config, batch_size: int, text_len: int, text_dim: int | None
   return batch
 
 
+def unrolled(config):
+  """A copy with every `scan` flag of the model off: XLA's cost analysis counts a scanned
+  loop body once, not once per layer, so FLOPs are read from the unrolled program."""
+  config = copy.deepcopy(config)
+
+  def visit(node):
+    for key in list(node.keys()):
+      if key == "scan":
+        node[key] = False
+      elif hasattr(node[key], "keys"):
+        visit(node[key])
+
+  with config.unlocked():
+    visit(config.model)
+    for tower in ("image", "text"):
+      if tower in config.model:
+        config.model[tower]["scan"] = False
+  return config
+
+
+def step_flops(config, batch: dict) -> float:
+  s = train.setup(unrolled(config), batch)
+  compiled = s.jit_train_step().lower(s.state, s.frozen, s.device_batch(batch),
+                                      jax.random.key(0)).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
 def time_row(config, batch: dict, steps: int) -> dict:
+  flops = step_flops(config, batch)
   s = train.setup(config, batch)
   step_fn = s.jit_train_step()
   dbatch = s.device_batch(batch)
   rng = jax.random.key(0)
-  compiled = step_fn.lower(s.state, s.frozen, dbatch, rng).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
   state = s.state
   times = []
   for i in range(steps + 2):
@@ -112,6 +144,28 @@ def default_rows():
   return rows
 
 
+def openclip_rows(batch_size: int, steps: int) -> list[tuple[str, dict]]:
+  """open_clip's step on the same machine, same config, measured in this same run."""
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  python = _OPENCLIP_PYTHON.value
+  if not os.path.exists(python):
+    print(f"no open_clip Python at {python}: open_clip rows skipped (make bench-venv)")
+    return []
+  rows = []
+  for label, mode, length in (("open_clip CLIP (both towers) @77 tok", "clip", 77),
+                              ("open_clip CLIP (both towers) @256 tok", "clip", 256),
+                              ("open_clip image tower vs fixed 576-d targets", "image_only", 77)):
+    out = subprocess.run([python, os.path.join(ROOT, "bench", "openclip_step.py"), f"--mode={mode}",
+                          f"--text_len={length}", f"--batch_size={batch_size}", f"--steps={steps}"],
+                         capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    rows.append((label, {"seconds": r["seconds"], "images_per_s": batch_size / r["seconds"],
+                         "flops": float("nan")}))
+    print(f"measured {label}: {r['seconds']:.3f} s/step (torch {r['torch']})", flush=True)
+  return rows
+
+
 def main(argv):
   del argv
   peak, peak_source = peak_flops()
@@ -129,20 +183,28 @@ def main(argv):
     r = time_row(config, batch, _STEPS.value)
     results.append((label, r))
     print(f"measured {label}: {r['seconds']:.3f} s/step", flush=True)
+  if not _CONFIGS.value:
+    results += openclip_rows(_BATCH.value, _STEPS.value)
   print(f"\ndevices: {jax.device_count()} x {jax.devices()[0].device_kind}; peak "
         f"{peak / 1e9:.0f} GFLOP/s ({peak_source}); batch {_BATCH.value}\n")
   print(f"| row | s/step | images/s | GFLOP/step | MFU |")
   print(f"|---|---|---|---|---|")
   for label, r in results:
     mfu = r["flops"] / r["seconds"] / peak
-    print(f"| {label} | {r['seconds']:.3f} | {r['images_per_s']:.1f} | {r['flops'] / 1e9:.1f} | "
-          f"{100 * mfu:.1f}% |")
+    flops = "—" if math.isnan(r["flops"]) else f"{r['flops'] / 1e9:.1f}"
+    mfu = "—" if math.isnan(mfu) else f"{100 * mfu:.1f}%"
+    print(f"| {label} | {r['seconds']:.3f} | {r['images_per_s']:.1f} | {flops} | {mfu} |")
   by_label = dict(results)
   for length in (77, 256):
     clip, lift = by_label.get(f"CLIP (both towers) @{length} tok"), by_label.get(f"LIFT cached @{length} tok")
     if clip and lift:
       print(f"\nLIFT cached / CLIP @{length} tokens: step time {lift['seconds'] / clip['seconds']:.2f}, "
             f"FLOPs {lift['flops'] / clip['flops']:.2f}")
+    ours, theirs = by_label.get(f"CLIP (both towers) @{length} tok"), by_label.get(
+        f"open_clip CLIP (both towers) @{length} tok")
+    if ours and theirs:
+      print(f"vlpre CLIP / open_clip CLIP @{length} tokens: step time "
+            f"{ours['seconds'] / theirs['seconds']:.2f}")
 
 
 if __name__ == "__main__":

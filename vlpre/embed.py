@@ -32,6 +32,7 @@ import numpy as np
 import tqdm
 
 from vlpre.data import sources
+from vlpre.data import text_batching
 from vlpre.data import transforms
 
 
@@ -186,15 +187,12 @@ def build_store(config, *, split_patterns: Sequence[str] | str | None = None,
       index[record["__key__"]] = [len(texts), len(caps)]
       texts.extend(caps)
     unique = list(dict.fromkeys(texts))
-    rows = []
-    for start in range(0, len(unique), batch_size):
-      chunk = unique[start:start + batch_size]
-      real = len(chunk)
-      ids, mask = encoder.tokenizer.encode_batch(chunk + [chunk[-1]] * (batch_size - real),
-                                                 settings["max_len"])
-      out = embed(params, jax.device_put(ids, row_sharding), jax.device_put(mask, row_sharding))
-      rows.append(np.asarray(out, np.float32)[:real])
-    emb = np.concatenate(rows) if rows else np.zeros((0, encoder.dim), np.float32)
+    emb = np.zeros((len(unique), encoder.dim), np.float32)
+    if unique:
+      ids_NxL, mask_NxL = encoder.tokenizer.encode_batch(unique, settings["max_len"])
+      for rows, ids, mask in text_batching.bucketed_batches(ids_NxL, mask_NxL, batch_size):
+        out = embed(params, jax.device_put(ids, row_sharding), jax.device_put(mask, row_sharding))
+        emb[rows] = np.asarray(out, np.float32)[:len(rows)]
     row_of = {text: i for i, text in enumerate(unique)}
     emb = emb[np.array([row_of[t] for t in texts], np.int64)].reshape(len(texts), encoder.dim)
     with open(emb_path + ".tmp", "wb") as f:

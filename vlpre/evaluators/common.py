@@ -10,6 +10,7 @@ import numpy as np
 
 from vlpre import data
 from vlpre import losses
+from vlpre.data import text_batching
 
 
 def eval_batches(cfg: Any, pattern: str, *, max_examples: int = 0, **kwargs):
@@ -89,20 +90,19 @@ class Predictor:
 
   def text_embeddings(self, variables, texts: Sequence[str], max_len: int,
                       batch_size: int = 256) -> np.ndarray:
-    """[len(texts), E] text embeddings, in order."""
+    """[len(texts), E] text embeddings, in order (computed in length buckets)."""
     if self.tokenizer is None:
       raise ValueError("this model has no tokenizer: it cannot embed text")
     self._check_batch(batch_size)
-    outs = []
+    ids_NxL, mask_NxL = self.tokenizer.encode_batch(list(texts), max_len)
+    out_NxE = None
     with self.setup.mesh, nn.logical_axis_rules(self.setup.rules):
-      for start in range(0, len(texts), batch_size):
-        chunk = list(texts[start:start + batch_size])
-        real = len(chunk)
-        chunk += [chunk[-1]] * (batch_size - real)  # pad to a fixed shape: one compile
-        ids, mask = self.tokenizer.encode_batch(chunk, max_len)
-        out = self._embed_text(variables, self._put(ids), self._put(mask))
-        outs.append(np.asarray(jax.device_get(out))[:real])
-    return np.concatenate(outs)
+      for rows, ids, mask in text_batching.bucketed_batches(ids_NxL, mask_NxL, batch_size):
+        out = np.asarray(jax.device_get(self._embed_text(variables, self._put(ids), self._put(mask))))
+        if out_NxE is None:
+          out_NxE = np.zeros((len(texts), out.shape[-1]), np.float32)
+        out_NxE[rows] = out[:len(rows)]
+    return out_NxE
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
