@@ -1,5 +1,4 @@
 """End-to-end: the real `train.run` on real Flickr8k shards under a data=2, fsdp=4 mesh."""
-import json
 import math
 import os
 import signal
@@ -8,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from vlpre import config_lib, metrics, train
+from vlpre import evaluate, metrics, train
 
 from tests import helpers
 
@@ -37,6 +36,11 @@ def test_interrupted_run_resumes_and_matches_uninterrupted(tmp_path, data_dir):
   for step in a:  # bit-exact on CPU: same batches, same rngs, same optimizer state
     assert a[step] == b[step], (step, a[step], b[step])
   assert len(set(a.values())) > 1
+
+  # Standalone evaluation of the final checkpoint reproduces the in-training evals.
+  standalone = evaluate.evaluate(config, str(straight))
+  for name in ("retrieval/i2t_R@1", "retrieval/t2i_R@5", "zeroshot/top1", "probe/top1"):
+    np.testing.assert_allclose(standalone[name], final[name], atol=1e-6)
 
 
 def test_nan_loss_stops_with_last_good_checkpoint_intact(tmp_path, data_dir):

@@ -52,18 +52,17 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
   return results
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (see configs/).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of the run to evaluate.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-
-
-def main(argv):
+def main(argv, config_flag, workdir_flag, step_flag):
   del argv
   logging.set_verbosity(logging.INFO)
-  results = evaluate(_CONFIG.value, _WORKDIR.value, _STEP.value)
+  results = evaluate(config_flag.value, workdir_flag.value, step_flag.value)
   print(json.dumps(results, indent=1, sort_keys=True))
 
 
 if __name__ == "__main__":
+  # Flags are defined here, not at import: tests and vlpre.main import this module.
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (see configs/).")
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of the run to evaluate.")
+  _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(lambda argv: main(argv, _CONFIG, _WORKDIR, _STEP))

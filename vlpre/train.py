@@ -289,7 +289,8 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None) -
   last: dict[str, float] = {}
   pending = None  # (step, device metrics): read one step late so the host never stalls.
 
-  def read(pending):
+  def finish(pending, force_log: bool = False) -> dict[str, float]:
+    """Reads a dispatched step's metrics, stops on NaN/Inf, logs them when due."""
     step, device_metrics = pending
     values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     bad = [k for k in ("loss", "param_norm") if not math.isfinite(values[k])]
@@ -297,7 +298,11 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None) -
       raise FloatingPointError(
           f"{bad[0]} is {values[bad[0]]} at step {step}; stopping. The last good checkpoint "
           f"(step {ckpt.latest_step()}) in {ckpt.directory} is intact.")
-    return step, values
+    if force_log or step % log_every == 0 or step == 1:
+      values.update(progress.report(step, values["loss"]))
+      values["input/bad_fraction"] = guard.fraction
+      writer.write(step, values)
+    return values
 
   try:
     with s.mesh, nn.logical_axis_rules(s.rules):
@@ -307,29 +312,20 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None) -
         state, device_metrics = step_fn(state, s.frozen, s.device_batch(batch), rng)
         if on_step is not None:
           on_step(step)
-        if pending is not None:
-          done_step, values = read(pending)
-          if done_step % log_every == 0 or done_step == 1:
-            values.update(progress.report(done_step, values["loss"]))
-            values["input/bad_fraction"] = guard.fraction
-            writer.write(done_step, values)
-          last = values
+        if pending is not None:  # step - 1 is done by now; step runs meanwhile
+          last = finish(pending)
         pending = (step, device_metrics)
         stopping = _STOP.is_set() or step == config.total_steps
-        if stopping or ckpt.should_save(step) or _eval_due(evals, step, config.total_steps):
-          done_step, values = read(pending)  # Never checkpoint or evaluate a NaN state.
-          pending = None
-          if done_step % log_every == 0 or stopping:
-            values.update(progress.report(done_step, values["loss"]))
-            writer.write(done_step, values)
-          last = values
-        if stopping or ckpt.should_save(step):
+        save = stopping or ckpt.should_save(step)
+        due = [e for e in evals if e.due(step, config.total_steps)]
+        if save or due:  # never checkpoint or evaluate a state whose metrics were not read
+          last, pending = finish(pending, force_log=stopping), None
+        if save:
           ckpt.save(step, state, data_iter, force=stopping)
-        for evaluator in evals:
-          if evaluator.due(step, config.total_steps):
-            results = evaluator.run(s.variables(state))
-            writer.write(step, results)
-            last.update(results)
+        for evaluator in due:
+          results = evaluator.run(s.variables(state))
+          writer.write(step, results)
+          last.update(results)
         if _STOP.is_set():
           logging.info("stop requested: saved step %d, exiting", step)
           break
@@ -337,7 +333,3 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None) -
     ckpt.close()
     writer.close()
   return last
-
-
-def _eval_due(evals, step, total_steps):
-  return any(e.due(step, total_steps) for e in evals)

@@ -34,8 +34,6 @@ class Predictor:
     model = setup.model
     self.data_parallel = setup.mesh.shape["data"] * setup.mesh.shape["fsdp"]
     out = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
-    self._embed_image = jax.jit(
-        lambda v, image: model.apply(v, image, method=model.embed_image), out_shardings=out)
     self._embed_text = jax.jit(
         lambda v, text, mask: model.apply(v, text, mask, method=model.embed_text),
         out_shardings=out)
@@ -51,17 +49,7 @@ class Predictor:
 
   def image_embeddings(self, variables, batches: Iterable[dict]) -> dict[str, np.ndarray]:
     """Concatenated {"zimg", "pre_logits", "label"?} over `batches`, padding rows dropped."""
-    parts: dict[str, list] = {}
-    with self.setup.mesh, nn.logical_axis_rules(self.setup.rules):
-      for batch in batches:
-        self._check_batch(len(batch["image"]))
-        out = jax.device_get(self._embed_image(variables, self._put(batch["image"])))
-        keep = np.asarray(batch["mask"], bool)
-        for k, v in out.items():
-          parts.setdefault(k, []).append(np.asarray(v)[keep])
-        if "label" in batch:
-          parts.setdefault("label", []).append(np.asarray(batch["label"])[keep])
-    return {k: np.concatenate(v) for k, v in parts.items()}
+    return self.image_outputs(variables, batches, "embed_image")
 
   def image_outputs(self, variables, batches: Iterable[dict], method: str) -> dict[str, np.ndarray]:
     """Like `image_embeddings` for any image method of the model (e.g. "classify").
