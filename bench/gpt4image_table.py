@@ -20,7 +20,9 @@ os.environ["XLA_FLAGS"] = " ".join(
      if not f.startswith("--xla_force_host_platform_device_count")] +
     ["--xla_force_host_platform_device_count=1"])
 
-import importlib.util  # pylint: disable=g-import-not-at-top,wrong-import-position
+import ast  # pylint: disable=g-import-not-at-top,wrong-import-position
+import functools
+import importlib.util
 import json
 import statistics
 import sys
@@ -39,6 +41,8 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (init, data order, a
 _STEPS = flags.DEFINE_integer("steps", 0, "Training steps per run (0: the config's).")
 _TEST = flags.DEFINE_integer("test_examples", 0, "Test images evaluated (0: all 10,000).")
 _OUT = flags.DEFINE_string("root", "workdirs/gpt4image_bench", "Workdirs, results.json, table.md.")
+_SET = flags.DEFINE_list("set", [], "Config overrides for every run, e.g. "
+                         "describe.output_dir=workdirs/descriptions/x (use another --root).")
 
 
 def load_config(arg: str):
@@ -46,7 +50,17 @@ def load_config(arg: str):
                                                                          "gpt4image.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  config = module.get_config(arg)
+  for item in _SET.value:
+    path, value = item.split("=", 1)
+    *parents, name = path.split(".")
+    node = functools.reduce(getattr, parents, config)
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass  # a plain string
+    setattr(node, name, value)
+  return config
 
 
 def run_one(variant: str, weight: float, seed: int, workdir: str) -> dict:
@@ -66,6 +80,18 @@ def run_one(variant: str, weight: float, seed: int, workdir: str) -> dict:
           "seconds": time.time() - start}
 
 
+def seconds_per_step(workdir: str) -> float:
+  """Median logged step time: unlike wall time, not inflated if the process was paused."""
+  from vlpre import metrics  # pylint: disable=g-import-not-at-top
+  times = [r["perf/seconds_per_step"] for r in metrics.read_metrics(workdir)
+           if "perf/seconds_per_step" in r]
+  return statistics.median(times) if times else float("nan")
+
+
+def _workdir(variant, weight, seed, steps):
+  return os.path.join(_OUT.value, f"{variant}_w{weight:g}_s{seed}_n{steps}")
+
+
 def _mean_std(values):
   if len(values) < 2:
     return f"{100 * values[0]:.1f}" if values else "–"
@@ -75,8 +101,9 @@ def _mean_std(values):
 def table(results: list[dict], describer: str, encoder: str) -> str:
   """Markdown: per variant, CE-only vs CE + λ·L_text top-1 (mean ± std over seeds)."""
   weights = sorted({r["weight"] for r in results})
-  lines = [f"| model | {' | '.join('CE only' if w == 0 else f'CE + {w:g}·L_text' for w in weights)}"
-           " | paired Δ (text − CE) | seeds | steps × batch | min/run |",
+  names = ["CE only" if w == 0 else f"CE + {w:g}·L_text" for w in weights]
+  lines = [f"| model | {' | '.join(names)} | paired Δ (text − CE) | seeds | steps × batch "
+           "| s/step |",
            "|---|" + "---|" * (len(weights) + 4)]
   for variant in dict.fromkeys(r["variant"] for r in results):
     rows = [r for r in results if r["variant"] == variant]
@@ -85,9 +112,9 @@ def table(results: list[dict], describer: str, encoder: str) -> str:
     seeds = sorted({r["seed"] for r in rows})
     deltas = [by[(w, s)]["top1"] - by[(0.0, s)]["top1"] for w in weights if w
               for s in seeds if (w, s) in by and (0.0, s) in by]
-    minutes = statistics.mean(r["seconds"] for r in rows) / 60
+    step_time = statistics.median(r["seconds_per_step"] for r in rows)
     lines.append(f"| {variant} | {' | '.join(cells)} | {_mean_std(deltas)} | {len(seeds)} | "
-                 f"{rows[0]['steps']} × {rows[0]['batch_size']} | {minutes:.1f} |")
+                 f"{rows[0]['steps']} × {rows[0]['batch_size']} | {step_time:.2f} |")
   test = {r["test_examples"] for r in results}
   lines.append("")
   lines.append(f"CIFAR-10 test top-1 (%) on {'/'.join(map(str, sorted(test)))} test images, "
@@ -107,13 +134,14 @@ def main(argv):
       results = json.load(f)
   done = {(r["variant"], r["weight"], r["seed"], r["steps"], r["test_examples"]) for r in results}
   config = load_config(_VARIANTS.value[0])
-  steps = _STEPS.value or config.total_steps
-  plan = [(v, float(w), int(s)) for s in _SEEDS.value for v in _VARIANTS.value for w in _WEIGHTS.value]
+  steps_of = {v: _STEPS.value or load_config(v).total_steps for v in _VARIANTS.value}
+  plan = [(v, float(w), int(s))
+          for s in _SEEDS.value for v in _VARIANTS.value for w in _WEIGHTS.value]
   for i, (variant, weight, seed) in enumerate(plan):
-    test_n = _TEST.value or 10_000
+    steps, test_n = steps_of[variant], _TEST.value or 10_000
     if (variant, weight, seed, steps, test_n) in done:
       continue
-    workdir = os.path.join(_OUT.value, f"{variant}_w{weight:g}_s{seed}_n{steps}")
+    workdir = _workdir(variant, weight, seed, steps)
     if os.path.exists(workdir):  # a run interrupted mid-way: start it over, not resume it
       import shutil  # pylint: disable=g-import-not-at-top
       shutil.rmtree(workdir)
@@ -130,7 +158,10 @@ def main(argv):
     describer = describe.describer_name(json.load(f))
   wanted = {(v, w, s) for v, w, s in plan}
   shown = [r for r in results if (r["variant"], r["weight"], r["seed"]) in wanted
-           and r["steps"] == steps]
+           and r["steps"] == steps_of[r["variant"]]]
+  for r in shown:
+    r["seconds_per_step"] = seconds_per_step(_workdir(r["variant"], r["weight"], r["seed"],
+                                                      r["steps"]))
   text = table(shown, describer, config.text_encoder.name)
   with open(os.path.join(_OUT.value, "table.md"), "w", encoding="utf-8") as f:
     f.write(text + "\n")

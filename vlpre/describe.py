@@ -77,7 +77,8 @@ def describer_settings(config) -> dict[str, Any]:
     if not d.get("precomputed"):
       raise ValueError("describe.backend='precomputed' needs describe.precomputed: a JSONL "
                        'of {"key": ..., "description": ...}')
-    settings.update(source=os.path.abspath(d.precomputed), sha1=_file_sha1(d.precomputed))
+    # The content, not the path, identifies the descriptions: a moved file still matches.
+    settings.update(source=os.path.basename(d.precomputed), sha1=_file_sha1(d.precomputed))
   elif d.backend == "llm-class-prompts":
     settings.update(llm=d.llm, classnames=d.classnames, per_class=int(d.per_class),
                     max_new_tokens=int(d.max_new_tokens), temperature=float(d.temperature),
@@ -96,7 +97,7 @@ def describer_name(meta: dict[str, Any]) -> str:
   if s["backend"] == "llm-class-prompts":
     return (f"{s['llm']} from class names ({s['per_class']} descriptions/class, "
             f"T={s['temperature']})")
-  return f"precomputed ({os.path.basename(s['source'])})"
+  return f"precomputed ({s['source']})"
 
 
 # ------------------------------------------------------------------------------ reading
@@ -122,7 +123,8 @@ def read_descriptions(path: str) -> dict[str, list[str]]:
       except json.JSONDecodeError as e:
         problems.append(f"line {number}: not JSON ({e})")
         continue
-      key, text = (row.get("key"), row.get("description")) if isinstance(row, dict) else (None, None)
+      row = row if isinstance(row, dict) else {}
+      key, text = row.get("key"), row.get("description")
       if not isinstance(key, str) or not key:
         problems.append(f"line {number}: no string 'key'")
       elif not isinstance(text, str) or not text.strip():
@@ -158,7 +160,8 @@ def training_samples(config) -> tuple[list[str], list[int | None]]:
 
 def _rope_rows(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq_Hhalf: np.ndarray):
   """RoPE at per-row positions (left-padded prompts), transformers' rotate_half layout."""
-  angles_BxTxHhalf = positions_BxT[..., None].astype(jnp.float32) * inv_freq_Hhalf.astype(np.float32)
+  angles_BxTxHhalf = (positions_BxT[..., None].astype(jnp.float32) *
+                      inv_freq_Hhalf.astype(np.float32))
   angles_BxTxH = jnp.concatenate([angles_BxTxHhalf, angles_BxTxHhalf], axis=-1)
   cos, sin = jnp.cos(angles_BxTxH)[:, :, None], jnp.sin(angles_BxTxH)[:, :, None]
   half = x_BxTxNxH.shape[-1] // 2
@@ -177,12 +180,12 @@ class CachedAttention(nn.Module):
     cfg = self.config
     batch, steps, _ = x_BxTxD.shape
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32)
-    q = dense(cfg.num_heads * cfg.head_dim, use_bias=cfg.qkv_bias, name="q_proj")(x_BxTxD)
-    k = dense(cfg.num_kv_heads * cfg.head_dim, use_bias=cfg.qkv_bias, name="k_proj")(x_BxTxD)
-    v = dense(cfg.num_kv_heads * cfg.head_dim, use_bias=cfg.qkv_bias, name="v_proj")(x_BxTxD)
-    q_BxTxNxH = q.reshape(batch, steps, cfg.num_heads, cfg.head_dim)
-    k_BxTxKxH = k.reshape(batch, steps, cfg.num_kv_heads, cfg.head_dim)
-    v_BxTxKxH = v.reshape(batch, steps, cfg.num_kv_heads, cfg.head_dim)
+    q_BxTxNH = dense(cfg.num_heads * cfg.head_dim, use_bias=cfg.qkv_bias, name="q_proj")(x_BxTxD)
+    k_BxTxKH = dense(cfg.num_kv_heads * cfg.head_dim, use_bias=cfg.qkv_bias, name="k_proj")(x_BxTxD)
+    v_BxTxKH = dense(cfg.num_kv_heads * cfg.head_dim, use_bias=cfg.qkv_bias, name="v_proj")(x_BxTxD)
+    q_BxTxNxH = q_BxTxNH.reshape(batch, steps, cfg.num_heads, cfg.head_dim)
+    k_BxTxKxH = k_BxTxKH.reshape(batch, steps, cfg.num_kv_heads, cfg.head_dim)
+    v_BxTxKxH = v_BxTxKH.reshape(batch, steps, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
       q_BxTxNxH = nn.RMSNorm(cfg.rms_norm_eps, dtype=self.dtype, name="q_norm")(q_BxTxNxH)
       k_BxTxKxH = nn.RMSNorm(cfg.rms_norm_eps, dtype=self.dtype, name="k_norm")(k_BxTxKxH)
@@ -196,8 +199,8 @@ class CachedAttention(nn.Module):
     out_BxTxNxH = jax.nn.dot_product_attention(
         q_BxTxNxH, cache_k_BxSxKxH.astype(self.dtype), cache_v_BxSxKxH.astype(self.dtype),
         mask=mask_BxTxS[:, None], scale=cfg.head_dim**-0.5)
-    out = out_BxTxNxH.reshape(batch, steps, cfg.num_heads * cfg.head_dim)
-    return (dense(cfg.hidden_size, use_bias=cfg.o_bias, name="o_proj")(out),
+    out_BxTxNH = out_BxTxNxH.reshape(batch, steps, cfg.num_heads * cfg.head_dim)
+    return (dense(cfg.hidden_size, use_bias=cfg.o_bias, name="o_proj")(out_BxTxNH),
             cache_k_BxSxKxH, cache_v_BxSxKxH)
 
 
@@ -339,7 +342,8 @@ def generate(llm_name: str, prompts: Sequence[str], *, samples_per_prompt: int,
     done_B |= np.isin(next_B, list(stop_ids))
     if done_B.all() or t == max_new_tokens - 1:
       break
-    logits_BxV, cache = run(params, jnp.asarray(next_B[:, None]), cache, jnp.int32(width + t), pad_B)
+    logits_BxV, cache = run(params, jnp.asarray(next_B[:, None]), cache, jnp.int32(width + t),
+                            pad_B)
   texts = []
   for row in tokens:
     end = next((i for i, tok in enumerate(row) if tok in stop_ids), len(row))

@@ -52,7 +52,8 @@ def _conv(features: int, kernel: int, strides: int = 1, name: str | None = None,
                  kernel_init=layers.dense_init((None, None, "conv_in", "conv_out"), _CONV_INIT))
 
 
-def batch_norm(train: bool, dtype, name: str | None = None, zero_scale: bool = False) -> nn.BatchNorm:
+def batch_norm(train: bool, dtype, name: str | None = None,
+               zero_scale: bool = False) -> nn.BatchNorm:
   """torch's BatchNorm defaults (momentum 0.1 there = 0.9 here, eps 1e-5), logically named."""
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
                       scale_init=layers.norm_init(nn.initializers.zeros if zero_scale
@@ -70,12 +71,12 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x_BxHxWxC, *, train: bool):
     bn = functools.partial(batch_norm, train, self.dtype)
-    y = nn.relu(bn(name="bn1")(_conv(self.features, 3, self.strides, "conv1", self.dtype)(x_BxHxWxC)))
-    y = bn(name="bn2", zero_scale=self.zero_init_residual)(
-        _conv(self.features, 3, 1, "conv2", self.dtype)(y))
+    conv = functools.partial(_conv, dtype=self.dtype)
+    y = nn.relu(bn(name="bn1")(conv(self.features, 3, self.strides, "conv1")(x_BxHxWxC)))
+    y = bn(name="bn2", zero_scale=self.zero_init_residual)(conv(self.features, 3, 1, "conv2")(y))
     shortcut = x_BxHxWxC
     if shortcut.shape != y.shape:
-      shortcut = bn(name="proj_bn")(_conv(self.features, 1, self.strides, "proj", self.dtype)(x_BxHxWxC))
+      shortcut = bn(name="proj_bn")(conv(self.features, 1, self.strides, "proj")(x_BxHxWxC))
     return nn.relu(y + shortcut)
 
 
@@ -149,9 +150,10 @@ class Projector(nn.Module):
     h_Bx2D = nn.Dense(2 * self.text_dim, use_bias=False, dtype=self.dtype, name="fc1",
                       kernel_init=layers.dense_init(("embed", "mlp")))(feature_Bxd)
     h_Bx2D = nn.relu(batch_norm(train, self.dtype, name="bn")(h_Bx2D))
+    # The text dim plays the model-width role here: "embed" lets fsdp split this matrix.
     return nn.Dense(self.text_dim, dtype=self.dtype, name="fc2",
-                    kernel_init=layers.dense_init(("mlp", None)),
-                    bias_init=nn.initializers.zeros)(h_Bx2D)
+                    kernel_init=layers.dense_init(("mlp", "embed")),
+                    bias_init=layers.dense_init(("embed",), nn.initializers.zeros))(h_Bx2D)
 
 
 def mix_batch(rng: jax.Array, image_BxHxWx3: jax.Array, targets_BxC: jax.Array, *,
