@@ -33,7 +33,7 @@ def main():
   images = torch.randn(args.batch_size, 3, 64, 64)
   criterion = oc_loss.ClipLoss()
   if args.mode == "clip":
-    model = oc_model.CLIP(embed_dim=256, vision_cfg=vision, text_cfg=text)
+    model = oc_model.CLIP(embed_dim=256, vision_cfg=vision, text_cfg=text, output_dict=True)
     tokens = torch.randint(1, 49406, (args.batch_size, args.text_len))
 
     def loss_fn():

@@ -71,3 +71,39 @@ def test_bad_sample_guard():
   guard.update(5, 95)
   with pytest.raises(RuntimeError, match="max_bad_fraction"):
     guard.update(10, 0)
+
+
+def test_lit_locks_the_image_tower_loaded_from_another_run(tmp_path, data_dir):
+  """LiT: image tower initialised from a CLIP workdir and frozen by regex; text side trains."""
+  clip = helpers.tiny_clip_config(data_dir, total_steps=2)
+  clip.evals = {}
+  train.run(clip, str(tmp_path / "clip"))
+  source = checkpoint_params(str(tmp_path / "clip"))
+
+  lit = helpers.with_steps(clip, 2)
+  lit.init_from = dict(workdir=str(tmp_path / "clip"), prefixes=("img", "img_head"))
+  lit.frozen = ("img/.*", "img_head/.*")
+  train.run(lit, str(tmp_path / "lit"))
+  s = train.setup(lit, next(iter(_dataset(lit))))
+  assert "img" in s.frozen and "img" not in s.state.params  # never in the optimizer state
+  after = checkpoint_params(str(tmp_path / "lit"))
+  assert "img" not in after  # the checkpointed trainable params hold only the text side
+  for a, b in zip(jax.tree.leaves(s.frozen["img"]), jax.tree.leaves(source["img"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  changed = [not np.array_equal(np.asarray(a), np.asarray(b))  # trained vs freshly initialised
+             for a, b in zip(jax.tree.leaves(after["txt"]), jax.tree.leaves(s.state.params["txt"]))]
+  assert any(changed)
+
+
+def checkpoint_params(workdir):
+  import orbax.checkpoint as ocp
+  directory = os.path.join(workdir, "checkpoints")
+  with ocp.CheckpointManager(directory, item_handlers={"state": ocp.StandardCheckpointHandler()}) as m:
+    state = m.restore(m.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return state["state"]["params"]
+
+
+def _dataset(config):
+  from vlpre import data, models
+  return data.build_train_dataset(config.input, global_batch_size=config.batch_size,
+                                  seed=config.seed, tokenizer=models.build_tokenizer(config))
