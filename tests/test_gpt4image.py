@@ -13,7 +13,6 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlpre import describe, embed, losses, metrics, sharding, train
-from vlpre import losses_gpt4image  # pylint: disable=unused-import  (registers the losses)
 from vlpre.models import classifier
 
 from tests import helpers

@@ -1,4 +1,8 @@
 """Losses against naive numpy references, on one device and sharded over 8."""
+import subprocess
+import sys
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,3 +104,43 @@ def test_build_loss_weights_and_prefixes():
 def test_unknown_loss_is_a_clear_error():
   with pytest.raises(ValueError, match="unknown losses"):
     losses.build_loss({"clipp": 1.0})
+
+
+def test_l2_normalize_is_x_over_max_norm_eps():
+  """torch.nn.functional.normalize's definition, including vectors shorter than eps."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(4, 8)).astype(np.float32)
+  x[1] *= 1e-14  # norm below eps: divided by eps, not blown up to unit length
+  x[2] = 0.0
+  eps = 1e-12
+  expected = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
+  np.testing.assert_allclose(np.asarray(losses.l2_normalize(x, eps=eps)), expected, rtol=1e-5,
+                             atol=1e-30)
+  np.testing.assert_allclose(np.asarray(losses.l2_normalize(x.T, axis=0, eps=eps)), expected.T,
+                             rtol=1e-5, atol=1e-30)
+  assert losses.l2_normalize(jnp.asarray(x, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def test_l2_normalize_gradient_is_finite_at_zero():
+  grad = jax.grad(lambda x: jnp.sum(losses.l2_normalize(x)))(jnp.zeros((2, 3)))
+  assert np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_every_family_is_registered_when_the_package_is_imported():
+  """No loss depends on some model file having been imported first."""
+  code = ("import sys; from vlpre import losses; "
+          "assert {'clip', 'siglip', 'cosine', 'softmax_ce', 'text_infonce', "
+          "'text_infonce_oneway', 'text_byol'} <= set(losses.LOSSES), sorted(losses.LOSSES); "
+          "assert not any(m.startswith('vlpre.models') for m in sys.modules)")
+  subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_name_in_two_families_is_an_error():
+  first = types.ModuleType("first")
+  first.LOSSES = {"clip": losses.clip_loss}
+  second = types.ModuleType("second")
+  second.LOSSES = {"clip": losses.cosine_loss}
+  with pytest.raises(ValueError, match="defined twice"):
+    losses._merge((first, second))  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="already registered"):
+    losses.register_loss("clip", losses.cosine_loss)

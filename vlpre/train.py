@@ -1,7 +1,7 @@
 """The one vlpre trainer: mesh → input → model → shard → update → checkpoint → evals → loop.
 
 Every method runs through `run`. A method contributes a model file (vlpre/models), losses
-(vlpre/losses.py or its own file) and a config; nothing here knows which method runs:
+(a file in vlpre/losses) and a config; nothing here knows which method runs:
   * trainable vs frozen parameters are split by the config's regexes (`config.frozen`);
     frozen ones (an LLM, a locked tower) are a separate sharded argument of the step,
     never in the optimizer state;

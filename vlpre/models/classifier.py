@@ -3,7 +3,7 @@
 GPT4Image (arXiv 2306.00693) trains an ordinary classifier with L = CE + λ·L_text, where
 L_text aligns a projection of the pooled feature with a frozen text encoder's embedding
 of an LLM-written description of the image (see vlpre/describe.py, vlpre/embed.py and
-vlpre/losses_gpt4image.py). The projector, Linear(d→2D, no bias) → BatchNorm → ReLU →
+vlpre/losses/classification.py). The projector, Linear(d→2D, no bias) → BatchNorm → ReLU →
 Linear(2D→D), is used only in training: evaluation reads `classify` / `embed_image`.
 
 Outputs of `__call__(batch, train=...)`:
@@ -29,7 +29,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlpre import losses_gpt4image  # pylint: disable=unused-import  (registers the losses)
 from vlpre import models
 from vlpre.models import layers
 from vlpre.models.two_tower import vit_from_config

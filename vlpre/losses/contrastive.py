@@ -1,24 +1,27 @@
-"""Losses: pure functions with one signature, selected and weighted by a config dict.
-
-    loss_fn(outputs: dict, batch: dict) -> (scalar loss, dict of scalar metrics)
+"""Image–text losses on a pair of embeddings: CLIP, SigLIP, LIFT's cosine.
 
 `outputs` is what the model returned for the GLOBAL batch: under jit with the batch
 sharded over the data axes, `zimg @ ztxt.T` spans every device's samples, so negatives
 come from the whole global batch (XLA inserts the all-gathers).
+
+Shape letters: B batch, E embedding dim.
 """
 from __future__ import annotations
-
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
-LossFn = Callable[[dict, dict], tuple[jax.Array, dict]]
 
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  """x / max(‖x‖, eps), like torch.nn.functional.normalize: the package's one l2-normalise.
 
-def l2_normalize(x, axis=-1, eps=1e-6):
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=axis, keepdims=True), eps * eps))
+  Written as x·rsqrt(max(‖x‖², eps²)), the same value, so that a zero vector has a finite
+  gradient (the gradient of ‖x‖ = sqrt(Σx²) is infinite at 0). The sum of squares is taken
+  in float32 whatever x's dtype: eps² underflows in float16, and bf16 sums lose digits.
+  """
+  sum_sq = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axis, keepdims=True)
+  return (x * jax.lax.rsqrt(jnp.maximum(sum_sq, eps * eps))).astype(x.dtype)
 
 
 def _pairwise_logits(outputs):
@@ -58,42 +61,14 @@ def siglip_loss(outputs, batch):
 def cosine_loss(outputs, batch):
   """LIFT's `simplistic_cos`: mean(1 − cos(z_img, z_txt)), positives only, no temperature."""
   del batch
-  zimg = l2_normalize(outputs["zimg"].astype(jnp.float32))
-  ztxt = l2_normalize(outputs["ztxt"].astype(jnp.float32))
-  cos_B = jnp.sum(zimg * ztxt, axis=-1)
+  zimg_BxE = l2_normalize(outputs["zimg"].astype(jnp.float32))
+  ztxt_BxE = l2_normalize(outputs["ztxt"].astype(jnp.float32))
+  cos_B = jnp.sum(zimg_BxE * ztxt_BxE, axis=-1)
   return jnp.mean(1.0 - cos_B), {"cosine": jnp.mean(cos_B)}
 
 
-LOSSES: dict[str, LossFn] = {
+LOSSES = {
     "clip": clip_loss,
     "siglip": siglip_loss,
     "cosine": cosine_loss,
 }
-
-
-def register_loss(name: str, fn: LossFn) -> None:
-  if name in LOSSES and LOSSES[name] is not fn:
-    raise ValueError(f"loss '{name}' is already registered")
-  LOSSES[name] = fn
-
-
-def build_loss(weights: dict[str, float]) -> LossFn:
-  """Σ_k w_k · loss_k; each term's metrics are reported under '<name>/<metric>'."""
-  unknown = set(weights) - set(LOSSES)
-  if unknown:
-    raise ValueError(f"unknown losses {sorted(unknown)}; known: {sorted(LOSSES)}")
-  if not any(weights.values()):
-    raise ValueError("config.losses is empty or all zero: give at least one loss a weight")
-
-  def total_loss(outputs, batch):
-    total, metrics = 0.0, {}
-    for name, weight in weights.items():
-      if weight == 0:  # Switched off (e.g. GPT4Image's CE-only baseline): its inputs may be absent.
-        continue
-      value, terms = LOSSES[name](outputs, batch)
-      total = total + weight * value
-      metrics[f"{name}/loss"] = value
-      metrics.update({f"{name}/{k}": v for k, v in terms.items()})
-    return total, metrics
-
-  return total_loss

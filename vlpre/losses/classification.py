@@ -1,9 +1,10 @@
-"""GPT4Image losses (arXiv 2306.00693): cross-entropy plus a text term on image descriptions.
+"""Classification losses: cross-entropy, and GPT4Image's text terms on image descriptions.
+
+GPT4Image (arXiv 2306.00693) adds a text term to the classifier's cross-entropy:
 
     config.losses = {"softmax_ce": 1.0, "text_infonce": 0.3}
 
-All share `loss(outputs, batch) -> (scalar, metrics)`; registered on import (the
-classifier model file imports this one). Fixed hyperparameters ride along in the model
+Fixed hyperparameters ride along in the model
 outputs, as CLIP's `logit_scale` does, so `config.losses` stays a name → weight dict:
   outputs["text_temperature"]  the FIXED InfoNCE temperature (paper: 0.2 ResNet, 0.05 DeiT)
   outputs["label_smoothing"]   ε of the cross-entropy (0 when absent)
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vlpre import losses
+from vlpre.losses.contrastive import info_nce, l2_normalize
 
 
 def softmax_ce(outputs, batch):
@@ -42,8 +43,8 @@ def _text_pair(outputs, batch):
   if "txt_emb" not in batch:
     raise ValueError("a GPT4Image text loss needs `txt_emb` in the batch: the description "
                      "embeddings joined from the store (python -m vlpre.embed)")
-  zimg_BxE = losses.l2_normalize(outputs["zproj"].astype(jnp.float32))
-  ztxt_BxE = losses.l2_normalize(batch["txt_emb"].astype(jnp.float32))
+  zimg_BxE = l2_normalize(outputs["zproj"].astype(jnp.float32))
+  ztxt_BxE = l2_normalize(batch["txt_emb"].astype(jnp.float32))
   return zimg_BxE, ztxt_BxE
 
 
@@ -51,7 +52,7 @@ def _text_infonce(outputs, batch, *, symmetric: bool):
   zimg_BxE, ztxt_BxE = _text_pair(outputs, batch)
   # Under jit with the batch sharded, this spans the GLOBAL batch: negatives are gathered.
   logits_BxB = zimg_BxE @ ztxt_BxE.T / outputs["text_temperature"]
-  loss, metrics = losses.info_nce(logits_BxB, symmetric=symmetric)
+  loss, metrics = info_nce(logits_BxB, symmetric=symmetric)
   accuracy = jnp.mean(jnp.argmax(logits_BxB, axis=1) == jnp.arange(logits_BxB.shape[0]))
   return loss, {**metrics, "i2t_accuracy": accuracy}
 
@@ -73,6 +74,9 @@ def text_byol(outputs, batch):
   return jnp.mean(2.0 - 2.0 * cos_B), {"cosine": jnp.mean(cos_B)}
 
 
-for _name, _fn in (("softmax_ce", softmax_ce), ("text_infonce", text_infonce),
-                   ("text_infonce_oneway", text_infonce_oneway), ("text_byol", text_byol)):
-  losses.register_loss(_name, _fn)
+LOSSES = {
+    "softmax_ce": softmax_ce,
+    "text_infonce": text_infonce,
+    "text_infonce_oneway": text_infonce_oneway,
+    "text_byol": text_byol,
+}
