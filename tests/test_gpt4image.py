@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlpre import describe, embed, losses, metrics, sharding, train
 from vlpre.models import classifier
+from vlpre.models.resnet import ResNet, batch_norm
 
 from tests import helpers
 
@@ -140,7 +141,7 @@ def test_batchnorm_statistics_span_the_global_batch_on_8_devices():
   rng = np.random.default_rng(0)
   x_Bx3 = (rng.normal(size=(16, 3)) * np.repeat(np.arange(1, 9), 2)[:, None]
            + np.repeat(np.arange(8) * 3.0, 2)[:, None]).astype(np.float32)
-  bn = classifier.batch_norm(train=True, dtype=jnp.float32)
+  bn = batch_norm(train=True, dtype=jnp.float32)
   variables = bn.init(jax.random.key(0), x_Bx3)
   placed = jax.device_put(x_Bx3, NamedSharding(mesh, P(sharding.BATCH_AXES)))
   assert placed.addressable_shards[0].data.shape == (2, 3)
@@ -186,7 +187,7 @@ def test_classifier_output_shapes(backbone, stem, size, width):
 
 
 def test_resnet_batch_stats_update_in_training_only():
-  resnet = classifier.ResNet(stage_sizes=(1, 1), block="basic", width=4, cifar_stem=True)
+  resnet = ResNet(stage_sizes=(1, 1), block="basic", width=4, cifar_stem=True)
   image = _model_inputs(8)[0]["image"]
   variables = nn.meta.unbox(jax.jit(functools.partial(resnet.init, train=False))(
       jax.random.key(0), image))

@@ -12,18 +12,19 @@ Outputs of `__call__(batch, train=...)`:
   zproj [B, D]         the projected feature, when a text dim is configured,
   text_temperature, label_smoothing   fixed loss hyperparameters (scalars).
 
-BatchNorm uses `use_running_average=not train` and keeps `batch_stats` (carried by the
-trainer in TrainState.model_state). Under jit with the batch sharded over the data axes
-its mean/var are reductions over the GLOBAL batch (XLA inserts the all-reduce), i.e.
-synchronised BatchNorm without an `axis_name`; tests/test_gpt4image.py checks it.
+The backbone is looked up by name in `BACKBONES`; a new one is an entry there. BatchNorm
+(vlpre/models/resnet.py) keeps `batch_stats`, carried by the trainer in
+TrainState.model_state, and is synchronised over the global batch under jit;
+tests/test_gpt4image.py checks it.
 
 Shape letters: B batch, H/W spatial, C classes (or channels where said), d feature width,
 D text embedding dim.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -31,112 +32,35 @@ import jax.numpy as jnp
 
 from vlpre import models
 from vlpre.models import layers
+from vlpre.models.resnet import RESNET_STAGES, ResNet, batch_norm
 from vlpre.models.two_tower import vit_from_config
 
-# Residual blocks per stage (He et al. 2016).
-RESNET_STAGES = {
-    "resnet18": ((2, 2, 2, 2), "basic"),
-    "resnet34": ((3, 4, 6, 3), "basic"),
-    "resnet50": ((3, 4, 6, 3), "bottleneck"),
-    "resnet101": ((3, 4, 23, 3), "bottleneck"),
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+  """How the classifier builds one backbone and reads the pooled feature [B, d] from it."""
+  # Called inside Model.setup with the Model, whose fields configure the backbone; the
+  # module's name is fixed here because checkpoints (and their frozen/sharding regexes)
+  # address its parameters by it.
+  build: Callable[[Any], nn.Module]
+  # The module's `__call__(image, train=...)` output → the pooled feature.
+  pooled: Callable[[Any], jax.Array] = lambda out: out
+
+
+def _vit(model) -> nn.Module:
+  return vit_from_config({"pool": "cls", **(model.vit or {})}, model.dtype, name="vit")
+
+
+def _resnet(stages_name: str, model) -> nn.Module:
+  stages, block = RESNET_STAGES[stages_name]
+  return ResNet(stages, block, model.width, model.cifar_stem, model.zero_init_residual,
+                model.dtype, name="resnet")
+
+
+BACKBONES: dict[str, Backbone] = {
+    "vit": Backbone(_vit, pooled=lambda out: out[0]),  # ViT returns (pooled, tokens)
+    **{name: Backbone(functools.partial(_resnet, name)) for name in RESNET_STAGES},
 }
-
-# torchvision's kaiming_normal_(mode="fan_out") for convs.
-_CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-
-def _conv(features: int, kernel: int, strides: int = 1, name: str | None = None, dtype=jnp.float32):
-  return nn.Conv(features, (kernel, kernel), (strides, strides), padding=[(kernel // 2,) * 2] * 2,
-                 use_bias=False, dtype=dtype, name=name,
-                 kernel_init=layers.dense_init((None, None, "conv_in", "conv_out"), _CONV_INIT))
-
-
-def batch_norm(train: bool, dtype, name: str | None = None,
-               zero_scale: bool = False) -> nn.BatchNorm:
-  """torch's BatchNorm defaults (momentum 0.1 there = 0.9 here, eps 1e-5), logically named."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                      scale_init=layers.norm_init(nn.initializers.zeros if zero_scale
-                                                  else nn.initializers.ones),
-                      bias_init=layers.norm_init(nn.initializers.zeros), name=name)
-
-
-class BasicBlock(nn.Module):
-  """Two 3x3 convs (ResNet-18/34)."""
-  features: int
-  strides: int = 1
-  zero_init_residual: bool = True
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x_BxHxWxC, *, train: bool):
-    bn = functools.partial(batch_norm, train, self.dtype)
-    conv = functools.partial(_conv, dtype=self.dtype)
-    y = nn.relu(bn(name="bn1")(conv(self.features, 3, self.strides, "conv1")(x_BxHxWxC)))
-    y = bn(name="bn2", zero_scale=self.zero_init_residual)(conv(self.features, 3, 1, "conv2")(y))
-    shortcut = x_BxHxWxC
-    if shortcut.shape != y.shape:
-      shortcut = bn(name="proj_bn")(conv(self.features, 1, self.strides, "proj")(x_BxHxWxC))
-    return nn.relu(y + shortcut)
-
-
-class BottleneckBlock(nn.Module):
-  """1x1 → 3x3 (strided, as torchvision's ResNet v1.5) → 1x1 with 4x expansion (ResNet-50+)."""
-  features: int
-  strides: int = 1
-  zero_init_residual: bool = True
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x_BxHxWxC, *, train: bool):
-    bn = functools.partial(batch_norm, train, self.dtype)
-    y = nn.relu(bn(name="bn1")(_conv(self.features, 1, 1, "conv1", self.dtype)(x_BxHxWxC)))
-    y = nn.relu(bn(name="bn2")(_conv(self.features, 3, self.strides, "conv2", self.dtype)(y)))
-    y = bn(name="bn3", zero_scale=self.zero_init_residual)(
-        _conv(self.features * 4, 1, 1, "conv3", self.dtype)(y))
-    shortcut = x_BxHxWxC
-    if shortcut.shape != y.shape:
-      shortcut = bn(name="proj_bn")(
-          _conv(self.features * 4, 1, self.strides, "proj", self.dtype)(x_BxHxWxC))
-    return nn.relu(y + shortcut)
-
-
-class ResNet(nn.Module):
-  """ResNet → global average pool. Returns the pooled feature [B, d].
-
-  Attributes:
-    stage_sizes: blocks per stage.
-    block: "basic" | "bottleneck".
-    width: channels of the first stage (64 in the paper; smaller for CPU runs), doubled
-      at each later stage.
-    cifar_stem: a 3x3 stride-1 conv and no max-pool, for 32 px inputs (the 7x7/2 conv +
-      3x3/2 pool of the ImageNet stem would leave 1x1 maps at the last stage).
-    zero_init_residual: last BN scale of each block at 0, so every block starts as the
-      identity (Goyal et al. 2017); helps short runs most.
-  """
-  stage_sizes: tuple[int, ...]
-  block: str = "basic"
-  width: int = 64
-  cifar_stem: bool = False
-  zero_init_residual: bool = True
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, image_BxHxWx3, *, train: bool):
-    block_cls = {"basic": BasicBlock, "bottleneck": BottleneckBlock}[self.block]
-    x = image_BxHxWx3.astype(self.dtype)
-    if self.cifar_stem:
-      x = _conv(self.width, 3, 1, "stem_conv", self.dtype)(x)
-    else:
-      x = _conv(self.width, 7, 2, "stem_conv", self.dtype)(x)
-    x = nn.relu(batch_norm(train, self.dtype, name="stem_bn")(x))
-    if not self.cifar_stem:
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    for stage, num_blocks in enumerate(self.stage_sizes):
-      for i in range(num_blocks):
-        x = block_cls(self.width * 2**stage, strides=2 if stage > 0 and i == 0 else 1,
-                      zero_init_residual=self.zero_init_residual, dtype=self.dtype,
-                      name=f"stage{stage + 1}_block{i + 1}")(x, train=train)
-    return jnp.mean(x, axis=(1, 2))
 
 
 class Projector(nn.Module):
@@ -192,7 +116,7 @@ class Model(nn.Module):
 
   Attributes:
     num_classes: C.
-    backbone: resnet18 | resnet34 | resnet50 | resnet101 | vit.
+    backbone: a key of BACKBONES: resnet18 | resnet34 | resnet50 | resnet101 | vit.
     width: ResNet first-stage channels.
     cifar_stem: ResNet stem for 32 px inputs.
     zero_init_residual: see ResNet.
@@ -217,14 +141,9 @@ class Model(nn.Module):
   dtype: Any = jnp.float32
 
   def setup(self):
-    if self.backbone == "vit":
-      self.net = vit_from_config({"pool": "cls", **(self.vit or {})}, self.dtype, name="vit")
-    elif self.backbone in RESNET_STAGES:
-      stages, block = RESNET_STAGES[self.backbone]
-      self.net = ResNet(stages, block, self.width, self.cifar_stem, self.zero_init_residual,
-                        self.dtype, name="resnet")
-    else:
-      raise ValueError(f"unknown backbone {self.backbone!r}: vit or one of {sorted(RESNET_STAGES)}")
+    if self.backbone not in BACKBONES:
+      raise ValueError(f"unknown backbone {self.backbone!r}: one of {sorted(BACKBONES)}")
+    self.net = BACKBONES[self.backbone].build(self)
     # Zero head: the first loss is exactly log C and early steps do not fight a random head.
     self.head = nn.Dense(self.num_classes, dtype=self.dtype,
                          kernel_init=layers.dense_init(("embed", "classes"), nn.initializers.zeros),
@@ -233,10 +152,7 @@ class Model(nn.Module):
       self.projector = Projector(self.text_dim, self.dtype)
 
   def _feature(self, image_BxHxWx3, train: bool):
-    if self.backbone == "vit":
-      pooled_Bxd, _ = self.net(image_BxHxWx3, train=train)
-    else:
-      pooled_Bxd = self.net(image_BxHxWx3, train=train)
+    pooled_Bxd = BACKBONES[self.backbone].pooled(self.net(image_BxHxWx3, train=train))
     return nn.with_logical_constraint(pooled_Bxd, ("batch", "act_embed"))
 
   def embed_image(self, image, train: bool = False):
