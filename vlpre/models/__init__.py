@@ -1,36 +1,31 @@
-"""Model registry: a method's model is a file here that defines a Linen `Model`.
+"""Methods: a method's model is a file vlpre/models/<name>.py that the config names.
 
-The config names it (`config.model_name = "two_tower"`) and passes `config.model` as its
-keyword arguments. A model's `__call__(batch, *, train)` returns a dict of outputs that
-the configured losses read; `embed_image` / `embed_text` (where they exist) serve the
-evaluators. A model file may also define `load_pretrained(model_config, params)`, which
-returns the parameter tree with pretrained weights placed in it.
+`config.model_name = "two_tower"` picks the file; `config.model` holds its keyword
+arguments. What a method file provides, resolved by `get_method` (the one place where
+the defaults are decided):
+
+  Model                              required. A Linen module whose
+                                     `__call__(batch, *, train) -> dict` returns the
+                                     outputs the configured losses read; `embed_image` /
+                                     `embed_text`, where defined, serve the evaluators.
+  build(config) -> Built             optional. Default: `Model(**config.model)` in
+                                     `config.dtype`, nothing pretrained.
+  input_extras(config) -> InputExtras  optional. Default: `InputExtras()`, the standard
+                                     pipeline with tokenised captions.
+  build_tokenizer(config)            optional. Default: the tokenizer `config.tokenizer`
+                                     names (vlpre.data.tokenizers), None without one.
+
+The trainer and the evaluators call `build`, `input_extras` and `build_tokenizer` below,
+never the file directly, so a method file defines only what differs from the defaults.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
-from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 import jax.numpy as jnp
-
-
-def get_model_module(name: str) -> ModuleType:
-  try:
-    return importlib.import_module(f"vlpre.models.{name}")
-  except ModuleNotFoundError as e:
-    if e.name == f"vlpre.models.{name}":
-      raise ValueError(f"no model '{name}': expected a file vlpre/models/{name}.py") from e
-    raise
-
-
-def build_model(name: str, kwargs: dict, dtype=None):
-  module = get_model_module(name)
-  kwargs = dict(kwargs)
-  if dtype is not None:
-    kwargs["dtype"] = dtype
-  return module.Model(**kwargs)
 
 
 @dataclasses.dataclass
@@ -52,34 +47,79 @@ class InputExtras:
   tokenize: bool = True    # False: captions are not tokenised (e.g. cached text embeddings)
 
 
-def input_extras(config) -> InputExtras:
-  module = get_model_module(config.model_name)
-  if hasattr(module, "input_extras"):
-    return module.input_extras(config)
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A method file resolved: every member of the protocol above, defaults filled in."""
+  name: str
+  Model: type  # pylint: disable=invalid-name  (the file's class, under its own name)
+  build: Callable[[Any], Built]
+  input_extras: Callable[[Any], InputExtras]
+  build_tokenizer: Callable[[Any], Any]
+
+
+def _config_dict(d) -> dict:
+  return d.to_dict() if hasattr(d, "to_dict") else dict(d)
+
+
+def _default_build(model_cls: type, config) -> Built:
+  kwargs = {**_config_dict(config.model), "dtype": jnp.dtype(config.get("dtype", "float32"))}
+  return Built(model_cls(**kwargs))
+
+
+def _default_input_extras(config) -> InputExtras:
+  del config
   return InputExtras()
 
 
-def build(config) -> Built:
-  """`config.model_name` → its file's `build(config)` if it has one, else `Model(**config.model)`."""
-  module = get_model_module(config.model_name)
-  if hasattr(module, "build"):
-    return module.build(config)
-  return Built(build_model(config.model_name, config.model.to_dict()
-                           if hasattr(config.model, "to_dict") else config.model,
-                           dtype=jnp.dtype(config.get("dtype", "float32"))))
-
-
-def build_tokenizer(config):
-  """The text tokenizer of the input pipeline and the text evaluators (None: no text).
-
-  A model file may define `build_tokenizer(config)` (a frozen LLM brings its own);
-  otherwise `config.tokenizer.name` picks one from vlpre.data.tokenizers.
-  """
-  module = get_model_module(config.model_name)
-  if hasattr(module, "build_tokenizer"):
-    return module.build_tokenizer(config)
+def _default_build_tokenizer(config):
   if not config.get("tokenizer"):
     return None
   from vlpre.data import tokenizers  # pylint: disable=g-import-not-at-top
   kwargs = dict(config.tokenizer)
   return tokenizers.get_tokenizer(kwargs.pop("name"), **kwargs)
+
+
+_OPTIONAL = ("build", "input_extras", "build_tokenizer")
+
+
+def get_method(name: str) -> Method:
+  """Imports vlpre/models/<name>.py and resolves it against the protocol above."""
+  try:
+    module = importlib.import_module(f"vlpre.models.{name}")
+  except ModuleNotFoundError as e:
+    if e.name == f"vlpre.models.{name}":
+      raise ValueError(f"no model '{name}': expected a file vlpre/models/{name}.py") from e
+    raise
+  if not isinstance(getattr(module, "Model", None), type):
+    raise ValueError(f"vlpre/models/{name}.py is not a method file: it defines no `Model` class")
+  for member in _OPTIONAL:
+    if hasattr(module, member) and not callable(getattr(module, member)):
+      raise ValueError(f"vlpre/models/{name}.py: `{member}` must be a function of the config")
+  defaults = {"build": functools.partial(_default_build, module.Model),
+              "input_extras": _default_input_extras,
+              "build_tokenizer": _default_build_tokenizer}
+  return Method(name=name, Model=module.Model,
+                **{member: getattr(module, member, defaults[member]) for member in _OPTIONAL})
+
+
+def build_model(name: str, kwargs: dict, dtype=None):
+  """`Model(**kwargs)` of method `name`, bypassing its `build` (tests, tools)."""
+  kwargs = dict(kwargs)
+  if dtype is not None:
+    kwargs["dtype"] = dtype
+  return get_method(name).Model(**kwargs)
+
+
+def build(config) -> Built:
+  """The model of `config.model_name`, with pretrained subtrees and their logical axes."""
+  return get_method(config.model_name).build(config)
+
+
+def input_extras(config) -> InputExtras:
+  """The method's additions to the input pipeline."""
+  return get_method(config.model_name).input_extras(config)
+
+
+def build_tokenizer(config):
+  """The text tokenizer of the input pipeline and the text evaluators (None: no text)."""
+  return get_method(config.model_name).build_tokenizer(config)
