@@ -1,4 +1,7 @@
-"""Vision Transformer image tower."""
+"""Vision Transformer image tower.
+
+Shape letters: B batch, H/W patch grid, N image tokens (patches), D width, R blocks.
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -41,7 +44,8 @@ class ViT(nn.Module):
   """Patchify → (+pos, +cls) → encoder → pooled feature.
 
   `__call__` returns (pooled_BxD, tokens_BxNxD); `pool` is cls | mean | map (attention
-  pooling with a learned query) | none (pooled is None).
+  pooling with a learned query) | none (pooled is None). `encode` returns the same and
+  the features of every level, for methods that read more than the last one.
   """
   width: int = 192
   depth: int = 12
@@ -55,8 +59,24 @@ class ViT(nn.Module):
   scan: bool = True
   dtype: Any = jnp.float32
 
-  @nn.compact
   def __call__(self, image_BxHxWx3, *, train: bool = False):
+    out = self.encode(image_BxHxWx3, train=train, all_levels=False)
+    return out["pooled"], out["tokens"]
+
+  @nn.compact
+  def encode(self, image_BxHxWx3, *, train: bool = False, all_levels: bool = True):
+    """The tower's features by level. Only patch positions: the cls token is dropped.
+
+    Returns a dict:
+      pooled        [B, D], None when pool == "none" (what `__call__` returns first).
+      tokens        [B, N, D] the last block's output after the final LayerNorm.
+    and, when `all_levels` (the default; `__call__` skips them, they cost memory):
+      patch_tokens  [B, N, D] the patch embeddings + position embeddings entering block 1.
+      blocks        [R, B, N, D] every block's output, before the final LayerNorm
+                    (blocks[-1] after it is `tokens`).
+      patch_latents [B, N, D] only when pool == "map": the attention pool's per-patch
+                    projections (layers.MapHead).
+    """
     if self.pool not in ("cls", "mean", "map", "none"):
       raise ValueError(f"unknown pooling '{self.pool}'")
     x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
@@ -76,18 +96,32 @@ class ViT(nn.Module):
     else:
       raise ValueError(f"unknown posemb '{self.posemb}'")
     x_BxNxD = x_BxNxD + pos_1xNxD.astype(self.dtype)
+    patch_tokens_BxNxD = x_BxNxD
+    num_prefix = 0
     if self.pool == "cls":
       cls_1x1xD = self.param("cls", layers.dense_init((None, None, "embed"), nn.initializers.zeros),
                              (1, 1, self.width))
       x_BxNxD = jnp.concatenate([jnp.tile(cls_1x1xD, (batch, 1, 1)).astype(self.dtype), x_BxNxD], 1)
+      num_prefix = 1
     x_BxNxD = nn.Dropout(self.dropout)(x_BxNxD, deterministic=not train)
-    x_BxNxD = layers.Encoder(self.depth, self.num_heads, self.mlp_dim, dropout=self.dropout,
-                             remat=self.remat, scan=self.scan, dtype=self.dtype,
-                             name="encoder")(x_BxNxD, train=train)
+    encoded = layers.Encoder(self.depth, self.num_heads, self.mlp_dim, dropout=self.dropout,
+                             remat=self.remat, scan=self.scan, return_all_blocks=all_levels,
+                             dtype=self.dtype, name="encoder")(x_BxNxD, train=train)
+    x_BxNxD, blocks_RxBxNxD = encoded if all_levels else (encoded, None)
+    out = {"tokens": x_BxNxD[:, num_prefix:]}
+    if all_levels:
+      out["patch_tokens"] = patch_tokens_BxNxD
+      out["blocks"] = blocks_RxBxNxD[:, :, num_prefix:]
     if self.pool == "cls":
-      return x_BxNxD[:, 0], x_BxNxD[:, 1:]
-    if self.pool == "mean":
-      return x_BxNxD.mean(axis=1), x_BxNxD
-    if self.pool == "map":
-      return layers.MapHead(self.num_heads, self.mlp_dim, self.dtype, name="map_head")(x_BxNxD), x_BxNxD
-    return None, x_BxNxD
+      out["pooled"] = x_BxNxD[:, 0]
+    elif self.pool == "mean":
+      out["pooled"] = x_BxNxD.mean(axis=1)
+    elif self.pool == "map":
+      map_head = layers.MapHead(self.num_heads, self.mlp_dim, self.dtype, name="map_head")
+      if all_levels:
+        out["pooled"], out["patch_latents"] = map_head(x_BxNxD, return_patch_latents=True)
+      else:
+        out["pooled"] = map_head(x_BxNxD)
+    else:
+      out["pooled"] = None
+    return out
