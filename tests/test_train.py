@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from vlpre import evaluate, metrics, train
+from vlpre import evaluate, metrics, models, train
 
 from tests import helpers
 
@@ -64,6 +64,25 @@ def test_batch_must_divide_the_data_parallel_devices(tmp_path, data_dir):
   config.batch_size = 12
   with pytest.raises(ValueError, match="not divisible by the 8 data-parallel"):
     train.run(config, str(tmp_path))
+
+
+class _StreamSeen(Exception):
+  pass
+
+
+@pytest.mark.parametrize("entry", ["train", "evaluate"])
+def test_the_methods_stream_transform_reaches_the_pipeline(entry, tmp_path, data_dir, monkeypatch):
+  """InputExtras.stream is handed to build_train_dataset by both entry points."""
+  def stream(ds):
+    raise _StreamSeen(type(ds).__name__)
+
+  monkeypatch.setattr(models, "input_extras", lambda config: models.InputExtras(stream=stream))
+  config = helpers.tiny_clip_config(data_dir, total_steps=1)
+  with pytest.raises(_StreamSeen, match="SkipBad"):  # after bad records are dropped
+    if entry == "train":
+      train.run(config, str(tmp_path))
+    else:
+      evaluate.evaluate(config, str(tmp_path))
 
 
 def test_bad_sample_guard():

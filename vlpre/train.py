@@ -263,7 +263,7 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None) -
       config.input, global_batch_size=config.batch_size, seed=config.seed,
       tokenizer=built_tokenizer if extras.tokenize else None,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      extra_transforms=extras.transforms, extra_keys=extras.keys)
+      extra_transforms=extras.transforms, extra_keys=extras.keys, stream=extras.stream)
   data_iter = iter(dataset)
   example = next(iter(dataset))
   s = setup(config, example)

@@ -1,9 +1,11 @@
 """Training and evaluation input pipelines built from grain datasets.
 
 Train: source -> host slice -> shuffle -> repeat -> typed transforms -> to_iter_dataset
--> SkipBad -> batch -> mp_prefetch (worker processes) or thread prefetch. Everything
-before `to_iter_dataset` is a grain MapDataset, so the iterator state is a handful of
-integers and a restored run sees exactly the batches it would have seen.
+-> SkipBad -> [a method's stream transform, e.g. packing] -> batch -> mp_prefetch (worker
+processes) or thread prefetch. Everything before `to_iter_dataset` is a grain MapDataset,
+so the iterator state is a handful of integers and a restored run sees exactly the
+batches it would have seen; a stream transform built from grain's iterator datasets
+(whose iterators checkpoint their own state) keeps that property.
 
 Batch layout (per host, b = global_batch_size // process_count):
   "image":     float32 [b, H, W, 3], CLIP-normalized
@@ -11,14 +13,16 @@ Batch layout (per host, b = global_batch_size // process_count):
   "label":     int32 [b]                                     (cfg.label=True)
   "_key":      object ndarray [b] of sample keys
   "_num_bad":  int, samples dropped as bad while this batch was assembled
-Keys starting with "_" are host-only: never put them on devices.
+Keys starting with "_" are host-only: never put them on devices. A stream transform
+changes the layout to its own (e.g. packed "tokens" with "tokens_segment_ids" and
+"tokens_positions"; "_key" then holds each row's list of keys).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from absl import logging
@@ -30,6 +34,8 @@ from vlpre.data import tokenizers as tokenizers_lib
 from vlpre.data import transforms as T
 
 Record = dict[str, Any]
+# A method's transformation of the record stream before batching (build_train_dataset).
+StreamTransform = Callable[[grain.IterDataset], grain.IterDataset]
 
 _DEFAULT_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
@@ -141,8 +147,10 @@ class HostBatch:
   """grain batch_fn: stacks array fields, sums "_num_bad", keeps keys as "_key".
 
   Non-array fields (strings, lists) are kept host-side under "_<name>" as object arrays;
-  other "_"-prefixed fields are dropped. A class, not a closure, so it pickles to
-  grain's worker processes.
+  other "_"-prefixed fields are dropped. A record that a stream transform merged from
+  several (a packed row, with "_num_bad" and "__key__" as grain's non-sequence meta
+  features) holds a list of counts and of keys: the counts are summed too. A class, not
+  a closure, so it pickles to grain's worker processes.
   """
 
   def __call__(self, records: Sequence[Record]) -> dict[str, Any]:
@@ -153,7 +161,7 @@ class HostBatch:
       if name == "__key__":
         batch["_key"] = _object_array([r[name] for r in records])
       elif name == "_num_bad":
-        batch["_num_bad"] = int(sum(int(r.get(name, 0)) for r in records))
+        batch["_num_bad"] = int(sum(np.sum(r.get(name, 0), dtype=np.int64) for r in records))
       elif name.startswith("_"):
         continue
       else:
@@ -269,7 +277,8 @@ def build_train_dataset(cfg: Any, *, global_batch_size: int, seed: int,
                         tokenizer: tokenizers_lib.Tokenizer | None,
                         process_index: int = 0, process_count: int = 1,
                         extra_transforms: Sequence[grain.transforms.Transformation] = (),
-                        extra_keys: Sequence[str] = ()) -> grain.IterDataset:
+                        extra_keys: Sequence[str] = (),
+                        stream: StreamTransform | None = None) -> grain.IterDataset:
   """Infinite, shuffled, augmented, batched training data for this host.
 
   See the module docstring for the batch layout. `iter(ds)` is checkpointable with
@@ -299,6 +308,15 @@ def build_train_dataset(cfg: Any, *, global_batch_size: int, seed: int,
     process_index, process_count: this host's slice `[process_index::process_count]`.
     extra_transforms, extra_keys: per-example additions, e.g. joining cached text
       embeddings by "__key__"/"caption_index"; see `train_transforms`.
+    stream: a method's transformation of the whole record stream, applied after bad
+      records are dropped and before batching: for what one record at a time cannot do,
+      such as packing variable-length token sequences into fixed-length rows
+      (grain.experimental.FirstFitPackIterDataset / BestFitPackIterDataset /
+      ConcatThenSplitIterDataset). Records it receives hold the kept fields plus
+      "__key__" and "_num_bad"; declaring those two as the packer's `meta_features`
+      keeps the keys and the bad-sample accounting. Called once here; with
+      num_workers > 0 the datasets it returns run in the worker processes, so they
+      must pickle. Batches then hold `host_batch` of its output elements.
   """
   if global_batch_size % process_count:
     raise ValueError(f"global batch {global_batch_size} does not split over {process_count} hosts")
@@ -328,6 +346,8 @@ def build_train_dataset(cfg: Any, *, global_batch_size: int, seed: int,
                                    prefetch_buffer_size=max(4 * threads, min(host_batch, 256)))
   it_ds = ds.to_iter_dataset(read_options)
   it_ds = SkipBad(it_ds)
+  if stream is not None:
+    it_ds = stream(it_ds)
   it_ds = it_ds.batch(host_batch, drop_remainder=True, batch_fn=HostBatch())
   if num_workers > 0:
     _ensure_absl_flags_parsed()

@@ -23,9 +23,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax.numpy as jnp
+
+if TYPE_CHECKING:
+  import grain
 
 
 @dataclasses.dataclass
@@ -45,6 +48,12 @@ class InputExtras:
   transforms: tuple = ()   # grain transforms run per example, after the standard ones
   keys: tuple = ()         # fields they add that go into the batch
   tokenize: bool = True    # False: captions are not tokenised (e.g. cached text embeddings)
+  # Transformation of the whole record stream, after bad records are dropped and before
+  # batching, e.g. packing token sequences into rows with segment ids and positions:
+  # `lambda ds: grain.experimental.FirstFitPackIterDataset(ds, length_struct=...,
+  # num_packing_bins=..., meta_features=("__key__", "_num_bad"))`. None: records are
+  # batched as they come.
+  stream: Callable[[grain.IterDataset], grain.IterDataset] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
