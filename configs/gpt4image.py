@@ -66,7 +66,7 @@ def get_config(arg=None):
   # Stage 2 (vlpre/embed.py): the frozen text encoder (paper: CLIP's; here a sentence
   # embedder packaged for offline use), L2-normalised, cached by image key.
   c.text_encoder = dict(name="minilm-l6", max_len=64, pooling="", normalize=True,
-                        instruction="", dtype="float32")
+                        template="{text}", layer=-1, dtype="float32")
   c.text_cache = ""  # "" = workdirs/embeddings/<encoder>-L<max_len>-<hash of settings+data>
 
   # Stage 3: the classifier.

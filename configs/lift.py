@@ -21,7 +21,9 @@ def get_config(arg=None):
       max_len=77,           # the paper: 77 for alt-text, ~320 for long synthetic captions
       pooling="",           # "" = the encoder's native pooling (last token / mean)
       normalize=True,
-      instruction="",       # LIFT uses no instruction prefix
+      template="{text}",    # where the caption goes; "{text}" = alone (LIFT: no instruction)
+      layer=-1,             # decoders: -1 = last layer (normed), k = after k blocks
+      center=False,         # subtract the caption store's mean (needs `python -m vlpre.embed`)
       dtype="float32" if tiny else "bfloat16")
   # A 7B-class embedder (Mistral architecture, NV-Embed-v2-like), sharded over fsdp:
   #   c.text_encoder.name = "/path/to/nv-embed-v2"   # HF folder, safetensors
@@ -34,7 +36,7 @@ def get_config(arg=None):
   c.model_name = "lift"
   c.model = dict(image=config_lib.vit(arg, pool="mean"),
                  head_hidden=None)  # None: the text embedding dim (paper: 4096 → 4096)
-  c.frozen = ("txt_encoder/.*",)
+  c.frozen = ("txt_encoder/.*", "txt_mean")
   c.losses = {"clip": 1.0}  # or {"cosine": 1.0}: LIFT's simplistic_cos variant
   if not tiny:
     c.optim.update(lr=1e-3, weight_decay=0.2, warmup_steps=500)

@@ -20,7 +20,8 @@ def lift_config(data_dir, shard, encoder="smollm2-135m", mode="online"):
   c.model = dict(image=dict(width=64, depth=2, mlp_dim=128, num_heads=2, patch_size=8),
                  head_hidden=128)
   del c["tokenizer"]
-  c.text_encoder = dict(name=encoder, max_len=16, pooling="", normalize=True, instruction="",
+  c.text_encoder = dict(name=encoder, max_len=16, pooling="", normalize=True, template="{text}",
+                        layer=-1, center=False,
                         dtype="float32")
   c.text_mode = mode
   c.text_cache = ""
@@ -40,7 +41,7 @@ def _first_batch(config):
   ds = pipeline.build_train_dataset(
       config.input, global_batch_size=config.batch_size, seed=config.seed,
       tokenizer=models.build_tokenizer(config) if extras.tokenize else None,
-      extra_transforms=extras.transforms, extra_keys=extras.keys)
+      extra_transforms=extras.transforms, extra_keys=extras.keys, stream=extras.stream)
   return next(iter(ds))
 
 

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
+from vlpre import llm as llm_lib
 from vlpre import text_encoders
-from vlpre.text_encoders import checkpoints
-from vlpre.text_encoders import decoder
+from vlpre.llm import checkpoints
 from vlpre.text_encoders import load_text_encoder
 from vlpre.text_encoders.pooling import PooledTextEncoder
 from vlpre.text_encoders.pooling import pool_hidden_states
@@ -203,15 +203,15 @@ def test_stock_flax_llama_ignores_rope_theta(smollm2, smollm2_batch, smollm2_hid
                                           "max_position_embeddings": 128})
   stock = FlaxLlamaModel(config, _do_init=False)
   ours = smollm2.params["backbone"]
+  layer = lambda i: jax.tree.map(lambda a: a[i], ours["layers"])  # scanned: stacked [30, ...]
   stock_params = {
       "embed_tokens": ours["embed_tokens"],
       "norm": {"weight": ours["norm"]["scale"]},
       "layers": {str(i): {
-          "input_layernorm": {"weight": ours[f"layers_{i}"]["input_layernorm"]["scale"]},
-          "post_attention_layernorm": {
-              "weight": ours[f"layers_{i}"]["post_attention_layernorm"]["scale"]},
-          "self_attn": ours[f"layers_{i}"]["self_attn"],
-          "mlp": ours[f"layers_{i}"]["mlp"],
+          "input_layernorm": {"weight": layer(i)["input_layernorm"]["scale"]},
+          "post_attention_layernorm": {"weight": layer(i)["post_attention_layernorm"]["scale"]},
+          "self_attn": layer(i)["self_attn"],
+          "mlp": layer(i)["mlp"],
       } for i in range(config.num_hidden_layers)},
   }
   stock_hidden = np.asarray(stock(ids_BxL, attention_mask=mask_BxL,
@@ -223,8 +223,8 @@ def test_stock_flax_llama_ignores_rope_theta(smollm2, smollm2_batch, smollm2_hid
   # at position 0), so longer texts are hit harder.
   assert stock_error > 0.05
   # The whole difference is the RoPE base: vlpre's decoder run with base 10000 reproduces it.
-  wrong_theta = dataclasses.replace(decoder.DecoderConfig.from_hf(config), rope_theta=10000.0)
-  wrong_hidden = decoder.DecoderLM(wrong_theta).apply({"params": ours}, ids_BxL, mask_BxL)
+  wrong_theta = dataclasses.replace(llm_lib.DecoderConfig.from_hf(config), rope_theta=10000.0)
+  wrong_hidden = llm_lib.Decoder(wrong_theta).apply({"params": ours}, ids_BxL, mask_BxL).hidden
   assert relative_error(np.asarray(wrong_hidden)[valid], stock_hidden[valid]) <= 1e-4
 
 
@@ -258,15 +258,16 @@ def _tiny_torch_decoder(model_type: str):
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
-def test_decoder_flags_match_transformers(model_type):
+@pytest.mark.parametrize("scan", [True, False])
+def test_decoder_flags_match_transformers(model_type, scan):
   reference = _tiny_torch_decoder(model_type)
   state = {k: v.numpy() for k, v in reference.state_dict().items()}
-  module = decoder.DecoderLM(decoder.DecoderConfig.from_hf(reference.config))
+  module = llm_lib.Decoder(llm_lib.DecoderConfig.from_hf(reference.config), scan=scan)
   ids_BxL = np.random.default_rng(0).integers(3, 97, size=(3, 12)).astype(np.int32)
   mask_BxL = (np.arange(12)[None, :] < np.array([[12], [7], [1]])).astype(np.int32)
   shapes = jax.eval_shape(module.init, jax.random.key(0), ids_BxL, mask_BxL)["params"]
-  params = checkpoints.state_dict_to_params(state, shapes)
-  hidden = np.asarray(module.apply({"params": params}, ids_BxL, mask_BxL))
+  params = checkpoints.state_dict_to_params(state, shapes)  # stacks layers.N when scanned
+  hidden = np.asarray(module.apply({"params": params}, ids_BxL, mask_BxL).hidden)
   with torch.no_grad():
     expected = reference(input_ids=torch.from_numpy(ids_BxL).long(),
                          attention_mask=torch.from_numpy(mask_BxL).long()).last_hidden_state
@@ -345,13 +346,32 @@ def test_smollm2_tokenizer(smollm2, smollm2_batch):
 def test_instruction_prefix(smollm2):
   instruction = "Represent this image caption: "
   tokenizer = text_encoders.TextTokenizer(
-      smollm2.tokenizer.backend, pad_id=2, eos_id=2, suffix_ids=[2], instruction=instruction)
+      smollm2.tokenizer.backend, pad_id=2, eos_id=2, suffix_ids=[2],
+      template=instruction + "{text}")
   ids_BxL, mask_BxL = tokenizer.encode_batch([CAPTIONS[0]], MAX_LEN)
   expected = smollm2_tokenizer_ids(smollm2, instruction + CAPTIONS[0]) + [2]
   np.testing.assert_array_equal(ids_BxL[0, :len(expected)], expected)
   assert mask_BxL.sum() == len(expected)
   with pytest.raises(ValueError):
     tokenizer.encode_batch(["x"], 1)  # no room between the special tokens.
+  with pytest.raises(ValueError, match="exactly one"):
+    text_encoders.TextTokenizer(smollm2.tokenizer.backend, pad_id=2, template="no slot")
+
+
+def test_prompteol_template_tokenises_whole_and_truncates_only_the_text(smollm2):
+  template = 'This sentence : "{text}" means in one word:"'
+  tokenizer = text_encoders.TextTokenizer(smollm2.tokenizer.backend, pad_id=2, eos_id=2,
+                                          template=template)
+  ids_BxL, mask_BxL = tokenizer.encode_batch(CAPTIONS, 48)
+  for row, caption in enumerate(CAPTIONS):  # exactly the tokens of the whole string.
+    expected = smollm2_tokenizer_ids(smollm2, template.format(text=caption))
+    np.testing.assert_array_equal(ids_BxL[row, :mask_BxL[row].sum()], expected)
+  # Too long: the caption is cut, the template's end (the pooled token) survives.
+  ids_BxL, mask_BxL = tokenizer.encode_batch([CAPTIONS[2]], 20)
+  assert mask_BxL.sum() <= 20
+  text = tokenizer.decode(ids_BxL[0, :mask_BxL.sum()])
+  assert text.startswith('This sentence : "A little girl') and text.endswith('" means in one word:"')
+  assert "bowl" not in text
 
 
 # ------------------------------------------------------------------- (6) missing assets
@@ -397,11 +417,12 @@ def test_local_folder_with_bf16_safetensors(smollm2, tmp_path):
   flat = flax.traverse_util.flatten_dict(smollm2.params["backbone"])
   state = {}
   for path, value in flat.items():
-    if path[0].startswith("layers_") and int(path[0].split("_")[1]) >= num_layers:
-      continue
-    name, transposed = checkpoints._hf_name(path)  # pylint: disable=protected-access
-    state["model." + name] = torch.from_numpy(
-        np.ascontiguousarray(value.T if transposed else value)).bfloat16()
+    layers = range(num_layers) if path[0] == "layers" else [None]
+    for layer in layers:
+      name, transposed = checkpoints._hf_name(path, layer)  # pylint: disable=protected-access
+      array = value if layer is None else value[layer]
+      state["model." + name] = torch.from_numpy(
+          np.ascontiguousarray(array.T if transposed else array)).bfloat16()
   safetensors.torch.save_file(state, os.path.join(tmp_path, "model.safetensors"))
 
   folder_encoder = load_text_encoder(str(tmp_path), max_len=MAX_LEN)
@@ -409,9 +430,10 @@ def test_local_folder_with_bf16_safetensors(smollm2, tmp_path):
   np.testing.assert_array_equal((ids_BxL, mask_BxL),
                                 smollm2.tokenizer.encode_batch(CAPTIONS, MAX_LEN))
   loaded = flax.traverse_util.flatten_dict(folder_encoder.params["backbone"])
-  assert len(loaded) == 2 + 9 * num_layers  # embedding, final norm, 9 tensors per layer.
+  assert len(loaded) == 2 + 9  # embedding, final norm, 9 tensors stacked over the layers.
   for path, value in loaded.items():
-    expected = torch.from_numpy(flat[path]).bfloat16().float().numpy()
+    reference = flat[path][:num_layers] if path[0] == "layers" else flat[path]
+    expected = torch.from_numpy(np.ascontiguousarray(reference)).bfloat16().float().numpy()
     np.testing.assert_array_equal(value, expected, err_msg=str(path))
 
 
@@ -434,8 +456,8 @@ def test_encoder_as_frozen_submodule_with_sharded_weights(smollm2, smollm2_batch
   backbone = smollm2.module.backbone
   text_module = smollm2.module.clone(backbone=backbone.clone(
       config=dataclasses.replace(backbone.config, num_layers=4)))
-  text_params = {"backbone": {k: v for k, v in smollm2.params["backbone"].items()
-                              if not k.startswith("layers_") or int(k[7:]) < 4}}
+  params = smollm2.params["backbone"]
+  text_params = {"backbone": {**params, "layers": jax.tree.map(lambda a: a[:4], params["layers"])}}
 
   class TinyContrastive(nn.Module):
     text_encoder: nn.Module
@@ -455,13 +477,15 @@ def test_encoder_as_frozen_submodule_with_sharded_weights(smollm2, smollm2_batch
   # would ask every contraction over a sharded dimension for an out_sharding).
   mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
   rules = (("embed", "fsdp"), ("vocab", None), ("mlp", None), ("heads", None), ("kv", None),
-           ("norm", None))
-  specs = jax.tree.map(lambda axes: jax.sharding.PartitionSpec(*axes),
-                       text_encoders.param_logical_axes(text_params),
-                       is_leaf=lambda x: isinstance(x, tuple))
+           ("norm", None), ("layers", None))
+  # The decoder names its weights' axes itself (boxed by init; nothing is materialised).
+  abstract = jax.eval_shape(text_module.init, jax.random.key(0), ids_BxL, mask_BxL)["params"]
+  specs = nn.get_partition_spec(abstract)
   frozen = jax.device_put(text_params, nn.logical_to_mesh_sharding(specs, mesh, rules))
   assert (frozen["backbone"]["embed_tokens"]["embedding"].sharding.spec ==
           jax.sharding.PartitionSpec(None, "fsdp"))
+  assert (frozen["backbone"]["layers"]["mlp"]["down_proj"]["kernel"].sharding.spec ==
+          jax.sharding.PartitionSpec(None, None, "fsdp"))
 
   def loss_fn(trainable, frozen_params):
     params = {**trainable, "text_encoder": frozen_params}
@@ -483,13 +507,15 @@ def test_param_logical_axes(smollm2, minilm):
     assert flat_axes.keys() == flat_params.keys()
     for path, names in flat_axes.items():
       assert len(names) == flat_params[path].ndim, path
-      assert set(names) <= {"vocab", "embed", "mlp", "heads", "kv", "norm", None}
+      assert set(names) <= {"vocab", "embed", "mlp", "heads", "kv", "norm", "layers", None}
   axes = smollm2.logical_axes()["backbone"]
   assert axes["embed_tokens"]["embedding"] == ("vocab", "embed")
-  assert axes["layers_0"]["self_attn"]["q_proj"]["kernel"] == ("embed", "heads")
-  assert axes["layers_0"]["self_attn"]["k_proj"]["kernel"] == ("embed", "kv")
-  assert axes["layers_0"]["self_attn"]["o_proj"]["kernel"] == ("heads", "embed")
-  assert axes["layers_0"]["mlp"]["down_proj"]["kernel"] == ("mlp", "embed")
+  layer = axes["layers"]  # scanned: the stacked axis is named "layers"
+  assert layer["self_attn"]["q_proj"]["kernel"] == ("layers", "embed", "heads")
+  assert layer["self_attn"]["k_proj"]["kernel"] == ("layers", "embed", "kv")
+  assert layer["self_attn"]["o_proj"]["kernel"] == ("layers", "heads", "embed")
+  assert layer["mlp"]["down_proj"]["kernel"] == ("layers", "mlp", "embed")
+  assert layer["input_layernorm"]["scale"] == ("layers", "norm")
   assert axes["norm"]["scale"] == ("norm",)
   bert = minilm.logical_axes()["backbone"]["encoder"]["layer"]["0"]
   assert bert["attention"]["self"]["query"]["kernel"] == ("embed", "heads")

@@ -17,8 +17,8 @@ Backends (`config.describe.backend`):
                      key covered, descriptions non-empty UTF-8.
   llm-class-prompts  the packaged SmolLM2-135M-Instruct writes `per_class` varied visual
                      descriptions of each class from its NAME (chat prompt, temperature
-                     sampling; autoregressive decoding with a KV cache on vlpre's decoder
-                     weights); each image gets one of its class's descriptions, picked by a
+                     sampling; KV-cache decoding on vlpre's one decoder, vlpre.llm);
+                     each image gets one of its class's descriptions, picked by a
                      hash of its key. The text target is then a function of the label only,
                      unlike the paper's per-image descriptions: see docs/gpt4image.md.
   vlpre-captioner    describing images with a vlpre captioning model (LCL / HIVE): not
@@ -36,10 +36,6 @@ from typing import Any, Sequence
 from absl import app
 from absl import flags
 from absl import logging
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
 import tqdm
 
 BACKENDS = ("precomputed", "llm-class-prompts", "vlpre-captioner")
@@ -155,128 +151,7 @@ def training_samples(config) -> tuple[list[str], list[int | None]]:
   return keys, labels
 
 
-# ------------------------------------------------------------------ generation (KV cache)
-
-
-def _rope_rows(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq_Hhalf: np.ndarray):
-  """RoPE at per-row positions (left-padded prompts), transformers' rotate_half layout."""
-  angles_BxTxHhalf = (positions_BxT[..., None].astype(jnp.float32) *
-                      inv_freq_Hhalf.astype(np.float32))
-  angles_BxTxH = jnp.concatenate([angles_BxTxHhalf, angles_BxTxHhalf], axis=-1)
-  cos, sin = jnp.cos(angles_BxTxH)[:, :, None], jnp.sin(angles_BxTxH)[:, :, None]
-  half = x_BxTxNxH.shape[-1] // 2
-  rotated = jnp.concatenate([-x_BxTxNxH[..., half:], x_BxTxNxH[..., :half]], axis=-1)
-  return x_BxTxNxH * cos.astype(x_BxTxNxH.dtype) + rotated * sin.astype(x_BxTxNxH.dtype)
-
-
-class CachedAttention(nn.Module):
-  """vlpre's decoder attention (same parameter names) reading and writing a KV cache."""
-  config: Any  # text_encoders.decoder.DecoderConfig
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, cache_k_BxSxKxH, cache_v_BxSxKxH, start, mask_BxTxS):
-    from vlpre.text_encoders import decoder  # pylint: disable=g-import-not-at-top
-    cfg = self.config
-    batch, steps, _ = x_BxTxD.shape
-    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32)
-    q_BxTxNH = dense(cfg.num_heads * cfg.head_dim, use_bias=cfg.qkv_bias, name="q_proj")(x_BxTxD)
-    k_BxTxKH = dense(cfg.num_kv_heads * cfg.head_dim, use_bias=cfg.qkv_bias, name="k_proj")(x_BxTxD)
-    v_BxTxKH = dense(cfg.num_kv_heads * cfg.head_dim, use_bias=cfg.qkv_bias, name="v_proj")(x_BxTxD)
-    q_BxTxNxH = q_BxTxNH.reshape(batch, steps, cfg.num_heads, cfg.head_dim)
-    k_BxTxKxH = k_BxTxKH.reshape(batch, steps, cfg.num_kv_heads, cfg.head_dim)
-    v_BxTxKxH = v_BxTxKH.reshape(batch, steps, cfg.num_kv_heads, cfg.head_dim)
-    if cfg.qk_norm:
-      q_BxTxNxH = nn.RMSNorm(cfg.rms_norm_eps, dtype=self.dtype, name="q_norm")(q_BxTxNxH)
-      k_BxTxKxH = nn.RMSNorm(cfg.rms_norm_eps, dtype=self.dtype, name="k_norm")(k_BxTxKxH)
-    inv_freq = decoder.rope_inverse_frequencies(cfg)
-    q_BxTxNxH = _rope_rows(q_BxTxNxH, positions_BxT, inv_freq)
-    k_BxTxKxH = _rope_rows(k_BxTxKxH, positions_BxT, inv_freq)
-    cache_k_BxSxKxH = jax.lax.dynamic_update_slice(
-        cache_k_BxSxKxH, k_BxTxKxH.astype(cache_k_BxSxKxH.dtype), (0, start, 0, 0))
-    cache_v_BxSxKxH = jax.lax.dynamic_update_slice(
-        cache_v_BxSxKxH, v_BxTxKxH.astype(cache_v_BxSxKxH.dtype), (0, start, 0, 0))
-    out_BxTxNxH = jax.nn.dot_product_attention(
-        q_BxTxNxH, cache_k_BxSxKxH.astype(self.dtype), cache_v_BxSxKxH.astype(self.dtype),
-        mask=mask_BxTxS[:, None], scale=cfg.head_dim**-0.5)
-    out_BxTxNH = out_BxTxNxH.reshape(batch, steps, cfg.num_heads * cfg.head_dim)
-    return (dense(cfg.hidden_size, use_bias=cfg.o_bias, name="o_proj")(out_BxTxNH),
-            cache_k_BxSxKxH, cache_v_BxSxKxH)
-
-
-class CachedBlock(nn.Module):
-  """vlpre's pre-norm decoder block (same parameter names) around CachedAttention."""
-  config: Any  # text_encoders.decoder.DecoderConfig
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, cache_k, cache_v, start, mask_BxTxS):
-    from vlpre.text_encoders import decoder  # pylint: disable=g-import-not-at-top
-    cfg = self.config
-    norm = functools.partial(nn.RMSNorm, cfg.rms_norm_eps, dtype=self.dtype)
-    h_BxTxD, cache_k, cache_v = CachedAttention(cfg, self.dtype, name="self_attn")(
-        norm(name="input_layernorm")(x_BxTxD), positions_BxT, cache_k, cache_v, start, mask_BxTxS)
-    x_BxTxD = x_BxTxD + h_BxTxD
-    x_BxTxD = x_BxTxD + decoder.SwiGLU(cfg, self.dtype, name="mlp")(
-        norm(name="post_attention_layernorm")(x_BxTxD))
-    return x_BxTxD, cache_k, cache_v
-
-
-class CachedDecoderLM(nn.Module):
-  """vlpre.text_encoders.decoder.DecoderLM with a KV cache and the tied LM head.
-
-  Takes the DecoderLM parameter tree as is (`load_text_encoder(...).params["backbone"]`).
-  `__call__(ids_BxT, cache, start, pad_B)` runs T new tokens at buffer slots
-  start..start+T-1 and returns (next-token logits of the last one [B, V], cache).
-  Prompts are LEFT-padded by `pad_B` slots so every row's next token lands in the same
-  slot; RoPE positions are slot − pad, and pad slots are never attended to.
-  """
-  config: Any  # text_encoders.decoder.DecoderConfig
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, ids_BxT, cache, start, pad_B):
-    cfg = self.config
-    if cfg.sliding_window is not None:
-      raise NotImplementedError("generation with a sliding-window decoder (Mistral v0.1)")
-    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
-                     name="embed_tokens")
-    x_BxTxD = embed(ids_BxT)
-    steps, slots = ids_BxT.shape[1], cache["k"][0].shape[1]
-    slot_T = start + jnp.arange(steps)
-    positions_BxT = slot_T[None, :] - pad_B[:, None]
-    key_slot_1x1xS = jnp.arange(slots)[None, None, :]
-    query_slot_1xTx1 = slot_T[None, :, None]
-    # Causal over slots; pad slots hidden (a pad query sees itself so no row is empty).
-    mask_BxTxS = (key_slot_1x1xS <= query_slot_1xTx1) & (
-        (key_slot_1x1xS >= pad_B[:, None, None]) | (key_slot_1x1xS == query_slot_1xTx1))
-    new_k, new_v = [], []
-    for i in range(cfg.num_layers):
-      x_BxTxD, k, v = CachedBlock(cfg, self.dtype, name=f"layers_{i}")(
-          x_BxTxD, positions_BxT, cache["k"][i], cache["v"][i], start, mask_BxTxS)
-      new_k.append(k)
-      new_v.append(v)
-    hidden_BxD = nn.RMSNorm(cfg.rms_norm_eps, dtype=self.dtype, name="norm")(x_BxTxD[:, -1])
-    # Tied embeddings (SmolLM2): logits = hidden @ embed_tokens.T.
-    logits_BxV = embed.attend(hidden_BxD).astype(jnp.float32)
-    return logits_BxV, {"k": new_k, "v": new_v}
-
-
-def empty_cache(config, batch: int, slots: int, dtype=jnp.float32) -> dict:
-  shape = (batch, slots, config.num_kv_heads, config.head_dim)
-  return {"k": [jnp.zeros(shape, dtype) for _ in range(config.num_layers)],
-          "v": [jnp.zeros(shape, dtype) for _ in range(config.num_layers)]}
-
-
-def sample_logits(rng: jax.Array, logits_BxV: jax.Array, temperature: float, top_k: int):
-  """Temperature sampling among the top_k tokens (greedy when temperature == 0)."""
-  if temperature <= 0:
-    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  logits_BxV = logits_BxV / temperature
-  if top_k:
-    kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
-    logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
-  return jax.random.categorical(rng, logits_BxV).astype(jnp.int32)
+# ----------------------------------------------------------------------- generation
 
 
 def chat_prompt(user: str, system: str) -> str:
@@ -287,17 +162,9 @@ def chat_prompt(user: str, system: str) -> str:
 
 @functools.lru_cache(maxsize=2)
 def load_llm(name: str):
-  """The packaged LLM's weights, tokenizer and architecture (through the public loader)."""
-  from vlpre import text_encoders  # pylint: disable=g-import-not-at-top
-  from vlpre.text_encoders import decoder  # pylint: disable=g-import-not-at-top
-  encoder = text_encoders.load_text_encoder(name, max_len=8, normalize=False)
-  hf = encoder.hf_config
-  if hf.model_type not in decoder.SUPPORTED_MODEL_TYPES:
-    raise ValueError(f"{name!r} is a {hf.model_type} model, not a decoder LLM that can generate")
-  if not getattr(hf, "tie_word_embeddings", False):
-    # The loaders drop lm_head.weight (an encoder never needs it), so only tied models work.
-    raise NotImplementedError(f"{name!r} has an untied LM head; generation needs tied embeddings")
-  return encoder, decoder.DecoderConfig.from_hf(hf)
+  """The packaged LLM with its LM head, through vlpre's one decoder (vlpre.llm)."""
+  from vlpre import llm as llm_lib  # pylint: disable=g-import-not-at-top
+  return llm_lib.load(name, max_len=8)
 
 
 def generate(llm_name: str, prompts: Sequence[str], *, samples_per_prompt: int,
@@ -305,50 +172,21 @@ def generate(llm_name: str, prompts: Sequence[str], *, samples_per_prompt: int,
              progress: bool = True) -> list[list[str]]:
   """`samples_per_prompt` completions of each (already chat-formatted) prompt.
 
-  Each distinct prompt is prefilled once, its cache copied to its samples, then every
-  row decodes one token per jitted step until all rows ended or `max_new_tokens`.
+  Decoding is `vlpre.llm.generate` (KV cache, each prompt prefilled once).
 
   Returns:
-    For each prompt, its completions (decoded, special tokens dropped, stripped).
+    For each prompt, its completions (decoded, special tokens dropped).
   """
-  encoder, cfg = load_llm(llm_name)
-  tokenizer = encoder.tokenizer
-  params = {"params": encoder.params["backbone"]}
-  model = CachedDecoderLM(cfg)
-  stop_ids = {i for i in (tokenizer.eos_id, encoder.hf_config.eos_token_id,
-                          tokenizer.backend.token_to_id("<|endoftext|>")) if i is not None}
+  from vlpre.llm import generate as generate_lib  # pylint: disable=g-import-not-at-top
+  llm = load_llm(llm_name)
+  tokenizer = llm.tokenizer
   prompt_ids = [tokenizer.backend.encode(p, add_special_tokens=False).ids for p in prompts]
-  width = max(len(ids) for ids in prompt_ids)
-  pad_U = np.array([width - len(ids) for ids in prompt_ids], np.int32)
-  ids_UxP = np.full((len(prompts), width), tokenizer.pad_id, np.int32)
-  for row, ids in enumerate(prompt_ids):
-    ids_UxP[row, pad_U[row]:] = ids
-  slots = width + max_new_tokens
-
-  run = jax.jit(model.apply, donate_argnums=(2,))
-  logits_UxV, cache = run(params, jnp.asarray(ids_UxP), empty_cache(cfg, len(prompts), slots),
-                          jnp.int32(0), jnp.asarray(pad_U))
-  repeat = functools.partial(jnp.repeat, repeats=samples_per_prompt, axis=0)
-  cache = jax.tree.map(repeat, cache)
-  logits_BxV, pad_B = repeat(logits_UxV), repeat(jnp.asarray(pad_U))
-  sample = jax.jit(functools.partial(sample_logits, temperature=temperature, top_k=top_k))
-  rng = jax.random.key(seed)
-  batch = logits_BxV.shape[0]
-  tokens = np.zeros((batch, max_new_tokens), np.int32)
-  done_B = np.zeros(batch, bool)
-  for t in tqdm.trange(max_new_tokens, disable=not progress, desc="generating", leave=False):
-    next_B = np.asarray(sample(jax.random.fold_in(rng, t), logits_BxV))
-    tokens[:, t] = np.where(done_B, tokenizer.pad_id, next_B)
-    done_B |= np.isin(next_B, list(stop_ids))
-    if done_B.all() or t == max_new_tokens - 1:
-      break
-    logits_BxV, cache = run(params, jnp.asarray(next_B[:, None]), cache, jnp.int32(width + t),
-                            pad_B)
-  texts = []
-  for row in tokens:
-    end = next((i for i, tok in enumerate(row) if tok in stop_ids), len(row))
-    texts.append(tokenizer.decode(row[:end], skip_special_tokens=True))
-  return [texts[i * samples_per_prompt:(i + 1) * samples_per_prompt] for i in range(len(prompts))]
+  bar = tqdm.tqdm(total=max_new_tokens, disable=not progress, desc="generating", leave=False)
+  outputs = generate_lib.generate(
+      llm, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+      num_samples=samples_per_prompt, seed=seed, progress=lambda _: bar.update())
+  bar.close()
+  return [[tokenizer.decode(ids, skip_special_tokens=True) for ids in rows] for rows in outputs]
 
 
 def clean_description(text: str) -> str:

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 from absl import app
 from absl import flags
 from absl import logging
+import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
@@ -39,8 +40,8 @@ from vlpre.data import transforms
 def encoder_settings(config) -> dict[str, Any]:
   t = config.text_encoder
   settings = {"name": t.name, "max_len": int(t.max_len), "pooling": t.get("pooling") or None,
-              "normalize": bool(t.get("normalize", True)), "instruction": t.get("instruction", ""),
-              "caption_field": config.input.caption_field}
+              "normalize": bool(t.get("normalize", True)), "template": t.get("template", "{text}"),
+              "layer": int(t.get("layer", -1)), "caption_field": config.input.caption_field}
   if config.get("describe"):  # texts from describe's output: the store follows its content
     path = _descriptions_path(config)
     if not os.path.exists(path):
@@ -94,6 +95,14 @@ class EmbeddingStore:
 
   def __len__(self) -> int:
     return len(self._index)
+
+  def mean(self) -> np.ndarray:
+    """float32 [E]: the mean of every stored embedding (written by build_store), for
+    mean-centring a fixed text embedding (`config.text_encoder.center`)."""
+    path = os.path.join(self.directory, "mean.npy")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} is missing: rebuild the store with this vlpre version")
+    return np.load(path).astype(np.float32)
 
   def __getstate__(self):
     return {**self.__dict__, "_arrays": {}}
@@ -161,9 +170,15 @@ def build_store(config, *, split_patterns: Sequence[str] | str | None = None,
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
   batch_size = -(-batch_size // dp) * dp
   row_sharding = sharding.batch_sharding(mesh)
-  params = jax.device_put(encoder.params, sharding.replicated(mesh))
-  embed = jax.jit(lambda p, ids, mask: encoder.module.apply({"params": p}, ids, mask),
-                  out_shardings=sharding.replicated(mesh))
+  # Sharded as the trainer shards it (logical names → mesh axes by the config's rules), so
+  # an encoder too big for one device embeds on the mesh that trains with it.
+  rules = sharding.logical_rules(config.get("sharding_rules"))
+  param_shardings = sharding.logical_names_to_shardings(encoder.logical_axes(), mesh, rules)
+  params = jax.device_put(encoder.params, param_shardings)
+  with mesh, nn.logical_axis_rules(rules):
+    embed = jax.jit(lambda p, ids, mask: encoder.module.apply({"params": p}, ids, mask),
+                    in_shardings=(param_shardings, row_sharding, row_sharding),
+                    out_shardings=sharding.replicated(mesh))
   num_shards = -(-len(source) // shard_size)
   bar = tqdm.tqdm(total=len(source), disable=not progress,
                   desc="embedding " + ("descriptions" if descriptions is not None else "captions"))
@@ -191,7 +206,8 @@ def build_store(config, *, split_patterns: Sequence[str] | str | None = None,
     if unique:
       ids_NxL, mask_NxL = encoder.tokenizer.encode_batch(unique, settings["max_len"])
       for rows, ids, mask in text_batching.bucketed_batches(ids_NxL, mask_NxL, batch_size):
-        out = embed(params, jax.device_put(ids, row_sharding), jax.device_put(mask, row_sharding))
+        with mesh, nn.logical_axis_rules(rules):
+          out = embed(params, jax.device_put(ids, row_sharding), jax.device_put(mask, row_sharding))
         emb[rows] = np.asarray(out, np.float32)[:len(rows)]
     row_of = {text: i for i, text in enumerate(unique)}
     emb = emb[np.array([row_of[t] for t in texts], np.int64)].reshape(len(texts), encoder.dim)
@@ -203,6 +219,12 @@ def build_store(config, *, split_patterns: Sequence[str] | str | None = None,
     os.replace(index_path + ".tmp", index_path)
     bar.update(hi - lo)
   bar.close()
+  total, count = np.zeros(encoder.dim, np.float64), 0
+  for shard in range(num_shards):
+    rows = np.load(os.path.join(directory, f"emb-{shard:05d}.npy"), mmap_mode="r")
+    total += np.asarray(rows, np.float64).sum(axis=0)
+    count += len(rows)
+  np.save(os.path.join(directory, "mean.npy"), (total / max(count, 1)).astype(np.float32))
   with open(meta_path, "w", encoding="utf-8") as f:
     json.dump({"settings": settings, "dim": encoder.dim, "num_shards": num_shards,
                "num_samples": len(source), "complete": True}, f, indent=1)

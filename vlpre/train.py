@@ -211,16 +211,17 @@ def place_pretrained(params: dict, pretrained: dict[str, Any], shardings: dict) 
   flat = traverse_util.flatten_dict(params, sep="/")
   flat_sh = traverse_util.flatten_dict(shardings, sep="/")
   for prefix, tree in pretrained.items():
-    for name, value in traverse_util.flatten_dict(tree, sep="/").items():
-      key = f"{prefix}/{name}"
+    entries = (traverse_util.flatten_dict(tree, sep="/") if isinstance(tree, dict)
+               else {"": tree})  # a single array placed at `prefix` itself
+    for name, value in entries.items():
+      key = f"{prefix}/{name}" if name else prefix
       if key not in flat:
         raise ValueError(f"pretrained weight '{key}' has no place in the model")
       if tuple(flat[key].shape) != tuple(np.shape(value)):
         raise ValueError(f"pretrained '{key}' has shape {np.shape(value)}, the model "
                          f"expects {flat[key].shape}")
       flat[key] = jax.device_put(np.asarray(value, dtype=flat[key].dtype), flat_sh[key])
-    missing = [k for k in flat if k.startswith(prefix + "/") and
-               k[len(prefix) + 1:] not in traverse_util.flatten_dict(tree, sep="/")]
+    missing = [k for k in flat if k.startswith(prefix + "/") and k[len(prefix) + 1:] not in entries]
     if missing:
       raise ValueError(f"pretrained '{prefix}' lacks {len(missing)} weights, e.g. {missing[:3]}")
   return traverse_util.unflatten_dict(flat, sep="/")

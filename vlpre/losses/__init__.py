@@ -17,19 +17,22 @@ import jax
 
 from vlpre.losses import classification
 from vlpre.losses import contrastive
+from vlpre.losses import language_modeling
 from vlpre.losses.classification import softmax_ce, text_byol, text_infonce, text_infonce_oneway
 from vlpre.losses.contrastive import clip_loss, cosine_loss, info_nce, l2_normalize, siglip_loss
+from vlpre.losses.language_modeling import lm_loss, next_token_cross_entropy
 
 __all__ = [
     "LOSSES", "LossFn", "build_loss", "register_loss",
     "l2_normalize", "info_nce", "clip_loss", "siglip_loss", "cosine_loss",
     "softmax_ce", "text_infonce", "text_infonce_oneway", "text_byol",
+    "lm_loss", "next_token_cross_entropy",
 ]
 
 LossFn = Callable[[dict, dict], tuple[jax.Array, dict]]
 
 # A new family of losses is a file with a `LOSSES` dict, added to this tuple.
-_FAMILIES: tuple[ModuleType, ...] = (contrastive, classification)
+_FAMILIES: tuple[ModuleType, ...] = (contrastive, classification, language_modeling)
 
 
 def _merge(families: tuple[ModuleType, ...]) -> dict[str, LossFn]:

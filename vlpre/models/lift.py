@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from vlpre import losses
 from vlpre import models
 from vlpre.models import layers
 from vlpre.models.two_tower import vit_from_config
@@ -26,6 +27,7 @@ class Model(nn.Module):
   txt_encoder: nn.Module | None = None  # frozen: its params are matched by config.frozen
   head_hidden: int | None = None        # default: text_dim (the paper's 768→4096→4096)
   text_max_len: int = 77
+  center_text: bool = False             # subtract the caption store's mean, renormalise
   logit_scale_init: float = float(np.log(1 / 0.07))
   max_logit_scale: float = 100.0
   dtype: Any = jnp.float32
@@ -39,6 +41,16 @@ class Model(nn.Module):
                              kernel_init=layers.dense_init(("mlp", "embed")),
                              bias_init=nn.initializers.zeros)
     self.t_prime = self.param("t_prime", nn.initializers.constant(self.logit_scale_init), ())
+    if self.center_text:  # frozen (config.frozen), filled from the embedding store by build()
+      self.txt_mean = self.param("txt_mean", nn.initializers.zeros, (self.text_dim,))
+
+  def _center(self, ztxt_BxE):
+    """Mean-centring of a fixed text embedding: removes the direction every caption
+    shares (a plain decoder's embeddings are highly anisotropic), identical for cached
+    targets and for prompts embedded online by the evaluators."""
+    if not self.center_text:
+      return ztxt_BxE
+    return losses.l2_normalize(ztxt_BxE - self.txt_mean)
 
   def embed_image(self, image, train: bool = False):
     pooled_BxD, _ = self.img(image, train=train)
@@ -51,12 +63,12 @@ class Model(nn.Module):
       raise ValueError("this LIFT model was built without a text encoder")
     if text_mask is None:
       text_mask = jnp.ones_like(text)
-    return self.txt_encoder(text, text_mask).astype(jnp.float32)
+    return self._center(self.txt_encoder(text, text_mask).astype(jnp.float32))
 
   def __call__(self, batch, *, train: bool = False):
     out = self.embed_image(batch["image"], train=train)
     if "txt_emb" in batch:
-      out["ztxt"] = batch["txt_emb"].astype(jnp.float32)
+      out["ztxt"] = self._center(batch["txt_emb"].astype(jnp.float32))
       if self.is_initializing() and self.txt_encoder is not None:
         # Create the encoder's parameters even in cached mode: evaluators embed prompts.
         dummy = jnp.zeros((1, self.text_max_len), jnp.int32)
@@ -69,18 +81,18 @@ class Model(nn.Module):
 
 @functools.lru_cache(maxsize=4)
 def _load_encoder(name: str, max_len: int, dtype: str, pooling: str | None, normalize: bool,
-                  instruction: str):
+                  template: str, layer: int):
   from vlpre import text_encoders  # pylint: disable=g-import-not-at-top
   return text_encoders.load_text_encoder(name, max_len=max_len, dtype=jnp.dtype(dtype),
                                          pooling=pooling, normalize=normalize,
-                                         instruction=instruction)
+                                         template=template, layer=layer)
 
 
 def text_encoder(config):
   """The frozen encoder named by `config.text_encoder` (loaded once per process)."""
   t = config.text_encoder
   return _load_encoder(t.name, t.max_len, t.get("dtype", "float32"), t.get("pooling") or None,
-                       t.get("normalize", True), t.get("instruction", ""))
+                       t.get("normalize", True), t.get("template", "{text}"), t.get("layer", -1))
 
 
 def input_extras(config) -> models.InputExtras:
@@ -97,12 +109,18 @@ def input_extras(config) -> models.InputExtras:
 
 def build(config) -> models.Built:
   encoder = text_encoder(config)
+  center = bool(config.text_encoder.get("center", False))
   model = Model(txt_encoder=encoder.module, text_dim=encoder.dim,
-                text_max_len=config.text_encoder.max_len,
+                text_max_len=config.text_encoder.max_len, center_text=center,
                 dtype=jnp.dtype(config.get("dtype", "float32")), **config.model)
-  from vlpre import text_encoders  # pylint: disable=g-import-not-at-top
-  return models.Built(model, pretrained={"txt_encoder": encoder.params},
-                      logical_axes={"txt_encoder": text_encoders.param_logical_axes(encoder.params)})
+  pretrained = {"txt_encoder": encoder.params}
+  if center:  # the mean of the training captions' embeddings, from the store.
+    from vlpre import embed  # pylint: disable=g-import-not-at-top
+    store = embed.EmbeddingStore(embed.cache_dir(config), embed.encoder_settings(config))
+    pretrained["txt_mean"] = store.mean()
+  # vlpre's decoder names its weights' axes itself; BERT's come from regex rules.
+  return models.Built(model, pretrained=pretrained,
+                      logical_axes={"txt_encoder": encoder.logical_axes()})
 
 
 def build_tokenizer(config):

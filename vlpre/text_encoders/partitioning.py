@@ -1,4 +1,7 @@
-"""Logical axis names for frozen text-encoder weights.
+"""Logical axis names for BERT text-encoder weights (transformers' Flax BERT names none).
+
+vlpre's own decoder (vlpre.llm) annotates its weights inside the module; only checkpoints
+run on a third-party module need these rules.
 
 The trainer maps these names to mesh axes with its own rules (e.g. embed -> fsdp,
 mlp/heads -> tensor); this file only says what each weight dimension *is*. Vocabulary:
@@ -21,17 +24,16 @@ from flax import traverse_util
 
 LogicalAxes = tuple[str | None, ...]
 
-# First match wins; patterns are searched in the "/"-joined parameter path. Decoder names
-# come from vlpre.text_encoders.decoder, BERT names from transformers' Flax BERT.
+# First match wins; patterns are searched in the "/"-joined parameter path (transformers'
+# Flax BERT names).
 _RULES: tuple[tuple[str, LogicalAxes], ...] = (
-    (r"(embed_tokens|word_embeddings)/embedding$", ("vocab", "embed")),
+    (r"word_embeddings/embedding$", ("vocab", "embed")),
     (r"(position_embeddings|token_type_embeddings)/embedding$", (None, "embed")),
     (r"norm[^/]*/(scale|bias)$", ("norm",)),
-    (r"(q_proj|attention/self/(query|key|value))/kernel$", ("embed", "heads")),
-    (r"(k_proj|v_proj)/kernel$", ("embed", "kv")),
-    (r"(o_proj|attention/output/dense)/kernel$", ("heads", "embed")),
-    (r"(gate_proj|up_proj|intermediate/dense)/kernel$", ("embed", "mlp")),
-    (r"(down_proj|output/dense)/kernel$", ("mlp", "embed")),
+    (r"attention/self/(query|key|value)/kernel$", ("embed", "heads")),
+    (r"attention/output/dense/kernel$", ("heads", "embed")),
+    (r"intermediate/dense/kernel$", ("embed", "mlp")),
+    (r"output/dense/kernel$", ("mlp", "embed")),
     (r"/bias$", (None,)),
 )
 

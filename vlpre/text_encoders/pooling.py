@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from vlpre.losses import l2_normalize
+
 # "last": state of the last real token (decoder embedders: E5-Mistral, Qwen3-Embedding, the
 #   LIFT ablations); "eos": state of the last EOS among real tokens; "mean": masked mean
 #   (sentence-transformers); "cls": first token (BERT [CLS]).
@@ -55,12 +57,6 @@ def pool_hidden_states(hidden_BxLxD: jax.Array, input_ids_BxL: jax.Array,
   return jnp.take_along_axis(hidden_BxLxD, index_B[:, None, None], axis=1)[:, 0]
 
 
-def l2_normalize(x_BxD: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """x / max(|x|, eps), like torch.nn.functional.normalize."""
-  norm_Bx1 = jnp.linalg.norm(x_BxD, axis=-1, keepdims=True)
-  return x_BxD / jnp.maximum(norm_Bx1, eps)
-
-
 class PooledTextEncoder(nn.Module):
   """`(input_ids_BxL, attention_mask_BxL) -> embedding_BxD` (float32).
 
@@ -69,7 +65,8 @@ class PooledTextEncoder(nn.Module):
   what the loss is differentiated by, so a frozen encoder costs a forward pass only.
 
   Attributes:
-    backbone: module mapping (ids, mask) to hidden states [B, L, D].
+    backbone: module mapping (ids, mask) to hidden states [B, L, D] (vlpre's Decoder,
+      whose DecoderOutput carries them as `.hidden`, or BERT).
     pooling: one of POOLING_KINDS.
     normalize: L2-normalise the pooled vector.
     eos_id: EOS id for "eos" pooling.
@@ -80,11 +77,12 @@ class PooledTextEncoder(nn.Module):
   eos_id: int | None = None
 
   def hidden_states(self, input_ids_BxL: jax.Array, attention_mask_BxL: jax.Array) -> jax.Array:
-    """The backbone's last hidden states [B, L, D] (for checks and token-level uses)."""
-    return self.backbone(input_ids_BxL, attention_mask_BxL)
+    """The backbone's hidden states [B, L, D] (for checks and token-level uses)."""
+    out = self.backbone(input_ids_BxL, attention_mask_BxL)
+    return getattr(out, "hidden", out)
 
   def __call__(self, input_ids_BxL: jax.Array, attention_mask_BxL: jax.Array) -> jax.Array:
-    hidden_BxLxD = self.backbone(input_ids_BxL, attention_mask_BxL)
+    hidden_BxLxD = self.hidden_states(input_ids_BxL, attention_mask_BxL)
     embedding_BxD = pool_hidden_states(hidden_BxLxD, input_ids_BxL, attention_mask_BxL,
                                        self.pooling, self.eos_id)
     return l2_normalize(embedding_BxD) if self.normalize else embedding_BxD

@@ -1,4 +1,4 @@
-"""Reading pretrained text-encoder weights into numpy, without torch.
+"""Reading pretrained checkpoints (LLMs and BERT embedders) into numpy, without torch.
 
 Every source is first turned into a *Hugging Face state dict*: PyTorch names and layouts
 (`model.layers.0.self_attn.q_proj.weight`, Linear weights [out, in]) with float32 numpy
@@ -138,11 +138,11 @@ class GGUFCheckpoint:
     kwargs.update(overrides)
     return transformers.AutoConfig.for_model(model_type, **kwargs)
 
-  def state_dict(self, skip: tuple[str, ...] = ("lm_head.weight",)) -> StateDict:
+  def state_dict(self, skip: tuple[str, ...] = ()) -> StateDict:
     """Dequantized float32 weights under transformers names.
 
     Args:
-      skip: HF names not to dequantize (the LM head is unused by an encoder).
+      skip: HF names not to dequantize.
     """
     from gguf.quants import dequantize  # pylint: disable=g-import-not-at-top
     num_heads = self.metadata[f"{self.architecture}.attention.head_count"]
@@ -274,16 +274,21 @@ def read_hf_weights(folder: str | os.PathLike[str]) -> StateDict:
 
 # Prefixes task heads put before the backbone's names (LlamaForCausalLM: `model.`,
 # BertForMaskedLM: `bert.`); the first one under which every needed name exists is used.
+# A causal LM's head sits outside that prefix (`lm_head.weight`).
 _PREFIXES = ("", "model.", "bert.", "transformer.")
+_UNPREFIXED = ("lm_head.",)
 
 
-def _hf_name(flax_path: tuple[str, ...]) -> tuple[str, bool]:
+def _hf_name(flax_path: tuple[str, ...], layer: int | None = None) -> tuple[str, bool]:
   """Flax parameter path -> (HF name, whether the array is transposed).
 
-  `('layers_3', 'mlp', 'up_proj', 'kernel')` -> (`layers.3.mlp.up_proj.weight`, True);
+  `('layers_3', 'mlp', 'up_proj', 'kernel')` -> (`layers.3.mlp.up_proj.weight`, True); a
+  stacked group (`('layers', ...)`, `('layers_0to9', ...)`) names layer `layer` of it;
   transformers' Flax BERT already names layers `layer/3`, which maps the same way.
   """
   *modules, leaf = flax_path
+  if layer is not None:
+    modules = [f"layers.{layer}", *modules[1:]]
   modules = [re.sub(r"^layers_(\d+)$", r"layers.\1", m) for m in modules]
   base = ".".join(modules)
   if leaf == "kernel":
@@ -293,12 +298,23 @@ def _hf_name(flax_path: tuple[str, ...]) -> tuple[str, bool]:
   return f"{base}.{leaf}", False
 
 
+def _layers_of(flax_path: tuple[str, ...], shape: tuple[int, ...]) -> list[int] | None:
+  """The checkpoint layers a stacked parameter holds (None: not stacked)."""
+  from vlpre.llm.model import group_layer_indices  # pylint: disable=g-import-not-at-top
+  if re.fullmatch(r"layers_\d+", flax_path[0]):
+    return None  # one layer per subtree: a plain rename.
+  return group_layer_indices(flax_path[0], shape[0] if shape else None)
+
+
 def state_dict_to_params(state_dict: Mapping[str, np.ndarray], param_shapes: Any) -> Any:
   """Fills a Flax parameter tree (shapes from `jax.eval_shape(module.init, ...)`).
 
+  Scanned decoder groups are stacked here: `layers.N.*` of the checkpoint become the
+  leading axis of the group's arrays, so loading costs no extra step at run time.
+
   Args:
     state_dict: HF names -> numpy arrays in PyTorch layout.
-    param_shapes: the target tree; leaves need only `.shape`.
+    param_shapes: the target tree; leaves need only `.shape` (boxed leaves are unboxed).
 
   Returns:
     The same tree with float32 numpy arrays.
@@ -307,24 +323,35 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], param_shapes: Any
     KeyError: a parameter the module needs is missing from the checkpoint.
     ValueError: a shape disagrees.
   """
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   # Old BERT checkpoints name LayerNorm parameters gamma/beta.
   state = {re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k)): v
            for k, v in state_dict.items()}
-  flat_shapes = traverse_util.flatten_dict(flax_core.unfreeze(param_shapes))
-  names = {path: _hf_name(path) for path in flat_shapes}
-  prefix = next((p for p in _PREFIXES if all(p + n in state for n, _ in names.values())), None)
+  flat_shapes = traverse_util.flatten_dict(flax_core.unfreeze(nn.meta.unbox(param_shapes)))
+  names = {}
+  for path, shape_struct in flat_shapes.items():
+    layers = _layers_of(path, tuple(shape_struct.shape))
+    names[path] = ([_hf_name(path)] if layers is None else
+                   [_hf_name(path, layer) for layer in layers], layers is not None)
+  needed = [n for entries, _ in names.values() for n, _ in entries
+            if not n.startswith(_UNPREFIXED)]
+  prefix = next((p for p in _PREFIXES if all(p + n in state for n in needed)), None)
   if prefix is None:
-    missing = sorted(n for n, _ in names.values() if n not in state)
+    missing = sorted(n for n in needed if n not in state)
     raise KeyError(f"checkpoint lacks {len(missing)} parameters the model needs, e.g. "
                    f"{missing[:5]}; it has e.g. {sorted(state)[:5]}")
   params = {}
   for path, shape_struct in flat_shapes.items():
-    name, transposed = names[path]
-    value = state[prefix + name]
-    if transposed:
-      value = value.T
+    entries, stacked = names[path]
+    values = []
+    for name, transposed in entries:
+      full = name if name.startswith(_UNPREFIXED) else prefix + name
+      if full not in state:
+        raise KeyError(f"checkpoint lacks {full!r} (an untied LM head?)")
+      values.append(state[full].T if transposed else state[full])
+    value = np.stack(values) if stacked else values[0]
     if tuple(value.shape) != tuple(shape_struct.shape):
-      raise ValueError(f"{prefix + name}: checkpoint shape {value.shape} (transposed: "
-                       f"{transposed}) != model shape {shape_struct.shape}")
+      raise ValueError(f"{prefix + entries[0][0]}: checkpoint shape {value.shape} (transposed: "
+                       f"{entries[0][1]}, stacked: {stacked}) != model shape {shape_struct.shape}")
     params[path] = np.ascontiguousarray(value, dtype=np.float32)
   return traverse_util.unflatten_dict(params)

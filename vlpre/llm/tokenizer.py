@@ -1,4 +1,4 @@
-"""Fixed-length batch tokenization for frozen text encoders."""
+"""Fixed-length batch tokenization for vlpre's LLMs and frozen text encoders."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -22,35 +22,40 @@ def _plain_copy(backend: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
 class TextTokenizer:
   """Texts -> right-padded int32 ids and attention mask of a fixed length.
 
-  Every row is `prefix + tokens(instruction + text)[:budget] + suffix`, where prefix/suffix
-  are the special tokens the model expects around a text (BERT: [CLS] ... [SEP]; Mistral:
-  <s> ...; decoders used as embedders also end with EOS so last-token pooling reads the
-  EOS state). Truncation cuts the text, never the special tokens, so the EOS survives.
+  Every row is `prefix + tokens(template with the text in it) + suffix`, where prefix /
+  suffix are the special tokens the model expects around a text (BERT: [CLS] ... [SEP];
+  Mistral: <s> ...; decoders used as plain embedders also end with EOS so last-token
+  pooling reads the EOS state). The template places the text anywhere, e.g. PromptEOL's
+  `This sentence : "{text}" means in one word:"`. Truncation cuts the text, never the
+  template or the special tokens.
 
   Attributes:
     backend: the `tokenizers.Tokenizer` doing the sub-word split (no truncation/padding).
     pad_id: id written into padding positions (mask 0 there).
     eos_id: the end-of-sequence id appended for decoders (None for BERT-style encoders).
     prefix_ids / suffix_ids: special ids put around every text.
-    instruction: text prepended verbatim to every input (include any separator yourself).
+    template: a string with one "{text}", e.g. an instruction prefix "Query: {text}".
     max_len: default row length.
   """
 
   def __init__(self, backend: tokenizers.Tokenizer, *, pad_id: int, eos_id: int | None = None,
                prefix_ids: Sequence[int] = (), suffix_ids: Sequence[int] = (),
-               instruction: str = "", max_len: int = 77):
+               template: str = "{text}", max_len: int = 77):
+    if template.count("{text}") != 1:
+      raise ValueError(f"template must contain exactly one {{text}}, got {template!r}")
     self.backend = _plain_copy(backend)
     self.pad_id = int(pad_id)
     self.eos_id = None if eos_id is None else int(eos_id)
     self.prefix_ids = tuple(int(i) for i in prefix_ids)
     self.suffix_ids = tuple(int(i) for i in suffix_ids)
-    self.instruction = instruction
+    self.template = template
+    self._before, self._after = template.split("{text}")
     self.max_len = max_len
 
   @classmethod
   def from_backend(cls, backend: tokenizers.Tokenizer, *, pad_id: int,
-                   eos_id: int | None = None, append_eos: bool = False, instruction: str = "",
-                   max_len: int = 77) -> TextTokenizer:
+                   eos_id: int | None = None, append_eos: bool = False,
+                   template: str = "{text}", max_len: int = 77) -> TextTokenizer:
     """Reads prefix/suffix special tokens off the backend's own post-processor.
 
     Args:
@@ -59,7 +64,7 @@ class TextTokenizer:
       eos_id: end-of-sequence id.
       append_eos: end every row with `eos_id` (decoders pooled at the last/EOS token) unless
         the post-processor already does.
-      instruction: prefix text.
+      template: where the text goes, see the class docstring.
       max_len: default row length.
     """
     encoding = _plain_copy(backend).encode("a", add_special_tokens=True)
@@ -73,7 +78,7 @@ class TextTokenizer:
       if not suffix_ids or suffix_ids[-1] != eos_id:
         suffix_ids = [*suffix_ids, eos_id]
     return cls(backend, pad_id=pad_id, eos_id=eos_id, prefix_ids=prefix_ids,
-               suffix_ids=suffix_ids, instruction=instruction, max_len=max_len)
+               suffix_ids=suffix_ids, template=template, max_len=max_len)
 
   @property
   def vocab_size(self) -> int:
@@ -98,15 +103,40 @@ class TextTokenizer:
     if budget < 1:
       raise ValueError(f"max_len={max_len} leaves no room for text between "
                        f"{len(self.prefix_ids)} + {len(self.suffix_ids)} special tokens")
-    encodings = self.backend.encode_batch([self.instruction + t for t in texts],
-                                          add_special_tokens=False)
     ids_BxL = np.full((len(texts), max_len), self.pad_id, dtype=np.int32)
     mask_BxL = np.zeros((len(texts), max_len), dtype=np.int32)
-    for row, encoding in enumerate(encodings):
-      tokens = [*self.prefix_ids, *encoding.ids[:budget], *self.suffix_ids]
+    for row, ids in enumerate(self._encode_templated(list(texts), budget)):
+      tokens = [*self.prefix_ids, *ids, *self.suffix_ids]
       ids_BxL[row, :len(tokens)] = tokens
       mask_BxL[row, :len(tokens)] = 1
     return ids_BxL, mask_BxL
+
+  def _encode_templated(self, texts: list[str], budget: int) -> list[list[int]]:
+    """Token ids of each templated text, at most `budget` long, cutting only the text.
+
+    The whole templated string is tokenised at once (BPE merges across the template's
+    edges as the model saw them in training); a text too long is cut at the character
+    where its `budget - template`-th token ends and the string re-tokenised.
+    """
+    if self.template == "{text}":
+      return [e.ids[:budget] for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+    full = self.backend.encode_batch([self._before + t + self._after for t in texts],
+                                     add_special_tokens=False)
+    out = []
+    for text, encoding in zip(texts, full):
+      ids = encoding.ids
+      if len(ids) > budget:
+        text_tokens = self.backend.encode(text, add_special_tokens=False)
+        keep = budget - (len(ids) - len(text_tokens.ids))
+        while len(ids) > budget:
+          if keep < 1:
+            raise ValueError(f"max_len leaves no room for text in template {self.template!r}")
+          cut = text_tokens.offsets[keep - 1][1]
+          ids = self.backend.encode(self._before + text[:cut] + self._after,
+                                    add_special_tokens=False).ids
+          keep -= 1
+      out.append(ids)
+    return out
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
     return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

