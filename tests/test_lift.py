@@ -25,7 +25,7 @@ def lift_config(data_dir, shard, encoder="smollm2-135m", mode="online"):
                         dtype="float32")
   c.text_mode = mode
   c.text_cache = ""
-  c.frozen = ("txt_encoder/.*",)
+  c.frozen = ("txt_encoder/.*", "txt_mean")
   c.min_fsdp_size = 2**16
   c.evals = {k: v for k, v in c.evals.items() if k != "probe"}
   return c
@@ -90,3 +90,47 @@ def test_lift_two_steps_with_the_llm_sharded_over_8_devices(data_dir, shard, tmp
   opt_leaves = sum(x.size for x in jax.tree.leaves(s.state.opt_state))
   trainable = sum(x.size for x in jax.tree.leaves(s.state.params))
   assert opt_leaves <= 2 * trainable + 16
+
+
+def test_embed_shards_the_encoder_over_the_mesh(data_dir, shard):
+  from vlpre import sharding  # pylint: disable=g-import-not-at-top
+  config = lift_config(data_dir, shard)
+  encoder = lift.text_encoder(config)
+  mesh = sharding.make_mesh(config.mesh)
+  params, apply, rules = embed.sharded_encoder(config, encoder, mesh)
+  big = [x for x in jax.tree.leaves(params) if x.size >= config.min_fsdp_size]
+  assert big and all("fsdp" in str(x.sharding.spec) for x in big)  # nothing replicated
+  ids_BxL, mask_BxL = encoder.tokenizer.encode_batch(["a dog .", "two cats on a mat ."] * 4, 16)
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  with mesh, nn.logical_axis_rules(rules):
+    sharded = apply(params, ids_BxL, mask_BxL)
+  np.testing.assert_allclose(sharded, encoder.embed(["a dog .", "two cats on a mat ."] * 4),
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_centred_targets_match_online_and_cached(data_dir, shard, tmp_path):
+  online = lift_config(data_dir, shard, encoder="minilm-l6")
+  online.text_encoder.center = True
+  online.text_cache = str(tmp_path / "store")
+  cached = copy.deepcopy(online)
+  cached.text_mode = "cached"
+  store = embed.build_store(cached, progress=False)
+  rows = np.concatenate([np.load(tmp_path / "store" / f"emb-{i:05d}.npy")
+                         for i in range(store.meta["num_shards"])])
+  np.testing.assert_allclose(store.mean(), rows.mean(axis=0), rtol=1e-5, atol=1e-7)
+  losses, batches = [], []
+  for config in (online, cached):
+    batch = _first_batch(config)
+    s = train.setup(config, batch)
+    np.testing.assert_allclose(s.frozen["txt_mean"], store.mean())  # frozen, from the store
+    assert "txt_mean" not in s.state.params
+    _, metrics = s.jit_train_step()(s.state, s.frozen, s.device_batch(batch), jax.random.key(0))
+    losses.append(float(metrics["loss"]))
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+  # Centring changed the targets: the uncentred loss differs.
+  plain = copy.deepcopy(cached)
+  plain.text_encoder.center = False
+  batch = _first_batch(plain)
+  s = train.setup(plain, batch)
+  _, metrics = s.jit_train_step()(s.state, s.frozen, s.device_batch(batch), jax.random.key(0))
+  assert abs(float(metrics["loss"]) - losses[1]) > 1e-4

@@ -139,6 +139,22 @@ def _captions(record, field: str) -> list[str]:
   return [] if transforms.is_bad(parsed) else list(parsed["captions"])
 
 
+def sharded_encoder(config, encoder, mesh):
+  """(params, jitted embed(params, ids, mask), rules): the encoder sharded as the trainer
+  shards it (logical names → mesh axes by the config's rules), so an encoder too big for
+  one device (the 7B preset of configs/lift.py) embeds on the mesh that trains with it."""
+  from vlpre import sharding  # pylint: disable=g-import-not-at-top
+  rules = sharding.logical_rules(config.get("sharding_rules"))
+  param_shardings = sharding.logical_names_to_shardings(encoder.logical_axes(), mesh, rules)
+  params = jax.device_put(encoder.params, param_shardings)
+  row_sharding = sharding.batch_sharding(mesh)
+  with mesh, nn.logical_axis_rules(rules):
+    embed = jax.jit(lambda p, ids, mask: encoder.module.apply({"params": p}, ids, mask),
+                    in_shardings=(param_shardings, row_sharding, row_sharding),
+                    out_shardings=sharding.replicated(mesh))
+  return params, embed, rules
+
+
 def build_store(config, *, split_patterns: Sequence[str] | str | None = None,
                 directory: str | None = None, shard_size: int = 1000, batch_size: int = 256,
                 progress: bool = True) -> EmbeddingStore:
@@ -170,15 +186,7 @@ def build_store(config, *, split_patterns: Sequence[str] | str | None = None,
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
   batch_size = -(-batch_size // dp) * dp
   row_sharding = sharding.batch_sharding(mesh)
-  # Sharded as the trainer shards it (logical names → mesh axes by the config's rules), so
-  # an encoder too big for one device embeds on the mesh that trains with it.
-  rules = sharding.logical_rules(config.get("sharding_rules"))
-  param_shardings = sharding.logical_names_to_shardings(encoder.logical_axes(), mesh, rules)
-  params = jax.device_put(encoder.params, param_shardings)
-  with mesh, nn.logical_axis_rules(rules):
-    embed = jax.jit(lambda p, ids, mask: encoder.module.apply({"params": p}, ids, mask),
-                    in_shardings=(param_shardings, row_sharding, row_sharding),
-                    out_shardings=sharding.replicated(mesh))
+  params, embed, rules = sharded_encoder(config, encoder, mesh)
   num_shards = -(-len(source) // shard_size)
   bar = tqdm.tqdm(total=len(source), disable=not progress,
                   desc="embedding " + ("descriptions" if descriptions is not None else "captions"))

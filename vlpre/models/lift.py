@@ -41,8 +41,9 @@ class Model(nn.Module):
                              kernel_init=layers.dense_init(("mlp", "embed")),
                              bias_init=nn.initializers.zeros)
     self.t_prime = self.param("t_prime", nn.initializers.constant(self.logit_scale_init), ())
-    if self.center_text:  # frozen (config.frozen), filled from the embedding store by build()
-      self.txt_mean = self.param("txt_mean", nn.initializers.zeros, (self.text_dim,))
+    # Frozen (config.frozen); build() fills it from the embedding store when centring. It
+    # exists either way, so one freeze list fits both settings.
+    self.txt_mean = self.param("txt_mean", nn.initializers.zeros, (self.text_dim,))
 
   def _center(self, ztxt_BxE):
     """Mean-centring of a fixed text embedding: removes the direction every caption
