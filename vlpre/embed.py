@@ -245,6 +245,9 @@ _CONFIG = None
 
 def main(argv):
   del argv
+  if not _CONFIG.value.get("text_encoder"):  # e.g. `make train CONFIG=configs/clip.py:tiny`
+    logging.info("config has no text_encoder: no embeddings to precompute")
+    return
   build_store(_CONFIG.value)
 
 

@@ -43,10 +43,11 @@ def read_captions(pattern: str | Sequence[str], data_dir: str | None = None,
 def caption_retrieval(embeddings_NxE: np.ndarray, owner_N: np.ndarray, ks=(1, 5),
                       center: bool = False) -> dict[str, float]:
   """Caption→caption R@k: a query's own row excluded, same-owner rows are positives."""
+  from vlpre.evaluators import common  # pylint: disable=g-import-not-at-top
   z = np.asarray(embeddings_NxE, np.float64)
   if center:
     z = z - z.mean(axis=0, keepdims=True)
-  z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+  z = common.normalize(z.astype(np.float32)).astype(np.float64)
   scores_NxN = z @ z.T
   np.fill_diagonal(scores_NxN, -np.inf)
   k_max = max(ks)

@@ -77,7 +77,7 @@ def unpermute_gguf_qk(weight_OxI: np.ndarray, num_heads: int) -> np.ndarray:
   """Undoes llama.cpp's q/k row permutation (transformers' `_reverse_permute_weights`).
 
   llama.cpp's converter reorders each head's rows from the half-split RoPE layout of HF
-  checkpoints ([x_0..x_{H/2-1}, x_{H/2}..]) to interleaved pairs ([x_0, x_{H/2}, x_1, ..]);
+  checkpoints ([x_0..x_{K/2-1}, x_{K/2}..]) to interleaved pairs ([x_0, x_{K/2}, x_1, ..]);
   this puts them back so the `rotate_half` RoPE applies.
   """
   head_dim = weight_OxI.shape[0] // num_heads

@@ -31,8 +31,9 @@ rules. Layer parameters are named after the layers they hold:
 so a regex freezes "the first N" or "the last N" layers when N is a group boundary
 (e.g. `llm/layers_0to3/.*`).
 
-Shape letters: B batch, L sequence length, S key slots (cache or extra keys), D model
-width, N query heads, K key/value heads, H head width, F MLP width, V vocabulary.
+Shape letters (the README glossary): B batch, L sequence length, T new tokens of a
+cache step, S key slots (cache or extra keys), D model width, H query heads, G key/value
+heads (H a multiple of G), K per-head dim, F MLP width, V vocabulary.
 """
 from __future__ import annotations
 
@@ -174,13 +175,13 @@ class ExtraKV:
 
   Every query of the layer may attend to them (no causality), next to its own keys.
   Attributes:
-    k_BxSxKxH, v_BxSxKxH: already projected into the layer's key/value heads.
+    k_BxSxGxK, v_BxSxGxK: already projected into the layer's key/value heads.
     mask_BxS: which of the S extra slots are real (False: padding / no image).
     positions_BxS: if given, the decoder's own 1D RoPE is applied to the keys at these
       positions; None leaves them as given (e.g. rotated by the caller's 2D RoPE).
   """
-  k_BxSxKxH: jax.Array
-  v_BxSxKxH: jax.Array
+  k_BxSxGxK: jax.Array
+  v_BxSxGxK: jax.Array
   mask_BxS: jax.Array
   positions_BxS: jax.Array | None = None
 
@@ -235,46 +236,46 @@ class Attention(nn.Module):
                extra: ExtraKV | None = None):
     cfg = self.config
     batch, steps, _ = x_BxTxD.shape
-    q_BxTxNxH = _dense(cfg.num_heads * cfg.head_dim, ("embed", "heads"), cfg.qkv_bias,
+    q_BxTxHxK = _dense(cfg.num_heads * cfg.head_dim, ("embed", "heads"), cfg.qkv_bias,
                        self.dtype, "q_proj")(x_BxTxD).reshape(batch, steps, cfg.num_heads, -1)
-    k_BxTxKxH = _dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv"), cfg.qkv_bias,
+    k_BxTxGxK = _dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv"), cfg.qkv_bias,
                        self.dtype, "k_proj")(x_BxTxD).reshape(batch, steps, cfg.num_kv_heads, -1)
-    v_BxTxKxH = _dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv"), cfg.qkv_bias,
+    v_BxTxGxK = _dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv"), cfg.qkv_bias,
                        self.dtype, "v_proj")(x_BxTxD).reshape(batch, steps, cfg.num_kv_heads, -1)
     if cfg.qk_norm:
-      q_BxTxNxH = _rms_norm(cfg.rms_norm_eps, self.dtype, "q_norm")(q_BxTxNxH)
-      k_BxTxKxH = _rms_norm(cfg.rms_norm_eps, self.dtype, "k_norm")(k_BxTxKxH)
+      q_BxTxHxK = _rms_norm(cfg.rms_norm_eps, self.dtype, "q_norm")(q_BxTxHxK)
+      k_BxTxGxK = _rms_norm(cfg.rms_norm_eps, self.dtype, "k_norm")(k_BxTxGxK)
     inv_freq = inverse_frequencies(cfg)
-    q_BxTxNxH = rope.apply_rope(q_BxTxNxH, positions_BxT, inv_freq)
-    k_BxTxKxH = rope.apply_rope(k_BxTxKxH, positions_BxT, inv_freq)
+    q_BxTxHxK = rope.apply_rope(q_BxTxHxK, positions_BxT, inv_freq)
+    k_BxTxGxK = rope.apply_rope(k_BxTxGxK, positions_BxT, inv_freq)
     new_cache = None
     if cache_kv is not None:  # write the new keys at their slots, attend over all slots.
-      cache_k_BxSxKxH, cache_v_BxSxKxH = cache_kv
-      cache_k_BxSxKxH = jax.lax.dynamic_update_slice(
-          cache_k_BxSxKxH, k_BxTxKxH.astype(cache_k_BxSxKxH.dtype), (0, cache_index, 0, 0))
-      cache_v_BxSxKxH = jax.lax.dynamic_update_slice(
-          cache_v_BxSxKxH, v_BxTxKxH.astype(cache_v_BxSxKxH.dtype), (0, cache_index, 0, 0))
-      new_cache = (cache_k_BxSxKxH, cache_v_BxSxKxH)
-      k_BxSxKxH = cache_k_BxSxKxH.astype(self.dtype)
-      v_BxSxKxH = cache_v_BxSxKxH.astype(self.dtype)
+      cache_k_BxSxGxK, cache_v_BxSxGxK = cache_kv
+      cache_k_BxSxGxK = jax.lax.dynamic_update_slice(
+          cache_k_BxSxGxK, k_BxTxGxK.astype(cache_k_BxSxGxK.dtype), (0, cache_index, 0, 0))
+      cache_v_BxSxGxK = jax.lax.dynamic_update_slice(
+          cache_v_BxSxGxK, v_BxTxGxK.astype(cache_v_BxSxGxK.dtype), (0, cache_index, 0, 0))
+      new_cache = (cache_k_BxSxGxK, cache_v_BxSxGxK)
+      k_BxSxGxK = cache_k_BxSxGxK.astype(self.dtype)
+      v_BxSxGxK = cache_v_BxSxGxK.astype(self.dtype)
     else:
-      k_BxSxKxH, v_BxSxKxH = k_BxTxKxH, v_BxTxKxH
+      k_BxSxGxK, v_BxSxGxK = k_BxTxGxK, v_BxTxGxK
     if extra is not None:
-      extra_k = extra.k_BxSxKxH.astype(self.dtype)
+      extra_k = extra.k_BxSxGxK.astype(self.dtype)
       if extra.positions_BxS is not None:
         extra_k = rope.apply_rope(extra_k, extra.positions_BxS, inv_freq)
-      k_BxSxKxH = jnp.concatenate([k_BxSxKxH, extra_k], axis=1)
-      v_BxSxKxH = jnp.concatenate([v_BxSxKxH, extra.v_BxSxKxH.astype(self.dtype)], axis=1)
+      k_BxSxGxK = jnp.concatenate([k_BxSxGxK, extra_k], axis=1)
+      v_BxSxGxK = jnp.concatenate([v_BxSxGxK, extra.v_BxSxGxK.astype(self.dtype)], axis=1)
       extra_mask_BxTxE = jnp.broadcast_to(extra.mask_BxS.astype(bool)[:, None, :],
                                           (batch, steps, extra.mask_BxS.shape[1]))
       mask_BxTxS = jnp.concatenate([mask_BxTxS, extra_mask_BxTxE], axis=-1)
-    # jax's attention handles GQA (N a multiple of K) without repeating k/v and does the
+    # jax's attention handles GQA (H a multiple of G) without repeating k/v and does the
     # softmax in float32; the boolean mask carries causality, segments and padding.
-    out_BxTxNxH = jax.nn.dot_product_attention(
-        q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_BxTxS[:, None], scale=cfg.head_dim**-0.5)
-    out_BxTxNxH = nn.with_logical_constraint(out_BxTxNxH, ("batch", "length", "act_heads", None))
+    out_BxTxHxK = jax.nn.dot_product_attention(
+        q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask_BxTxS[:, None], scale=cfg.head_dim**-0.5)
+    out_BxTxHxK = nn.with_logical_constraint(out_BxTxHxK, ("batch", "length", "act_heads", None))
     out_BxTxD = _dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, self.dtype, "o_proj")(
-        out_BxTxNxH.reshape(batch, steps, cfg.num_heads * cfg.head_dim))
+        out_BxTxHxK.reshape(batch, steps, cfg.num_heads * cfg.head_dim))
     return out_BxTxD, new_cache
 
 
@@ -537,8 +538,8 @@ def _stack_extra(extra_kv: Mapping[int, ExtraKV] | None, first: int,
 
   layers = range(first, first + count)
   return ExtraKV(
-      k_BxSxKxH=jnp.stack([pick(i, "k_BxSxKxH") for i in layers]),
-      v_BxSxKxH=jnp.stack([pick(i, "v_BxSxKxH") for i in layers]),
+      k_BxSxGxK=jnp.stack([pick(i, "k_BxSxGxK") for i in layers]),
+      v_BxSxGxK=jnp.stack([pick(i, "v_BxSxGxK") for i in layers]),
       mask_BxS=jnp.stack([pick(i, "mask_BxS").astype(bool) for i in layers]),
       positions_BxS=(jnp.stack([pick(i, "positions_BxS") for i in layers])
                      if template.positions_BxS is not None else None))

@@ -2,7 +2,7 @@
 
 Frequencies follow transformers' `ROPE_INIT_FUNCTIONS` ("default", "linear", "llama3");
 rotation uses the half-split layout of Hugging Face checkpoints (`rotate_half`: pairs
-(i, i + H/2)). llama.cpp's GGUF files store q/k permuted for interleaved pairs; the GGUF
+(i, i + K/2)). llama.cpp's GGUF files store q/k permuted for interleaved pairs; the GGUF
 reader undoes that, so this single convention serves every checkpoint source.
 
 Positions are explicit arrays, so one function serves right-padded batches, left-padded
@@ -21,7 +21,7 @@ def inverse_frequencies(head_dim: int, theta: float, rope_type: str = "default",
                         factor: float = 1.0, low_freq_factor: float = 1.0,
                         high_freq_factor: float = 4.0,
                         original_max_position: int = 8192) -> np.ndarray:
-  """Per-pair rotation frequencies [H/2] (float64, as transformers computes them)."""
+  """Per-pair rotation frequencies [K/2] (float64, as transformers computes them)."""
   exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
   inv_freq = 1.0 / (theta**exponents)
   if rope_type == "linear":
@@ -43,19 +43,19 @@ def inverse_frequencies(head_dim: int, theta: float, rope_type: str = "default",
   return inv_freq
 
 
-def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array,
-               inv_freq_Hhalf: np.ndarray) -> jax.Array:
-  """Rotates each head's pairs (i, i + H/2) by position × frequency.
+def apply_rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array,
+               inv_freq_Khalf: np.ndarray) -> jax.Array:
+  """Rotates each head's pairs (i, i + K/2) by position × frequency (K: per-head dim).
 
   Args:
-    x_BxLxNxH: queries or keys.
+    x_BxLxHxK: queries or keys.
     positions_BxL: integer (or float) positions of each token.
-    inv_freq_Hhalf: from `inverse_frequencies`.
+    inv_freq_Khalf: from `inverse_frequencies`.
   """
-  angles_BxLxHhalf = (positions_BxL[..., None].astype(jnp.float32) *
-                      jnp.asarray(inv_freq_Hhalf, jnp.float32))
-  angles_BxLx1xH = jnp.concatenate([angles_BxLxHhalf, angles_BxLxHhalf], axis=-1)[:, :, None]
+  angles_BxLxKhalf = (positions_BxL[..., None].astype(jnp.float32) *
+                      jnp.asarray(inv_freq_Khalf, jnp.float32))
+  angles_BxLx1xH = jnp.concatenate([angles_BxLxKhalf, angles_BxLxKhalf], axis=-1)[:, :, None]
   cos, sin = jnp.cos(angles_BxLx1xH), jnp.sin(angles_BxLx1xH)
-  half = x_BxLxNxH.shape[-1] // 2
-  rotated_BxLxNxH = jnp.concatenate([-x_BxLxNxH[..., half:], x_BxLxNxH[..., :half]], axis=-1)
-  return x_BxLxNxH * cos.astype(x_BxLxNxH.dtype) + rotated_BxLxNxH * sin.astype(x_BxLxNxH.dtype)
+  half = x_BxLxHxK.shape[-1] // 2
+  rotated_BxLxHxK = jnp.concatenate([-x_BxLxHxK[..., half:], x_BxLxHxK[..., :half]], axis=-1)
+  return x_BxLxHxK * cos.astype(x_BxLxHxK.dtype) + rotated_BxLxHxK * sin.astype(x_BxLxHxK.dtype)
