@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from vlpre import config_lib, embed, models, train
+from vlpre import embed, models, train
 from vlpre.data import pipeline
 from vlpre.models import lift
 
@@ -118,7 +118,7 @@ def test_centred_targets_match_online_and_cached(data_dir, shard, tmp_path):
   rows = np.concatenate([np.load(tmp_path / "store" / f"emb-{i:05d}.npy")
                          for i in range(store.meta["num_shards"])])
   np.testing.assert_allclose(store.mean(), rows.mean(axis=0), rtol=1e-5, atol=1e-7)
-  losses, batches = [], []
+  losses = []
   for config in (online, cached):
     batch = _first_batch(config)
     s = train.setup(config, batch)

@@ -30,7 +30,6 @@ import functools
 import hashlib
 import json
 import os
-import re
 from typing import Any, Sequence
 
 from absl import app

@@ -28,7 +28,6 @@ from absl import logging
 import flax.linen as nn
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 

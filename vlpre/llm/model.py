@@ -38,7 +38,6 @@ heads (H a multiple of G), K per-head dim, F MLP width, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 from collections.abc import Mapping
 from typing import Any
