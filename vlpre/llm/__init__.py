@@ -77,8 +77,8 @@ def param_shapes(module: Decoder, *, tokens: bool = True, logits: bool = False) 
     fn = functools.partial(module.init, return_logits=logits)
     return jax.eval_shape(fn, jax.random.key(0), ids_1x1)["params"]
   embeds = jax.ShapeDtypeStruct((1, 1, module.config.hidden_size), jnp.float32)
-  return jax.eval_shape(functools.partial(module.init, embeddings_BxLxD=embeds),
-                        jax.random.key(0))["params"]
+  return jax.eval_shape(lambda rng, e: module.init(rng, embeddings_BxLxD=e),
+                        jax.random.key(0), embeds)["params"]
 
 
 def load(name: str, *, dtype: Any = jnp.float32, scan: bool = True,
