@@ -24,6 +24,7 @@ INSTALL_REQUIRES = [
     "ftfy==6.3.1",
     "regex",
     "tqdm",
+    "matplotlib==3.11.2",
 ]
 
 EXTRAS = {
