@@ -28,9 +28,9 @@ def get_config(arg=None):
   c.model_name = "bridge"
   c.model = dict(num_classes=10, patch_size=4 if tiny else 16, pooling="last")
   c.losses = {"softmax_ce": 1.0}
-  # The paper: AdamW lr 1e-3, wd 0.05 (layer decay 0.75 and drop-path 0.1 not yet in vlpre).
-  c.optim.update(lr=1e-3 if tiny else 1e-3, weight_decay=0.05, b2=0.999,
-                 warmup_steps=20 if tiny else 2_000)
+  # The paper: AdamW lr 1e-3, wd 0.05, layer-wise lr decay 0.75 (drop-path 0.1: not yet).
+  c.optim.update(lr=1e-3, weight_decay=0.05, b2=0.999, warmup_steps=20 if tiny else 2_000,
+                 layer_decay=0.75)  # block i of L trains at lr·0.75^(L−i) (vlpre/optim.py)
   c.batch_size = 64 if tiny else 1024
   c.total_steps = 300 if tiny else 100_000
   size = dict(image_size=c.input.image_size, resize_size=c.input.resize_size,

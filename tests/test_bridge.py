@@ -129,3 +129,25 @@ def test_two_steps_partial_bridge_on_8_devices(data_dir, shard, tmp_path):
   final = train.run(config, str(tmp_path / "run"))  # the real loop, evaluators included
   assert np.isfinite(final["loss"]) and 0 <= final["classify/top1"] <= 1
   assert 0 <= final["linear_probe/top1"] <= 1
+
+
+def test_layer_decay_scales_each_block_update():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from vlpre import optim  # pylint: disable=g-import-not-at-top
+  decay = 0.5
+  params = {"patch_embed": {"kernel": np.ones((2, 3))},
+            "llm": {"layers_0to1": {"w": np.ones((2, 3, 3))}, "layers_2to3": {"w": np.ones((2, 3))},
+                    "norm": {"scale": np.ones(3)}},
+            "head": {"kernel": np.ones((3, 4))}}
+  grads = jax.tree.map(np.ones_like, params)
+  cfg = ml_collections.ConfigDict(dict(name="sgd", lr=1.0, momentum=0.0, weight_decay=0.0,
+                                       warmup_steps=0, schedule="constant", layer_decay=decay))
+  tx, _ = optim.build_optimizer(cfg, total_steps=10)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # 4 blocks: block i scaled decay^(4 - i); embeddings decay^5; norm and head 1.
+  np.testing.assert_allclose(updates["patch_embed"]["kernel"], -decay**5)
+  np.testing.assert_allclose(updates["llm"]["layers_0to1"]["w"][0], -decay**4)
+  np.testing.assert_allclose(updates["llm"]["layers_0to1"]["w"][1], -decay**3)
+  np.testing.assert_allclose(updates["llm"]["layers_2to3"]["w"][1], -decay**1)
+  np.testing.assert_allclose(updates["llm"]["norm"]["scale"], -1.0)
+  np.testing.assert_allclose(updates["head"]["kernel"], -1.0)

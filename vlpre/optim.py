@@ -1,9 +1,11 @@
 """Optimisers, schedules and parameter freezing (optax)."""
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 import optax
 from flax import traverse_util
 
@@ -30,6 +32,55 @@ def weight_decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+# Parameters before the first block (layer id 0 in layer-wise lr decay).
+_EMBEDDING_NAMES = ("embed_tokens", "patch_embed", "pos_embedding", "cls", "token_embed")
+
+
+def _block_ids(names: Sequence[str], shape: tuple[int, ...]) -> list[int] | int | None:
+  """Block indices a parameter holds: a list for stacked groups (leading axis), an int for
+  a per-block subtree, None outside the blocks. vlpre's layouts: the decoder's `layers`,
+  `layers_4to7`, `layers_3`; the ViT / text tower's scanned `blocks` and `block_3`."""
+  for name in names:
+    if name in ("layers", "blocks"):
+      return list(range(shape[0]))
+    if match := re.fullmatch(r"layers_(\d+)to(\d+)", name):
+      return list(range(int(match.group(1)), int(match.group(2)) + 1))
+    if match := re.fullmatch(r"(?:layers|block)_(\d+)", name):
+      return int(match.group(1))
+  return None
+
+
+def scale_by_layer_decay(decay: float) -> optax.GradientTransformation:
+  """Layer-wise lr decay (BEiT / MAE fine-tuning, bridge training): a block at depth i of
+  L gets its update scaled by decay^(L − i); embeddings (patch / token / position) by
+  decay^(L + 1); what follows the blocks (final norm, heads) by 1. Stacked (scanned)
+  weights get one factor per block along their leading axis. L counts the blocks among
+  the weights being optimised (frozen blocks are not).
+  """
+
+  def update(updates, state, params=None):
+    del params
+    flat = jax.tree_util.tree_flatten_with_path(updates)[0]
+    paths = [[str(getattr(k, "key", getattr(k, "name", k))) for k in path] for path, _ in flat]
+    ids = [_block_ids(names, leaf.shape) for names, (_, leaf) in zip(paths, flat)]
+    blocks = [i for x in ids if x is not None for i in (x if isinstance(x, list) else [x])]
+    depth = max(blocks) + 1 if blocks else 0
+
+    def scale(names, block, leaf):
+      if block is None:
+        exponent = depth + 1 if any(n in _EMBEDDING_NAMES for n in names) else 0
+        return leaf * decay**exponent
+      if isinstance(block, list):
+        factors = np.array([decay**(depth - i) for i in block], np.float32)
+        return leaf * factors.reshape((-1,) + (1,) * (leaf.ndim - 1)).astype(leaf.dtype)
+      return leaf * decay**(depth - block)
+
+    scaled = [scale(n, b, leaf) for n, b, (_, leaf) in zip(paths, ids, flat)]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(updates), scaled), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def build_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   lr = schedule(cfg, total_steps)
   name = cfg.get("name", "adamw")
@@ -42,6 +93,9 @@ def build_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation
         optax.sgd(lr, momentum=cfg.get("momentum", 0.9), nesterov=cfg.get("nesterov", False)))
   else:
     raise ValueError(f"unknown optimizer '{name}' (adamw | sgd)")
+  layer_decay = float(cfg.get("layer_decay", 0.0) or 0.0)
+  if layer_decay and layer_decay != 1.0:  # after the optimiser: a per-block learning rate
+    tx = optax.chain(tx, scale_by_layer_decay(layer_decay))
   if cfg.get("grad_clip_norm"):
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
   return tx, lr
