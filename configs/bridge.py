@@ -21,6 +21,7 @@ def get_config(arg=None):
       causal=True,            # as pretrained; False: bidirectional
       layer_groups=(),        # scanned groups, e.g. (2, 2), for freezing by regex
       pretrained=True,        # False: the same architecture from random init
+      drop_path=0.1,          # stochastic depth of the last block (the paper: 0.1)
       random_label_ratio=1.0)  # share of labels reassigned to another class (0: true labels)
   c.input = config_lib.image_input(
       arg, train="cifar10/train-*.tar", label=True, image_size=32 if tiny else 224,
@@ -28,7 +29,7 @@ def get_config(arg=None):
   c.model_name = "bridge"
   c.model = dict(num_classes=10, patch_size=4 if tiny else 16, pooling="last")
   c.losses = {"softmax_ce": 1.0}
-  # The paper: AdamW lr 1e-3, wd 0.05, layer-wise lr decay 0.75 (drop-path 0.1: not yet).
+  # The paper: AdamW lr 1e-3, wd 0.05, layer-wise lr decay 0.75, drop-path 0.1.
   c.optim.update(lr=1e-3, weight_decay=0.05, b2=0.999, warmup_steps=20 if tiny else 2_000,
                  layer_decay=0.75)  # block i of L trains at lr·0.75^(L−i) (vlpre/optim.py)
   c.batch_size = 64 if tiny else 1024

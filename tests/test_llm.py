@@ -358,3 +358,22 @@ def test_next_token_loss_matches_naive_reference():
   zero, _ = losses.lm_loss({"lm_logits": logits_BxLxV, "lm_targets": targets_BxL,
                             "lm_weights": np.zeros_like(weights_BxL)}, {})
   assert float(zero) == 0.0  # nothing to predict: no NaN.
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_drop_path_drops_whole_branches_per_sample_only_in_training(tiny, scan):
+  module, params = tiny
+  if not scan:
+    params = _unstack(params, 3)
+  module = module.clone(drop_path=0.6, scan=scan)
+  ids_BxL = np.tile(_ids(1, 5, seed=12), (64, 1))  # 64 copies of one sequence
+  plain = module.clone(drop_path=0.0).apply({"params": params}, ids_BxL).hidden
+  np.testing.assert_allclose(module.apply({"params": params}, ids_BxL).hidden, plain, rtol=1e-6)
+  train = module.apply({"params": params}, ids_BxL, deterministic=False,
+                       rngs={"dropout": jax.random.key(0)}).hidden
+  # Layer 0 has rate 0; the rows differ by which later branches were dropped.
+  distinct = {tuple(np.round(np.asarray(row[-1]), 4)) for row in train}
+  assert len(distinct) > 1 and not np.allclose(train, plain)
+  again = module.apply({"params": params}, ids_BxL, deterministic=False,
+                       rngs={"dropout": jax.random.key(0)}).hidden
+  np.testing.assert_array_equal(again, train)  # seeded

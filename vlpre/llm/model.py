@@ -299,24 +299,35 @@ class SwiGLU(nn.Module):
 class DecoderBlock(nn.Module):
   """Pre-norm block. `(x, layer_inputs) -> (x, layer_outputs)`, the shape nn.scan wants.
 
-  layer_inputs: (cache (k, v) or None, ExtraKV or None) for this layer;
+  layer_inputs: (cache (k, v) or None, ExtraKV or None, drop-path rate) for this layer;
   layer_outputs: (new cache or None, the block's output if collecting hidden states).
+  Drop-path (stochastic depth) drops each residual branch per sample with the layer's
+  rate and rescales the kept ones by 1 / (1 − rate); off when `deterministic`.
   """
   config: DecoderConfig
   dtype: Any = jnp.float32
   collect_hidden: bool = False
+  deterministic: bool = True
+
+  def _drop_path(self, branch_BxTxD, rate):
+    if self.deterministic:
+      return branch_BxTxD
+    keep = 1.0 - rate
+    keep_Bx1x1 = jax.random.bernoulli(self.make_rng("dropout"), keep,
+                                      (branch_BxTxD.shape[0], 1, 1))
+    return jnp.where(keep_Bx1x1, branch_BxTxD / keep, 0.0).astype(branch_BxTxD.dtype)
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache_index, layer_inputs):
     cfg = self.config
-    cache_kv, extra = layer_inputs
+    cache_kv, extra, drop_rate = layer_inputs
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "act_embed"))
     h_BxTxD, new_cache = Attention(cfg, self.dtype, name="self_attn")(
         _rms_norm(cfg.rms_norm_eps, self.dtype, "input_layernorm")(x_BxTxD), positions_BxT,
         mask_BxTxS, cache_kv, cache_index, extra)
-    x_BxTxD = x_BxTxD + h_BxTxD
-    x_BxTxD = x_BxTxD + SwiGLU(cfg, self.dtype, name="mlp")(
-        _rms_norm(cfg.rms_norm_eps, self.dtype, "post_attention_layernorm")(x_BxTxD))
+    x_BxTxD = x_BxTxD + self._drop_path(h_BxTxD, drop_rate)
+    x_BxTxD = x_BxTxD + self._drop_path(SwiGLU(cfg, self.dtype, name="mlp")(
+        _rms_norm(cfg.rms_norm_eps, self.dtype, "post_attention_layernorm")(x_BxTxD)), drop_rate)
     return x_BxTxD, (new_cache, x_BxTxD if self.collect_hidden else None)
 
 
@@ -381,6 +392,8 @@ class Decoder(nn.Module):
     remat: a key of REMAT_POLICIES (training memory vs recompute).
     final_norm: apply the final RMSNorm (False: the raw residual stream, e.g. a text
       embedding pooled from an intermediate layer on a truncated config).
+    drop_path: stochastic depth of the last layer (rates rise linearly from 0 at the
+      first), applied when called with `deterministic=False` (rng "dropout").
   """
   config: DecoderConfig
   dtype: Any = jnp.float32
@@ -389,6 +402,7 @@ class Decoder(nn.Module):
   layer_groups: tuple[int, ...] = ()
   remat: str = "none"
   final_norm: bool = True
+  drop_path: float = 0.0
 
   @nn.compact
   def __call__(self, tokens_BxL: jax.Array | None = None, segment_ids_BxL: jax.Array | None = None,
@@ -397,7 +411,7 @@ class Decoder(nn.Module):
                positions_BxL: jax.Array | None = None,
                extra_kv: Mapping[int, ExtraKV] | None = None, cache: dict | None = None,
                return_logits: bool | str = False,
-               return_all_hidden: bool = False) -> DecoderOutput:
+               return_all_hidden: bool = False, deterministic: bool = True) -> DecoderOutput:
     """Runs the decoder.
 
     Args:
@@ -416,6 +430,7 @@ class Decoder(nn.Module):
         is returned.
       return_logits: True for [B, L, V] logits, "last" for the last position only.
       return_all_hidden: also return every layer's output (text-embedding layer sweeps).
+      deterministic: False turns drop-path on (training).
     """
     cfg = self.config
     if self.remat not in REMAT_POLICIES:
@@ -472,20 +487,26 @@ class Decoder(nn.Module):
       if policy is not None:
         block_cls = nn.remat(DecoderBlock, policy=policy, prevent_cse=not scanned)
       extra = _stack_extra(extra_kv, first, count)
+      # Drop-path rates rise linearly over the whole stack (DeiT / BEiT), 0 at layer 0.
+      rates_n = self.drop_path * np.arange(first, first + count) / max(cfg.num_layers - 1, 1)
       kv = group_caches[group]
       if scanned:
-        stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+        stack = nn.scan(block_cls, variable_axes={"params": 0},
+                        split_rngs={"params": True, "dropout": True},
                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=count,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-        x_BxLxD, (new_kv, layer_hidden) = stack(cfg, self.dtype, return_all_hidden, name=name)(
-            x_BxLxD, positions_BxL, mask_BxLxS, cache_index, (kv, extra))
+        x_BxLxD, (new_kv, layer_hidden) = stack(
+            cfg, self.dtype, return_all_hidden, deterministic, name=name)(
+                x_BxLxD, positions_BxL, mask_BxLxS, cache_index,
+                (kv, extra, jnp.asarray(rates_n, jnp.float32)))
         if return_all_hidden:
           hidden.extend(list(layer_hidden))
       else:
         layer_kv = None if kv is None else jax.tree.map(lambda a: a[0], kv)
         layer_extra = None if extra is None else jax.tree.map(lambda a: a[0], extra)
-        x_BxLxD, (new_kv, _) = block_cls(cfg, self.dtype, name=name)(
-            x_BxLxD, positions_BxL, mask_BxLxS, cache_index, (layer_kv, layer_extra))
+        x_BxLxD, (new_kv, _) = block_cls(cfg, self.dtype, deterministic=deterministic, name=name)(
+            x_BxLxD, positions_BxL, mask_BxLxS, cache_index,
+            (layer_kv, layer_extra, float(rates_n[0])))
         if new_kv is not None:
           new_kv = jax.tree.map(lambda a: a[None], new_kv)
         if return_all_hidden:

@@ -61,12 +61,12 @@ class Model(nn.Module):
                          kernel_init=layers.dense_init(("embed", "classes"), nn.initializers.zeros),
                          bias_init=layers.dense_init(("classes",), nn.initializers.zeros))
 
-  def _feature(self, image_BxHxWx3):
+  def _feature(self, image_BxHxWx3, train: bool = False):
     if self.pooling not in ("last", "mean"):
       raise ValueError(f"bridge pooling must be 'last' or 'mean', got {self.pooling!r}")
     x = self.patch_embed(image_BxHxWx3.astype(self.dtype))
     x_BxNxD = x.reshape(x.shape[0], -1, x.shape[-1])
-    hidden_BxNxD = self.llm(embeddings_BxLxD=x_BxNxD).hidden
+    hidden_BxNxD = self.llm(embeddings_BxLxD=x_BxNxD, deterministic=not train).hidden
     pooled_BxD = hidden_BxNxD[:, -1] if self.pooling == "last" else hidden_BxNxD.mean(axis=1)
     return nn.with_logical_constraint(pooled_BxD, ("batch", "act_embed"))
 
@@ -79,8 +79,7 @@ class Model(nn.Module):
     return self.head(self._feature(image)).astype(jnp.float32)
 
   def __call__(self, batch, *, train: bool = False):
-    del train  # no dropout / drop-path yet
-    feature_BxD = self._feature(batch["image"])
+    feature_BxD = self._feature(batch["image"], train)  # drop-path in the blocks when training
     return {"logits": self.head(feature_BxD).astype(jnp.float32),
             "feature": feature_BxD.astype(jnp.float32)}
 
@@ -133,7 +132,8 @@ def build(config) -> models.Built:
   b = config.bridge
   smollm = _load(b.llm, b.get("num_layers") or None, bool(b.get("causal", True)),
                  tuple(b.get("layer_groups", ())), config.get("dtype", "float32"))
-  model = Model(llm=smollm.module, num_classes=config.model.num_classes,
+  model = Model(llm=smollm.module.clone(drop_path=float(b.get("drop_path", 0.0))),
+                num_classes=config.model.num_classes,
                 patch_size=config.model.get("patch_size", 4),
                 pooling=config.model.get("pooling", "last"),
                 dtype=jnp.dtype(config.get("dtype", "float32")))
