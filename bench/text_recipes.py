@@ -80,7 +80,7 @@ def main():
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--out", default="")
   args = parser.parse_args()
-  texts, owner = text_score.read_captions("flickr8k/val-*.tar", max_images=args.max_images)
+  texts, owner = text_score.split_captions("flickr8k/val-*.tar", max_images=args.max_images)
   chance = 4 / (len(texts) - 1)
   start = time.perf_counter()
   rows = minilm_rows(texts, owner, args.max_len, args.batch_size)

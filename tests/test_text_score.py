@@ -27,7 +27,7 @@ def test_score_reads_flickr8k_val_captions_and_beats_chance(data_dir):
   config = helpers.tiny_clip_config(data_dir)
   config.text_encoder = dict(name="minilm-l6", max_len=32, pooling="", normalize=True,
                              template="{text}", layer=-1, dtype="float32")
-  texts, owner = text_score.read_captions("flickr8k/val-*.tar", data_dir, max_images=30)
+  texts, owner = text_score.split_captions("flickr8k/val-*.tar", data_dir, max_images=30)
   assert len(texts) == 150 and np.bincount(owner).tolist() == [5] * 30
   result = text_score.score(config, max_images=30)
   assert result["num_captions"] == 150

@@ -19,7 +19,6 @@ Writes `outliers.md` (a table, one row per block) and `outliers.png` (one line p
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +26,8 @@ from absl import app
 from absl import flags
 import numpy as np
 from flax import traverse_util
+
+from vlpre import sharding
 
 
 def block_outlier_shares(params: Mapping[str, Any], threshold: float = 1.0) -> list[float]:
@@ -38,23 +39,13 @@ def block_outlier_shares(params: Mapping[str, Any], threshold: float = 1.0) -> l
   counts: dict[int, list[int]] = {}
   for path, value in traverse_util.flatten_dict(dict(params)).items():
     value = np.asarray(value)
-    names = [str(p) for p in path]
-    stacked_start = None
-    single = None
-    for name in names:
-      if name in ("layers", "blocks"):
-        stacked_start = 0
-      elif match := re.fullmatch(r"layers_(\d+)to\d+", name):
-        stacked_start = int(match.group(1))
-      elif match := re.fullmatch(r"(?:layers|block)_(\d+)", name):
-        single = int(match.group(1))
-    if stacked_start is None and single is None:
+    blocks = sharding.block_indices([str(p) for p in path], value.shape)
+    if blocks is None:
       continue  # embeddings, heads, final norms: not blocks
-    per_block_ndim = value.ndim - (1 if stacked_start is not None else 0)
-    if per_block_ndim < 2:
+    stacked = isinstance(blocks, list)
+    if value.ndim - stacked < 2:
       continue  # norm scales and biases
-    slices = ([(stacked_start + i, value[i]) for i in range(value.shape[0])]
-              if stacked_start is not None else [(single, value)])
+    slices = list(zip(blocks, value)) if stacked else [(blocks, value)]
     for block, w in slices:
       total = counts.setdefault(block, [0, 0])
       total[0] += int((np.abs(w) > threshold).sum())
@@ -113,11 +104,10 @@ _THRESHOLD = flags.DEFINE_float("threshold", 1.0, "|w| above this is an outlier"
 
 def main(argv):
   del argv
-  rows = analyze(_OUT.value, llm=_LLM.value, num_layers=_NUM_LAYERS.value,
-                 bridge_workdir=_BRIDGE.value, vit_workdir=_VIT.value, threshold=_THRESHOLD.value)
+  analyze(_OUT.value, llm=_LLM.value, num_layers=_NUM_LAYERS.value,
+          bridge_workdir=_BRIDGE.value, vit_workdir=_VIT.value, threshold=_THRESHOLD.value)
   with open(os.path.join(_OUT.value, "outliers.md"), encoding="utf-8") as f:
     print(f.read())
-  del rows
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ Backends (`config.describe.backend`):
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -159,9 +158,8 @@ def chat_prompt(user: str, system: str) -> str:
           "<|im_start|>assistant\n")
 
 
-@functools.lru_cache(maxsize=2)
 def load_llm(name: str):
-  """The packaged LLM with its LM head, through vlpre's one decoder (vlpre.llm)."""
+  """The packaged LLM with its LM head, through vlpre's one decoder (vlpre.llm; cached)."""
   from vlpre import llm as llm_lib  # pylint: disable=g-import-not-at-top
   return llm_lib.load(name, max_len=8)
 

@@ -1,7 +1,6 @@
 """Optimisers, schedules and parameter freezing (optax)."""
 from __future__ import annotations
 
-import re
 from typing import Any, Sequence
 
 import jax
@@ -36,20 +35,6 @@ def weight_decay_mask(params: Any) -> Any:
 _EMBEDDING_NAMES = ("embed_tokens", "patch_embed", "pos_embedding", "cls", "token_embed")
 
 
-def _block_ids(names: Sequence[str], shape: tuple[int, ...]) -> list[int] | int | None:
-  """Block indices a parameter holds: a list for stacked groups (leading axis), an int for
-  a per-block subtree, None outside the blocks. vlpre's layouts: the decoder's `layers`,
-  `layers_4to7`, `layers_3`; the ViT / text tower's scanned `blocks` and `block_3`."""
-  for name in names:
-    if name in ("layers", "blocks"):
-      return list(range(shape[0]))
-    if match := re.fullmatch(r"layers_(\d+)to(\d+)", name):
-      return list(range(int(match.group(1)), int(match.group(2)) + 1))
-    if match := re.fullmatch(r"(?:layers|block)_(\d+)", name):
-      return int(match.group(1))
-  return None
-
-
 def scale_by_layer_decay(decay: float) -> optax.GradientTransformation:
   """Layer-wise lr decay (BEiT / MAE fine-tuning, bridge training): a block at depth i of
   L gets its update scaled by decay^(L − i); embeddings (patch / token / position) by
@@ -62,7 +47,7 @@ def scale_by_layer_decay(decay: float) -> optax.GradientTransformation:
     del params
     flat = jax.tree_util.tree_flatten_with_path(updates)[0]
     paths = [[str(getattr(k, "key", getattr(k, "name", k))) for k in path] for path, _ in flat]
-    ids = [_block_ids(names, leaf.shape) for names, (_, leaf) in zip(paths, flat)]
+    ids = [sharding.block_indices(names, leaf.shape) for names, (_, leaf) in zip(paths, flat)]
     blocks = [i for x in ids if x is not None for i in (x if isinstance(x, list) else [x])]
     depth = max(blocks) + 1 if blocks else 0
 

@@ -174,3 +174,17 @@ def tree_paths(tree: Any) -> list[str]:
 
 def matches_any(patterns: Sequence[str], name: str) -> bool:
   return any(re.fullmatch(p, name) for p in patterns)
+
+
+def block_indices(names: Sequence[str], shape: tuple[int, ...]) -> list[int] | int | None:
+  """Block indices a parameter holds: a list for stacked groups (leading axis), an int for
+  a per-block subtree, None outside the blocks. vlpre's layouts: the decoder's `layers`,
+  `layers_4to7`, `layers_3`; the ViT / text tower's scanned `blocks` and `block_3`."""
+  for name in names:
+    if name in ("layers", "blocks"):
+      return list(range(shape[0]))
+    if match := re.fullmatch(r"layers_(\d+)to(\d+)", name):
+      return list(range(int(match.group(1)), int(match.group(2)) + 1))
+    if match := re.fullmatch(r"(?:layers|block)_(\d+)", name):
+      return int(match.group(1))
+  return None

@@ -24,7 +24,7 @@ from vlpre.data import sources
 from vlpre.data import transforms
 
 
-def read_captions(pattern: str | Sequence[str], data_dir: str | None = None,
+def split_captions(pattern: str | Sequence[str], data_dir: str | None = None,
                   max_images: int = 0, caption_field: str = "captions"):
   """(captions, owner image index per caption) of a captioned split, images not decoded."""
   source = sources.TarShardSource(pattern, data_dir)
@@ -62,7 +62,7 @@ def score(config, *, pattern: str = "flickr8k/val-*.tar", max_images: int = 0,
           batch_size: int = 128) -> dict[str, float]:
   """R@1/R@5 of `config.text_encoder` (as LIFT would use it), plus the mean-centred scores."""
   from vlpre.models import lift  # pylint: disable=g-import-not-at-top
-  texts, owner = read_captions(pattern, config.input.get("data_dir"), max_images,
+  texts, owner = split_captions(pattern, config.input.get("data_dir"), max_images,
                                config.input.get("caption_field", "captions"))
   encoder = lift.text_encoder(config)
   embeddings = encoder.embed(texts, batch_size=batch_size)

@@ -26,10 +26,10 @@ from vlpre.llm.assets import MissingAssetError
 from vlpre.llm.assets import PACKAGED_ASSETS
 from vlpre.llm.assets import read_source
 from vlpre.llm.model import Decoder
-from vlpre.llm.model import DecoderConfig
+from vlpre.llm.config import DecoderConfig
 from vlpre.llm.model import DecoderOutput
 from vlpre.llm.model import ExtraKV
-from vlpre.llm.model import SUPPORTED_MODEL_TYPES
+from vlpre.llm.config import SUPPORTED_MODEL_TYPES
 from vlpre.llm.model import init_cache
 from vlpre.llm.tokenizer import TextTokenizer
 
@@ -81,6 +81,7 @@ def param_shapes(module: Decoder, *, tokens: bool = True, logits: bool = False) 
                         jax.random.key(0), embeds)["params"]
 
 
+@functools.lru_cache(maxsize=4)
 def load(name: str, *, dtype: Any = jnp.float32, scan: bool = True,
          layer_groups: tuple[int, ...] = (), remat: str = "none", causal: bool = True,
          num_layers: int | None = None, final_norm: bool = True, lm_head: bool = True,
@@ -96,6 +97,10 @@ def load(name: str, *, dtype: Any = jnp.float32, scan: bool = True,
     lm_head: load the LM head (the embedding matrix when tied).
     tokens: load the token embedding (False: an embeddings-only user, e.g. bridge).
     template, max_len, append_eos: the tokenizer's settings (`read_source`).
+
+  Cached per process on its arguments (they must be hashable: tuples, dtypes): the
+  encoder, the generator and a method's model built from one checkpoint share one
+  parameter tree instead of re-stacking it. Treat the returned arrays as read-only.
   """
   start = time.perf_counter()
   source = read_source(name, template=template, max_len=max_len, append_eos=append_eos)

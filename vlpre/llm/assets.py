@@ -18,7 +18,7 @@ import re
 from typing import Any
 
 from vlpre.llm import checkpoints
-from vlpre.llm import model
+from vlpre.llm import config as config_lib
 from vlpre.llm.tokenizer import TextTokenizer
 
 
@@ -139,7 +139,7 @@ def read_hf_folder(folder: str, template: str, max_len: int, append_eos: bool) -
   from transformers import AutoConfig, AutoTokenizer  # pylint: disable=g-import-not-at-top
   hf_config = AutoConfig.from_pretrained(folder)
   hf_tokenizer = AutoTokenizer.from_pretrained(folder, use_fast=True)
-  is_decoder = hf_config.model_type in model.SUPPORTED_MODEL_TYPES
+  is_decoder = hf_config.model_type in config_lib.SUPPORTED_MODEL_TYPES
   eos_id = hf_tokenizer.eos_token_id
   pad_id = hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else eos_id
   if is_decoder and eos_id is None:

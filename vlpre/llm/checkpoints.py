@@ -299,11 +299,10 @@ def _hf_name(flax_path: tuple[str, ...], layer: int | None = None) -> tuple[str,
 
 
 def _layers_of(flax_path: tuple[str, ...], shape: tuple[int, ...]) -> list[int] | None:
-  """The checkpoint layers a stacked parameter holds (None: not stacked)."""
-  from vlpre.llm.model import group_layer_indices  # pylint: disable=g-import-not-at-top
-  if re.fullmatch(r"layers_\d+", flax_path[0]):
-    return None  # one layer per subtree: a plain rename.
-  return group_layer_indices(flax_path[0], shape[0] if shape else None)
+  """The checkpoint layers a stacked parameter group holds (None: one layer, a rename)."""
+  from vlpre import sharding  # pylint: disable=g-import-not-at-top
+  layers = sharding.block_indices(flax_path[:1], shape)
+  return layers if isinstance(layers, list) else None
 
 
 def state_dict_to_params(state_dict: Mapping[str, np.ndarray], param_shapes: Any) -> Any:

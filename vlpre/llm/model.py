@@ -37,8 +37,6 @@ heads (H a multiple of G), K per-head dim, F MLP width, V vocabulary.
 """
 from __future__ import annotations
 
-import dataclasses
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,9 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlpre.llm import rope
-
-# Model families this decoder implements; the flags in `DecoderConfig.from_hf` say how.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+from vlpre.llm.config import DecoderConfig
 
 # Rematerialisation policies for training (`Decoder.remat`): what a block's backward pass
 # may keep from its forward pass instead of recomputing it.
@@ -61,111 +57,6 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class DecoderConfig:
-  """Architecture of a Llama-family decoder (only what the forward pass needs).
-
-  Plain scalar fields only, so the config is hashable and can sit on a Linen module.
-  """
-  vocab_size: int
-  hidden_size: int
-  intermediate_size: int
-  num_layers: int
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
-  rms_norm_eps: float = 1e-5
-  rope_theta: float = 10000.0
-  # RoPE frequency scaling as in transformers' `ROPE_INIT_FUNCTIONS`: "default", "linear" or
-  # "llama3" (Llama-3.1/3.2 checkpoints).
-  rope_type: str = "default"
-  rope_factor: float = 1.0
-  rope_low_freq_factor: float = 1.0
-  rope_high_freq_factor: float = 4.0
-  rope_original_max_position: int = 8192
-  qkv_bias: bool = False  # Qwen2: q/k/v projections have biases, o_proj has none.
-  o_bias: bool = False
-  mlp_bias: bool = False
-  qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k before RoPE.
-  sliding_window: int | None = None  # Mistral v0.1: keys at most this far back.
-  tie_word_embeddings: bool = True  # LM head = embedding matrix (else its own lm_head)
-
-  @classmethod
-  def from_hf(cls, hf_config: Any) -> DecoderConfig:
-    """Reads a transformers Llama/Mistral/Qwen2/Qwen3 config."""
-    model_type = hf_config.model_type
-    if model_type not in SUPPORTED_MODEL_TYPES:
-      raise NotImplementedError(
-          f"model_type {model_type!r} is not a decoder vlpre implements "
-          f"(supported: {SUPPORTED_MODEL_TYPES})")
-    hidden_act = getattr(hf_config, "hidden_act", "silu")
-    if hidden_act != "silu":
-      raise NotImplementedError(f"hidden_act {hidden_act!r}: only SwiGLU (silu) is implemented")
-    head_dim = getattr(hf_config, "head_dim", None) or (
-        hf_config.hidden_size // hf_config.num_attention_heads)
-    num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
-
-    rope_kwargs = _rope_kwargs(getattr(hf_config, "rope_scaling", None))
-    attention_bias = bool(getattr(hf_config, "attention_bias", False))
-    qkv_bias, o_bias = attention_bias, attention_bias
-    if model_type == "qwen2":
-      # Qwen2 hard-codes biases on q/k/v and none on o_proj (its config has no flag).
-      qkv_bias, o_bias = True, False
-    elif model_type == "qwen3":
-      o_bias = False  # Qwen3's `attention_bias` covers q/k/v; o_proj never has one.
-    sliding_window = None
-    if model_type == "mistral":
-      sliding_window = getattr(hf_config, "sliding_window", None)
-    elif model_type in ("qwen2", "qwen3") and getattr(hf_config, "use_sliding_window", False):
-      # Qwen applies the window only to some layers (max_window_layers); not implemented.
-      raise NotImplementedError(f"{model_type} with use_sliding_window=True")
-    return cls(
-        vocab_size=hf_config.vocab_size,
-        hidden_size=hf_config.hidden_size,
-        intermediate_size=hf_config.intermediate_size,
-        num_layers=hf_config.num_hidden_layers,
-        num_heads=hf_config.num_attention_heads,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
-        rms_norm_eps=float(hf_config.rms_norm_eps),
-        rope_theta=float(getattr(hf_config, "rope_theta", 10000.0)),
-        qkv_bias=qkv_bias,
-        o_bias=o_bias,
-        mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
-        qk_norm=model_type == "qwen3",
-        sliding_window=sliding_window,
-        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", True)),
-        **rope_kwargs,
-    )
-
-
-def _rope_kwargs(rope_scaling: dict[str, Any] | None) -> dict[str, Any]:
-  """Maps a transformers `rope_scaling` dict onto `DecoderConfig` fields."""
-  if not rope_scaling:
-    return {}
-  rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-  if rope_type == "default":
-    return {}
-  if rope_type == "linear":
-    return {"rope_type": "linear", "rope_factor": float(rope_scaling["factor"])}
-  if rope_type == "llama3":
-    return {
-        "rope_type": "llama3",
-        "rope_factor": float(rope_scaling["factor"]),
-        "rope_low_freq_factor": float(rope_scaling["low_freq_factor"]),
-        "rope_high_freq_factor": float(rope_scaling["high_freq_factor"]),
-        "rope_original_max_position": int(rope_scaling["original_max_position_embeddings"]),
-    }
-  raise NotImplementedError(f"rope_scaling type {rope_type!r}")
-
-
-def inverse_frequencies(config: DecoderConfig) -> np.ndarray:
-  return rope.inverse_frequencies(
-      config.head_dim, config.rope_theta, config.rope_type, config.rope_factor,
-      config.rope_low_freq_factor, config.rope_high_freq_factor,
-      config.rope_original_max_position)
 
 
 @flax.struct.dataclass
@@ -244,7 +135,7 @@ class Attention(nn.Module):
     if cfg.qk_norm:
       q_BxTxHxK = _rms_norm(cfg.rms_norm_eps, self.dtype, "q_norm")(q_BxTxHxK)
       k_BxTxGxK = _rms_norm(cfg.rms_norm_eps, self.dtype, "k_norm")(k_BxTxGxK)
-    inv_freq = inverse_frequencies(cfg)
+    inv_freq = cfg.inverse_frequencies()
     q_BxTxHxK = rope.apply_rope(q_BxTxHxK, positions_BxT, inv_freq)
     k_BxTxGxK = rope.apply_rope(k_BxTxGxK, positions_BxT, inv_freq)
     new_cache = None
@@ -344,20 +235,6 @@ def layer_groups(num_layers: int, scan: bool, groups: tuple[int, ...] = ()):
     out.append((f"layers_{start}to{start + size - 1}", start, size, True))
     start += size
   return out
-
-
-def group_layer_indices(name: str, leading_dim: int | None = None) -> list[int] | None:
-  """Layer indices a parameter group holds, from its name (None: not a layer group).
-
-  `layers_3` → [3] (unstacked); `layers` → 0..leading_dim-1; `layers_4to7` → 4..7 (stacked).
-  """
-  if name == "layers":
-    return list(range(leading_dim))
-  match = re.fullmatch(r"layers_(\d+)to(\d+)", name)
-  if match:
-    return list(range(int(match.group(1)), int(match.group(2)) + 1))
-  match = re.fullmatch(r"layers_(\d+)", name)
-  return [int(match.group(1))] if match else None
 
 
 def init_cache(config: DecoderConfig, batch: int, slots: int, *, scan: bool = True,

@@ -20,7 +20,6 @@ Shape letters: B batch, H/W image, N patches, D LLM width, C classes.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 from typing import Any
 
@@ -121,17 +120,12 @@ class RandomLabels(grain.transforms.Map):
     return record
 
 
-@functools.lru_cache(maxsize=2)
-def _load(name: str, num_layers: int | None, causal: bool, layer_groups: tuple[int, ...],
-          dtype: str):
-  return llm_lib.load(name, num_layers=num_layers, causal=causal, layer_groups=layer_groups,
-                      tokens=False, lm_head=False, dtype=jnp.dtype(dtype))
-
-
 def build(config) -> models.Built:
   b = config.bridge
-  smollm = _load(b.llm, b.get("num_layers") or None, bool(b.get("causal", True)),
-                 tuple(b.get("layer_groups", ())), config.get("dtype", "float32"))
+  smollm = llm_lib.load(b.llm, num_layers=b.get("num_layers") or None,
+                        causal=bool(b.get("causal", True)),
+                        layer_groups=tuple(b.get("layer_groups", ())), tokens=False,
+                        lm_head=False, dtype=jnp.dtype(config.get("dtype", "float32")))
   model = Model(llm=smollm.module.clone(drop_path=float(b.get("drop_path", 0.0))),
                 num_classes=config.model.num_classes,
                 patch_size=config.model.get("patch_size", 4),

@@ -13,7 +13,6 @@ layers with `llm.layer_groups = (10, 20)` and `frozen = ("llm/layers_0to9/.*",)`
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -34,16 +33,11 @@ class Model(nn.Module):
             "lm_weights": mask_BxL[:, 1:]}
 
 
-@functools.lru_cache(maxsize=2)
-def _load(name: str, dtype: str, layer_groups: tuple[int, ...], remat: str, max_len: int):
-  return llm_lib.load(name, dtype=jnp.dtype(dtype), layer_groups=layer_groups, remat=remat,
-                      max_len=max_len)
-
-
 def load_llm(config) -> llm_lib.LLM:
   c = config.llm
-  return _load(c.name, config.get("dtype", "float32"), tuple(c.get("layer_groups", ())),
-               c.get("remat", "none"), config.input.max_text_len)
+  return llm_lib.load(c.name, dtype=jnp.dtype(config.get("dtype", "float32")),
+                      layer_groups=tuple(c.get("layer_groups", ())), remat=c.get("remat", "none"),
+                      max_len=config.input.max_text_len)
 
 
 def build(config) -> models.Built:
