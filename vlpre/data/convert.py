@@ -16,12 +16,17 @@ Usage:
   # (c) a locally prepared TFDS dataset (array_record)
   python -m vlpre.data.convert --mode=tfds --tfds_name=cifar10 --tfds_split=test \
       --tfds_data_dir=~/tensorflow_datasets --out_dir=out/cifar10 --split=test
+  # (d) MNIST-format IDX files (e.g. Fashion-MNIST from Debian's dataset-fashion-mnist,
+  #     /usr/share/datasets/fashion-mnist) -> PNG + .cls shards, both splits
+  python -m vlpre.data.convert --mode=idx --idx_dir=/usr/share/datasets/fashion-mnist \
+      --idx_classnames=fashion_mnist --out_dir=workdirs/data/fashion_mnist
 """
 from __future__ import annotations
 
 import collections
 import csv
 import dataclasses
+import gzip
 import io
 import json
 import os
@@ -32,6 +37,7 @@ from typing import Any
 from absl import app
 from absl import flags
 from absl import logging
+import numpy as np
 from PIL import Image
 
 from vlpre.data import sources as sources_lib
@@ -293,6 +299,78 @@ def convert_tfds(name: str, tfds_split: str, out_dir: str, *, split: str | None 
   return stats
 
 
+# Class names of known IDX datasets, in label order.
+IDX_CLASSNAMES = {
+    "fashion_mnist": ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                      "sneaker", "bag", "ankle boot"],
+    "mnist": [str(d) for d in range(10)],
+}
+# The file-name prefix of each split in the MNIST distribution, and the split it becomes.
+IDX_SPLITS = {"train": "train", "t10k": "test"}
+
+
+def read_idx(path: str) -> np.ndarray:
+  """An IDX file (MNIST format, optionally gzipped) as an array of its declared shape.
+
+  Header: two zero bytes, a type byte (0x08 = uint8), the number of dimensions, then
+  each dimension as a big-endian uint32. A file shorter than its header declares (an
+  interrupted download) is an error, not a silently short dataset.
+  """
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rb") as f:
+    data = f.read()
+  if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+    raise ValueError(f"{path}: not an IDX file of uint8 (magic {data[:4].hex()})")
+  ndim = data[3]
+  shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+  offset = 4 + 4 * ndim
+  size = int(np.prod(shape))
+  if len(data) - offset != size:
+    raise ValueError(f"{path}: holds {len(data) - offset} bytes of data, its header declares "
+                     f"{shape} = {size}")
+  return np.frombuffer(data, np.uint8, size, offset).reshape(shape)
+
+
+def convert_idx(idx_dir: str, out_dir: str, *, classnames: str | list[str] = "fashion_mnist",
+                samples_per_shard: int = 10_000, max_per_split: int = 0) -> dict[str, ConvertStats]:
+  """(d) `<split>-images-idx3-ubyte[.gz]` + `-labels-idx1-ubyte[.gz]` -> PNG + .cls shards.
+
+  Both MNIST splits (`train` → train, `t10k` → test) are written, keys `<split>_<NNNNN>`
+  in file order, images as lossless grayscale PNGs (the pipeline decodes them to RGB),
+  plus classnames.json. `max_per_split` > 0 keeps only the first that many of each.
+  """
+  names = IDX_CLASSNAMES[classnames] if isinstance(classnames, str) else list(classnames)
+  result = {}
+  for prefix, split in IDX_SPLITS.items():
+    paths = {}
+    for kind, dims in (("images", 3), ("labels", 1)):
+      stem = os.path.join(idx_dir, f"{prefix}-{kind}-idx{dims}-ubyte")
+      found = [p for p in (stem + ".gz", stem) if os.path.isfile(p)]
+      if not found:
+        raise FileNotFoundError(f"{stem}[.gz] not found (Fashion-MNIST: apt-get install "
+                                "dataset-fashion-mnist)")
+      paths[kind] = found[0]
+    images_NxHxW, labels_N = read_idx(paths["images"]), read_idx(paths["labels"])
+    if images_NxHxW.ndim != 3 or labels_N.shape != images_NxHxW.shape[:1]:
+      raise ValueError(f"{idx_dir}/{prefix}: {images_NxHxW.shape} images, {labels_N.shape} labels")
+    if labels_N.max(initial=0) >= len(names):
+      raise ValueError(f"{paths['labels']}: label {labels_N.max()} ≥ {len(names)} class names")
+    count = min(len(labels_N), max_per_split) if max_per_split else len(labels_N)
+    width = len(str(len(labels_N) - 1))
+
+    def loader(i: int) -> Callable[[], tuple[bytes, dict[str, bytes]]]:
+      def load() -> tuple[bytes, dict[str, bytes]]:
+        out = io.BytesIO()
+        Image.fromarray(images_NxHxW[i]).save(out, format="PNG", optimize=False)
+        return out.getvalue(), {"cls": str(int(labels_N[i])).encode("ascii")}
+      return load
+
+    samples = [(f"{split}_{i:0{width}d}", loader(i)) for i in range(count)]
+    result[split] = _write_samples(samples, out_dir, split, samples_per_shard, None, "png")
+  _write_classnames(out_dir, names)
+  return result
+
+
 def _write_classnames(out_dir: str, names: list[str]) -> None:
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "classnames.json"), "w", encoding="utf-8") as f:
@@ -306,7 +384,7 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags() -> None:
-  flags.DEFINE_enum("mode", None, ["captions", "classes", "tfds"], "What to convert.")
+  flags.DEFINE_enum("mode", None, ["captions", "classes", "tfds", "idx"], "What to convert.")
   flags.DEFINE_string("out_dir", None, "Output directory for the shards.")
   flags.DEFINE_string("split", "train", "Shard name prefix: <out_dir>/<split>-%05d.tar.")
   flags.DEFINE_integer("samples_per_shard", 1000, "Samples per tar shard.")
@@ -320,6 +398,10 @@ def _define_flags() -> None:
   flags.DEFINE_string("tfds_data_dir", None, "(tfds) TFDS data dir.")
   flags.DEFINE_string("tfds_label_key", "label", "(tfds) label feature ('' for none).")
   flags.DEFINE_string("tfds_text_key", "", "(tfds) caption feature ('' for none).")
+  flags.DEFINE_string("idx_dir", "/usr/share/datasets/fashion-mnist", "(idx) folder of IDX files.")
+  flags.DEFINE_enum("idx_classnames", "fashion_mnist", sorted(IDX_CLASSNAMES),
+                    "(idx) which dataset's class names.")
+  flags.DEFINE_integer("idx_max_per_split", 0, "(idx) keep the first N of each split (0: all).")
 
 
 def main(argv: list[str]) -> None:
@@ -337,6 +419,14 @@ def main(argv: list[str]) -> None:
     if not FLAGS.images_dir:
       raise app.UsageError("--mode=classes needs --images_dir")
     stats = convert_class_folders(FLAGS.images_dir, FLAGS.out_dir, split=FLAGS.split, **common)
+  elif FLAGS.mode == "idx":
+    per_split = convert_idx(FLAGS.idx_dir, FLAGS.out_dir, classnames=FLAGS.idx_classnames,
+                            samples_per_shard=FLAGS.samples_per_shard,
+                            max_per_split=FLAGS.idx_max_per_split)
+    stats = ConvertStats(num_written=sum(s.num_written for s in per_split.values()),
+                         num_bad=sum(s.num_bad for s in per_split.values()),
+                         shards=[p for s in per_split.values() for p in s.shards],
+                         bad=[b for s in per_split.values() for b in s.bad])
   else:
     if not FLAGS.tfds_name:
       raise app.UsageError("--mode=tfds needs --tfds_name")
