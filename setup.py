@@ -32,7 +32,7 @@ EXTRAS = {
     "cuda": ["jax[cuda12]==0.10.2"],
     "tpu": ["jax[tpu]==0.10.2"],
     # Reference implementations for parity tests (CPU wheel; pin it, a bare `torch` pulls CUDA).
-    "test": ["pytest", "torch==2.13.0"],
+    "test": ["pytest", "torch==2.13.0", "pycocoevalcap==1.2"],
 }
 
 setup(
