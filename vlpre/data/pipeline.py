@@ -16,6 +16,10 @@ Batch layout (per host, b = global_batch_size // process_count):
 Keys starting with "_" are host-only: never put them on devices. A stream transform
 changes the layout to its own (e.g. packed "tokens" with "tokens_segment_ids" and
 "tokens_positions"; "_key" then holds each row's list of keys).
+
+cfg.kind = "interleaved" reads interleaved image-text documents instead of pairs, packed
+into fixed-length rows (vlpre.data.interleaved, which documents that layout); it shares
+everything here but the per-record transforms and the packing.
 """
 from __future__ import annotations
 
@@ -147,10 +151,11 @@ class HostBatch:
   """grain batch_fn: stacks array fields, sums "_num_bad", keeps keys as "_key".
 
   Non-array fields (strings, lists) are kept host-side under "_<name>" as object arrays;
-  other "_"-prefixed fields are dropped. A record that a stream transform merged from
-  several (a packed row, with "_num_bad" and "__key__" as grain's non-sequence meta
-  features) holds a list of counts and of keys: the counts are summed too. A class, not
-  a closure, so it pickles to grain's worker processes.
+  counts named "_num_<what>" are summed like "_num_bad"; other "_"-prefixed fields are
+  dropped. A record that a stream transform merged from several (a packed row, with
+  "_num_bad" and "__key__" as grain's non-sequence meta features) holds a list of counts
+  and of keys: the counts are summed too. A class, not a closure, so it pickles to
+  grain's worker processes.
   """
 
   def __call__(self, records: Sequence[Record]) -> dict[str, Any]:
@@ -160,8 +165,8 @@ class HostBatch:
     for name in records[0]:
       if name == "__key__":
         batch["_key"] = _object_array([r[name] for r in records])
-      elif name == "_num_bad":
-        batch["_num_bad"] = int(sum(np.sum(r.get(name, 0), dtype=np.int64) for r in records))
+      elif name.startswith("_num_"):  # "_num_bad", and counts such as "_num_dropped_images"
+        batch[name] = int(sum(np.sum(r.get(name, 0), dtype=np.int64) for r in records))
       elif name.startswith("_"):
         continue
       else:
@@ -199,6 +204,33 @@ def _ensure_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+def decode_image(cfg: Any) -> T.DecodeImage:
+  """The image decoder of `cfg` (member extension(s) `image_key`; None tries them all)."""
+  image_key = _cfg_get(cfg, "image_key")
+  image_keys = (image_key,) if isinstance(image_key, str) else tuple(image_key or _DEFAULT_IMAGE_KEYS)
+  return T.DecodeImage(image_keys)
+
+
+def image_augment(cfg: Any) -> list[grain.transforms.Transformation]:
+  """Crop (`augment`), optional flip and CLIP normalisation of a decoded "image"."""
+  image_size = int(cfg.image_size)
+  resize_size = int(_cfg_get(cfg, "resize_size", 0) or round(image_size * 8 / 7))
+  augment = _cfg_get(cfg, "augment", "resize_random_crop")
+  if augment == "resize_random_crop":
+    ops: list[Any] = [T.ResizeRandomCrop(resize_size, image_size)]
+  elif augment == "random_resized_crop":
+    ops = [T.RandomResizedCrop(image_size, scale=tuple(_cfg_get(cfg, "crop_scale", (0.08, 1.0))))]
+  elif augment == "center_crop":
+    ops = [T.ResizeCenterCrop(resize_size, image_size)]
+  else:
+    raise ValueError(f"unknown augment {augment!r}; use resize_random_crop, "
+                     "random_resized_crop or center_crop")
+  if _cfg_get(cfg, "flip", False):
+    ops.append(T.RandomFlip())
+  ops.append(T.Normalize(T.CLIP_MEAN, T.CLIP_STD))
+  return ops
+
+
 def train_transforms(cfg: Any, tokenizer: tokenizers_lib.Tokenizer | None, *,
                      extra_transforms: Sequence[grain.transforms.Transformation] = (),
                      extra_keys: Sequence[str] = ()) -> list[grain.transforms.Transformation]:
@@ -208,14 +240,8 @@ def train_transforms(cfg: Any, tokenizer: tokenizers_lib.Tokenizer | None, *,
   "__key__", "caption" and "caption_index"; the fields in `extra_keys` they add are
   kept (and batched) next to image/text/label.
   """
-  image_size = int(cfg.image_size)
-  resize_size = int(_cfg_get(cfg, "resize_size", 0) or round(image_size * 8 / 7))
-  image_key = _cfg_get(cfg, "image_key")
-  image_keys = (image_key,) if isinstance(image_key, str) else tuple(image_key or _DEFAULT_IMAGE_KEYS)
-  augment = _cfg_get(cfg, "augment", "resize_random_crop")
   use_label = bool(_cfg_get(cfg, "label", False))
-
-  ops: list[Any] = [T.DecodeImage(image_keys)]
+  ops: list[Any] = [decode_image(cfg)]
   if use_label:
     ops.append(T.ParseLabel())
   else:
@@ -223,18 +249,7 @@ def train_transforms(cfg: Any, tokenizer: tokenizers_lib.Tokenizer | None, *,
       raise ValueError("caption data needs a tokenizer (or set cfg.label=True, or join "
                        "precomputed text embeddings through extra_transforms/extra_keys)")
     ops.append(T.ParseCaption(_cfg_get(cfg, "caption_field", "captions"), pick="random"))
-  if augment == "resize_random_crop":
-    ops.append(T.ResizeRandomCrop(resize_size, image_size))
-  elif augment == "random_resized_crop":
-    ops.append(T.RandomResizedCrop(image_size, scale=tuple(_cfg_get(cfg, "crop_scale", (0.08, 1.0)))))
-  elif augment == "center_crop":
-    ops.append(T.ResizeCenterCrop(resize_size, image_size))
-  else:
-    raise ValueError(f"unknown augment {augment!r}; use resize_random_crop, "
-                     "random_resized_crop or center_crop")
-  if _cfg_get(cfg, "flip", False):
-    ops.append(T.RandomFlip())
-  ops.append(T.Normalize(T.CLIP_MEAN, T.CLIP_STD))
+  ops.extend(image_augment(cfg))
   if use_label:
     keep = ["image", "label"]
   elif tokenizer is None:  # captions only select the precomputed embedding joined below
@@ -273,6 +288,24 @@ def make_source(cfg: Any, split_field: str = "train", *, labels: bool | None = N
   raise ValueError(f"unknown data kind {kind!r}; use 'tar' or 'tfds'")
 
 
+def host_records(source: Any, cfg: Any, *, seed: int, process_index: int, process_count: int,
+                 host_batch: int) -> grain.MapDataset:
+  """This host's records of `source`: sliced, shuffled and repeated forever.
+
+  The slice is `[process_index::process_count]`; the shuffle (cfg.shuffle, default on)
+  is seeded with `seed` and differs every epoch. A MapDataset, so the iterator state
+  stays a handful of integers.
+  """
+  ds = grain.MapDataset.source(source).seed(seed)
+  ds = ds[process_index::process_count]
+  if len(ds) < host_batch:
+    logging.warning("host %d holds %d samples of %r, fewer than its batch of %d",
+                    process_index, len(ds), source, host_batch)
+  if _cfg_get(cfg, "shuffle", True):
+    ds = ds.shuffle()
+  return ds.repeat(None)  # infinite; reseeds shuffle and augmentations every epoch
+
+
 def build_train_dataset(cfg: Any, *, global_batch_size: int, seed: int,
                         tokenizer: tokenizers_lib.Tokenizer | None,
                         process_index: int = 0, process_count: int = 1,
@@ -288,8 +321,10 @@ def build_train_dataset(cfg: Any, *, global_batch_size: int, seed: int,
     cfg: attribute object (ml_collections.ConfigDict, dict, dataclass) with
       data_dir: str|None (see resolve_data_dir; TFDS data dir for kind="tfds").
       train: shard glob or list of globs, relative to data_dir (kind="tar").
-      kind: "tar" | "tfds"; tfds_name, tfds_split (kind="tfds"; optional
-        tfds_image_key/tfds_label_key/tfds_text_key, default image/label/captions).
+      kind: "tar" | "tfds" | "interleaved"; tfds_name, tfds_split (kind="tfds"; optional
+        tfds_image_key/tfds_label_key/tfds_text_key, default image/label/captions);
+        interleaved documents take the fields of `vlpre.data.interleaved.train_records`
+        and are packed before `stream`.
       image_key: member extension(s) of the image; None tries jpg, jpeg, png, webp.
       caption_field: JSON field holding the caption(s) ("captions").
       label: emit "label" from .cls instead of "text"/"text_mask".
@@ -323,18 +358,18 @@ def build_train_dataset(cfg: Any, *, global_batch_size: int, seed: int,
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
   host_batch = global_batch_size // process_count
-  source = make_source(cfg)
-
-  ds = grain.MapDataset.source(source).seed(seed)
-  ds = ds[process_index::process_count]
-  if len(ds) < host_batch:
-    logging.warning("host %d holds %d samples, fewer than its batch of %d",
-                    process_index, len(ds), host_batch)
-  if _cfg_get(cfg, "shuffle", True):
-    ds = ds.shuffle()
-  ds = ds.repeat(None)  # infinite; reseeds shuffle and augmentations every epoch
-  ds = ds.apply(train_transforms(cfg, tokenizer, extra_transforms=extra_transforms,
-                                extra_keys=extra_keys))
+  kind_stream = None
+  if _cfg_get(cfg, "kind", "tar") == "interleaved":
+    # Imported here: vlpre.data.interleaved builds on this module.
+    from vlpre.data import interleaved  # pylint: disable=g-import-not-at-top
+    ds, kind_stream = interleaved.train_records(
+        cfg, seed=seed, tokenizer=tokenizer, process_index=process_index,
+        process_count=process_count, host_batch=host_batch)
+  else:
+    ds = host_records(make_source(cfg), cfg, seed=seed, process_index=process_index,
+                      process_count=process_count, host_batch=host_batch)
+    ds = ds.apply(train_transforms(cfg, tokenizer, extra_transforms=extra_transforms,
+                                  extra_keys=extra_keys))
 
   num_workers = int(_cfg_get(cfg, "num_workers", 0))
   prefetch = int(_cfg_get(cfg, "prefetch_buffer_size", 0) or 0)
@@ -346,6 +381,8 @@ def build_train_dataset(cfg: Any, *, global_batch_size: int, seed: int,
                                    prefetch_buffer_size=max(4 * threads, min(host_batch, 256)))
   it_ds = ds.to_iter_dataset(read_options)
   it_ds = SkipBad(it_ds)
+  if kind_stream is not None:
+    it_ds = kind_stream(it_ds)
   if stream is not None:
     it_ds = stream(it_ds)
   it_ds = it_ds.batch(host_batch, drop_remainder=True, batch_fn=HostBatch())
