@@ -3,6 +3,8 @@ import io
 import json
 import os
 import pickle
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -352,3 +354,17 @@ def test_missing_and_bad_images_are_dropped_and_counted(mmc4_docs, tmp_path, cli
     num_dropped += batch["_num_dropped_images"]
     firsts += sum(k == "docs:0#0" for row in batch["_key"] for k in row)
   assert num_bad == 2 and num_dropped >= sum(dropped.values())
+
+
+def test_convert_cli_writes_the_recipe(flickr_docs, data_dir, tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, "-m", "vlpre.data.convert", "--mode=interleaved",
+       "--pairs=flickr8k/val-*.tar", f"--data_dir={data_dir}", f"--out_dir={tmp_path}",
+       "--split=val"],
+      capture_output=True, text=True, env=env, timeout=120,
+      cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert result.returncode == 0, result.stderr
+  path, stats = flickr_docs
+  assert f"wrote {stats['documents']} documents of 1000 images" in result.stdout
+  assert (tmp_path / "val.jsonl").read_bytes() == open(path, "rb").read()

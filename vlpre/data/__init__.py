@@ -1,4 +1,8 @@
 """vlpre input pipelines: sources, tokenizers, typed grain transforms, train/eval pipelines."""
+from vlpre.data.documents import ImageStore
+from vlpre.data.documents import JsonlSource
+from vlpre.data.documents import read_document
+from vlpre.data.interleaved import build_flickr_interleaved
 from vlpre.data.pipeline import EvalBatches
 from vlpre.data.pipeline import HostBatch
 from vlpre.data.pipeline import SkipBad

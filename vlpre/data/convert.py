@@ -20,6 +20,12 @@ Usage:
   #     /usr/share/datasets/fashion-mnist) -> PNG + .cls shards, both splits
   python -m vlpre.data.convert --mode=idx --idx_dir=/usr/share/datasets/fashion-mnist \
       --idx_classnames=fashion_mnist --out_dir=workdirs/data/fashion_mnist
+  # (e) interleaved documents (OBELICS-layout JSONL, <out_dir>/<split>.jsonl) built from
+  #     image-caption shards, 2-4 consecutive images per document, each followed by one
+  #     of its captions (vlpre.data.interleaved.build_flickr_interleaved); the images
+  #     stay in the shards: train with input.documents=<that file>, input.images=--pairs
+  python -m vlpre.data.convert --mode=interleaved --pairs='flickr8k/train-*.tar' \
+      --out_dir=workdirs/data/flickr8k_interleaved --split=train
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from vlpre.data import interleaved
 from vlpre.data import sources as sources_lib
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -384,7 +391,8 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags() -> None:
-  flags.DEFINE_enum("mode", None, ["captions", "classes", "tfds", "idx"], "What to convert.")
+  flags.DEFINE_enum("mode", None, ["captions", "classes", "tfds", "idx", "interleaved"],
+                    "What to convert.")
   flags.DEFINE_string("out_dir", None, "Output directory for the shards.")
   flags.DEFINE_string("split", "train", "Shard name prefix: <out_dir>/<split>-%05d.tar.")
   flags.DEFINE_integer("samples_per_shard", 1000, "Samples per tar shard.")
@@ -402,12 +410,27 @@ def _define_flags() -> None:
   flags.DEFINE_enum("idx_classnames", "fashion_mnist", sorted(IDX_CLASSNAMES),
                     "(idx) which dataset's class names.")
   flags.DEFINE_integer("idx_max_per_split", 0, "(idx) keep the first N of each split (0: all).")
+  flags.DEFINE_string("pairs", "flickr8k/train-*.tar",
+                      "(interleaved) image-caption tar glob, relative to --data_dir.")
+  flags.DEFINE_string("data_dir", None, "(interleaved) data dir of --pairs (None: "
+                      "$VLPRE_DATA_DIR, else ../shared/data).")
+  flags.DEFINE_integer("doc_min_images", 2, "(interleaved) fewest images per document.")
+  flags.DEFINE_integer("doc_max_images", 4, "(interleaved) most images per document.")
+  flags.DEFINE_integer("seed", 0, "(interleaved) seed of the group sizes and captions.")
 
 
 def main(argv: list[str]) -> None:
   del argv
   if not FLAGS.mode or not FLAGS.out_dir:
     raise app.UsageError("--mode and --out_dir are required")
+  if FLAGS.mode == "interleaved":
+    path = os.path.join(FLAGS.out_dir, f"{FLAGS.split}.jsonl")
+    counts = interleaved.build_flickr_interleaved(
+        FLAGS.data_dir, path, pattern=FLAGS.pairs, min_images=FLAGS.doc_min_images,
+        max_images=FLAGS.doc_max_images, seed=FLAGS.seed)
+    print(f"wrote {counts['documents']} documents of {counts['images']} images to {path}; "
+          f"their images stay in {FLAGS.pairs}")
+    return
   resize = FLAGS.resize or None
   common = dict(samples_per_shard=FLAGS.samples_per_shard, resize=resize,
                 image_format=FLAGS.image_format)
