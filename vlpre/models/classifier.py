@@ -38,17 +38,46 @@ from vlpre.models.two_tower import vit_from_config
 
 @dataclasses.dataclass(frozen=True)
 class Backbone:
-  """How the classifier builds one backbone and reads the pooled feature [B, d] from it."""
+  """How the classifier builds one backbone and reads its pooled [B, d] and per-position
+  [B, N, d] features."""
   # Called inside Model.setup with the Model, whose fields configure the backbone; the
   # module's name is fixed here because checkpoints (and their frozen/sharding regexes)
   # address its parameters by it.
   build: Callable[[Any], nn.Module]
+  # (module, image) → the per-position features [B, N, d] before pooling, in eval mode.
+  patch_tokens: Callable[[Any, jax.Array], jax.Array]
   # The module's `__call__(image, train=...)` output → the pooled feature.
   pooled: Callable[[Any], jax.Array] = lambda out: out
 
 
 def _vit(model) -> nn.Module:
   return vit_from_config({"pool": "cls", **(model.vit or {})}, model.dtype, name="vit")
+
+
+def _vit_patch_tokens(vit, image_BxHxWx3):
+  return vit.encode(image_BxHxWx3, all_levels=False)["tokens"]
+
+
+def _resnet_patch_tokens(resnet: ResNet, image_BxHxWx3):
+  """The last stage's map [B, h*w, d], the one ResNet averages into its pooled feature.
+
+  ResNet returns only the mean, so the last block's output is caught as it is computed
+  (flax's method interception) rather than recomputed with a copy of the network.
+  """
+  last_block = f"stage{len(resnet.stage_sizes)}_block{resnet.stage_sizes[-1]}"
+  caught = []
+
+  def catch(call, args, kwargs, context):
+    out = call(*args, **kwargs)
+    if context.method_name == "__call__" and context.module.name == last_block:
+      caught.append(out)
+    return out
+
+  with nn.intercept_methods(catch):
+    resnet(image_BxHxWx3, train=False)
+  (map_BxHxWxd,) = caught
+  batch, height, width, channels = map_BxHxWxd.shape
+  return map_BxHxWxd.reshape(batch, height * width, channels)
 
 
 def _resnet(stages_name: str, model) -> nn.Module:
@@ -58,8 +87,10 @@ def _resnet(stages_name: str, model) -> nn.Module:
 
 
 BACKBONES: dict[str, Backbone] = {
-    "vit": Backbone(_vit, pooled=lambda out: out[0]),  # ViT returns (pooled, tokens)
-    **{name: Backbone(functools.partial(_resnet, name)) for name in RESNET_STAGES},
+    "vit": Backbone(_vit, pooled=lambda out: out[0],  # ViT returns (pooled, tokens)
+                    patch_tokens=_vit_patch_tokens),
+    **{name: Backbone(functools.partial(_resnet, name), patch_tokens=_resnet_patch_tokens)
+       for name in RESNET_STAGES},
 }
 
 
@@ -159,6 +190,10 @@ class Model(nn.Module):
     """For the linear_probe evaluator: the pooled feature, as `zimg` and `pre_logits`."""
     feature_Bxd = self._feature(image, train).astype(jnp.float32)
     return {"zimg": feature_Bxd, "pre_logits": feature_Bxd}
+
+  def embed_patches(self, image):
+    """For attentive probes: the backbone's per-position features [B, N, d] (eval mode)."""
+    return BACKBONES[self.backbone].patch_tokens(self.net, image).astype(jnp.float32)
 
   def classify(self, image):
     """Class logits [B, C] of the evaluation path (BatchNorm on running statistics)."""

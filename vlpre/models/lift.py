@@ -58,6 +58,10 @@ class Model(nn.Module):
     z_BxE = self.head_out(nn.gelu(self.head_in(pooled_BxD)))
     return {"zimg": z_BxE.astype(jnp.float32), "pre_logits": pooled_BxD.astype(jnp.float32)}
 
+  def embed_patches(self, image):
+    """The image tower's final per-patch tokens [B, N, D], for attentive probes."""
+    return self.img.encode(image, all_levels=False)["tokens"].astype(jnp.float32)
+
   def embed_text(self, text, text_mask=None, train: bool = False):
     del train  # frozen
     if self.txt_encoder is None:

@@ -49,6 +49,10 @@ class Model(nn.Module):
     return {"zimg": self.img_head(pooled_BxD).astype(jnp.float32),
             "pre_logits": pooled_BxD.astype(jnp.float32)}
 
+  def embed_patches(self, image):
+    """The image tower's final per-patch tokens [B, N, D] (cls dropped), for attentive probes."""
+    return self.img.encode(image, all_levels=False)["tokens"].astype(jnp.float32)
+
   def embed_text(self, text, text_mask=None, train: bool = False):
     return self.txt_head(self.txt(text, text_mask, train=train)).astype(jnp.float32)
 
