@@ -17,23 +17,27 @@ from tests import helpers
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def bridge_config(data_dir, shard):
+def bridge_config(data_dir, shard, arg="tiny,freeze=last2"):
+  """configs/bridge.py at test size; by default partial bridging (the last 2 blocks frozen)."""
   spec = importlib.util.spec_from_file_location("bridge_config", os.path.join(ROOT, "configs", "bridge.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  c = module.get_config("tiny")
+  c = module.get_config(arg)
   c.input.train = shard
   c.input.data_dir = data_dir
   c.batch_size, c.total_steps, c.log_every = 16, 2, 1
   c.mesh = (("data", 2), ("fsdp", 4), ("tensor", 1))
   c.min_fsdp_size = 2**16
-  c.bridge.num_layers = 4
-  c.bridge.layer_groups = (2, 2)
-  c.frozen = ("llm/layers_2to3/.*",)  # partial bridging: the last 2 blocks stay pretrained
+  c.model.patch_size = 4
   c.optim.warmup_steps = 0
-  c.evals = {"classify": dict(c.evals.classify, max_examples=32, batch_size=16, data_dir=data_dir),
-             "linear_probe": dict(c.evals.linear_probe, max_train_examples=32, max_examples=32,
-                                  batch_size=16, data_dir=data_dir)}
+  small = dict(max_examples=32, batch_size=16, data_dir=data_dir, test_data=shard, data=shard,
+               train_data=shard, max_train_examples=32)
+  c.evals = {name: {k: v for k, v in dict(e, **small).items()
+                    if k in e or k in ("data_dir", "max_examples", "batch_size")}
+             for name, e in c.evals.items()}
+  if "classify" not in c.evals:
+    c.evals["classify"] = dict(kind="classification", data=shard, image_size=32, resize_size=32,
+                               **{k: small[k] for k in ("max_examples", "batch_size", "data_dir")})
   return c
 
 
@@ -129,6 +133,28 @@ def test_two_steps_partial_bridge_on_8_devices(data_dir, shard, tmp_path):
   final = train.run(config, str(tmp_path / "run"))  # the real loop, evaluators included
   assert np.isfinite(final["loss"]) and 0 <= final["classify/top1"] <= 1
   assert 0 <= final["linear_probe/top1"] <= 1
+
+  # Stage 2: fine-tune from the partial bridge's checkpoint, which holds only the trained
+  # blocks; the frozen ones come from the pretrained LLM, the head starts afresh.
+  ft = bridge_config(data_dir, shard, "tiny,finetune,freeze=last2")
+  ft.init_from.workdir = str(tmp_path / "run")
+  ft.total_steps = 1
+  assert ft.bridge.random_label_ratio == 0 and not ft.frozen
+  bridged = train.load_from_workdir(str(tmp_path / "run"), ("llm", "patch_embed"))
+  assert set(bridged["llm"]) == {"layers_0to1", "norm"}  # the trainable part only
+  s2 = train.setup(ft, batch)
+  assert not jax.tree.leaves(s2.frozen)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, s2.state.params["llm"]),
+               {**frozen_before["llm"], **bridged["llm"]})
+  np.testing.assert_array_equal(s2.state.params["patch_embed"]["kernel"],
+                                bridged["patch_embed"]["kernel"])
+  assert not np.asarray(s2.state.params["head"]["kernel"]).any()  # zero-initialised head
+  train.run(ft, str(tmp_path / "ft"))
+  from vlpre import metrics  # pylint: disable=g-import-not-at-top
+  rows = metrics.read_metrics(str(tmp_path / "ft"))
+  probe_steps = [r["step"] for r in rows if "linear_probe/top1" in r]
+  classify_steps = [r["step"] for r in rows if "classify/top1" in r]
+  assert probe_steps == [0] and classify_steps == [1]  # at_start only; at the end only
 
 
 def test_layer_decay_scales_each_block_update():

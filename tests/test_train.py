@@ -126,3 +126,20 @@ def _dataset(config):
   from vlpre import data, models
   return data.build_train_dataset(config.input, global_batch_size=config.batch_size,
                                   seed=config.seed, tokenizer=models.build_tokenizer(config))
+
+
+def test_place_pretrained_accepts_a_partial_tree_only_where_allowed():
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  params = {"llm": {"a": np.zeros(2, np.float32), "b": np.zeros(3, np.float32)},
+            "head": np.zeros(1, np.float32)}
+  shardings = jax.tree.map(lambda _: dev, params)
+  partial = {"llm": {"a": np.ones(2)}}
+  with pytest.raises(ValueError, match="lacks 1 weights"):
+    train.place_pretrained(params, partial, shardings)
+  out = train.place_pretrained(params, partial, shardings, partial_ok=("llm",))
+  np.testing.assert_array_equal(out["llm"]["a"], np.ones(2))
+  np.testing.assert_array_equal(out["llm"]["b"], np.zeros(3))  # kept as already placed
+  with pytest.raises(ValueError, match="no place"):
+    train.place_pretrained(params, {"llm": {"c": np.ones(1)}}, shardings, partial_ok=("llm",))
+  with pytest.raises(ValueError, match="shape"):
+    train.place_pretrained(params, {"llm": {"a": np.ones(5)}}, shardings, partial_ok=("llm",))

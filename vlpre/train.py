@@ -154,12 +154,15 @@ def setup(config, example_batch: dict, *, mesh=None) -> Setup:
     for prefix, axes in (built.logical_axes or {}).items():
       var_shardings["params"][prefix] = sharding.logical_names_to_shardings(axes, mesh, rules)
     variables = nn.meta.unbox(jax.jit(init, out_shardings=var_shardings)(rng))
-  pretrained = dict(built.pretrained or {})
-  if config.get("init_from") and config.init_from.get("workdir"):
-    pretrained.update(load_from_workdir(config.init_from.workdir, config.init_from.prefixes))
-  if pretrained:
-    variables = {**variables, "params": place_pretrained(variables["params"], pretrained,
+  if built.pretrained:
+    variables = {**variables, "params": place_pretrained(variables["params"], built.pretrained,
                                                          var_shardings["params"])}
+  if config.get("init_from") and config.init_from.get("workdir"):
+    # A run's checkpoint holds its trainable parameters only: under a subtree the method
+    # loads pretrained (e.g. a partially bridged LLM), the frozen rest stays as placed above.
+    variables = {**variables, "params": place_pretrained(
+        variables["params"], load_from_workdir(config.init_from.workdir, config.init_from.prefixes),
+        var_shardings["params"], partial_ok=tuple(built.pretrained or ()))}
   params, param_sh = variables.pop("params"), var_shardings.pop("params")
   model_state, model_state_sh = variables, var_shardings
   frozen_patterns = tuple(config.get("frozen", ()))
@@ -205,8 +208,13 @@ def load_from_workdir(workdir: str, prefixes) -> dict[str, Any]:
   return {p: jax.tree.map(np.asarray, params[p]) for p in prefixes}
 
 
-def place_pretrained(params: dict, pretrained: dict[str, Any], shardings: dict) -> dict:
-  """Overwrites subtrees ('a/b' → tree) of the initialised params with pretrained weights."""
+def place_pretrained(params: dict, pretrained: dict[str, Any], shardings: dict,
+                     partial_ok: tuple[str, ...] = ()) -> dict:
+  """Overwrites subtrees ('a/b' → tree) of the initialised params with pretrained weights.
+
+  Every weight under a placed prefix must be given, except under the prefixes in
+  `partial_ok` (subtrees already holding pretrained weights, which a partial tree updates).
+  """
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
   flat = traverse_util.flatten_dict(params, sep="/")
   flat_sh = traverse_util.flatten_dict(shardings, sep="/")
@@ -222,7 +230,10 @@ def place_pretrained(params: dict, pretrained: dict[str, Any], shardings: dict) 
                          f"expects {flat[key].shape}")
       flat[key] = jax.device_put(np.asarray(value, dtype=flat[key].dtype), flat_sh[key])
     missing = [k for k in flat if k.startswith(prefix + "/") and k[len(prefix) + 1:] not in entries]
-    if missing:
+    if missing and any(prefix == p or prefix.startswith(p + "/") for p in partial_ok):
+      logging.info("pretrained '%s': %d weights given, %d kept as already placed", prefix,
+                   len(entries), len(missing))
+    elif missing:
       raise ValueError(f"pretrained '{prefix}' lacks {len(missing)} weights, e.g. {missing[:3]}")
   return traverse_util.unflatten_dict(flat, sep="/")
 
@@ -307,6 +318,11 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None) -
 
   try:
     with s.mesh, nn.logical_axis_rules(s.rules):
+      if start == 0:  # evaluators asked for "before training" numbers (at_start)
+        for evaluator in [e for e in evals if e.due(0, config.total_steps)]:
+          results = evaluator.run(s.variables(state))
+          writer.write(0, results)
+          last.update(results)
       for step in range(start + 1, config.total_steps + 1):
         batch = next(data_iter)
         guard.update(batch.get("_num_bad", 0), config.batch_size // jax.process_count())
