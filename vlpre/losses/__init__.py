@@ -18,6 +18,7 @@ import jax
 from vlpre.losses import classification
 from vlpre.losses import contrastive
 from vlpre.losses import language_modeling
+from vlpre.losses import lcl
 from vlpre.losses.classification import softmax_ce, text_byol, text_infonce, text_infonce_oneway
 from vlpre.losses.contrastive import clip_loss, cosine_loss, info_nce, l2_normalize, siglip_loss
 from vlpre.losses.language_modeling import lm_loss, next_token_cross_entropy
@@ -32,7 +33,7 @@ __all__ = [
 LossFn = Callable[[dict, dict], tuple[jax.Array, dict]]
 
 # A new family of losses is a file with a `LOSSES` dict, added to this tuple.
-_FAMILIES: tuple[ModuleType, ...] = (contrastive, classification, language_modeling)
+_FAMILIES: tuple[ModuleType, ...] = (contrastive, classification, language_modeling, lcl)
 
 
 def _merge(families: tuple[ModuleType, ...]) -> dict[str, LossFn]:
