@@ -111,10 +111,17 @@ def test_padding_is_invisible_and_bidirectional_sees_ahead(tiny):
 # ------------------------------------------------------------------- extra keys/values
 
 
-def _naive_attention(x_TxD, p, positions_T, extra_k_SxGxK, extra_v_SxGxK, extra_mask_S, cfg):
-  """One causal GQA attention over [own keys; extra keys], written out in numpy."""
+def _naive_attention(x_TxD, p, positions_T, extra_k_SxGxK, extra_v_SxGxK, extra_mask_S, cfg,
+                     q_norm_scale_K=None):
+  """One causal GQA attention over [own keys; extra keys], written out in numpy.
+
+  With `q_norm_scale_K`, the extra keys are scored by the RMS-normalised (un-rotated)
+  queries times that gain (QK-norm of the cross-attention)."""
   x = np.asarray(x_TxD, np.float64)
   q = (x @ p["q_proj"]["kernel"]).reshape(len(x), cfg.num_heads, cfg.head_dim)
+  q_extra = None
+  if q_norm_scale_K is not None:
+    q_extra = q / np.sqrt(np.mean(q**2, -1, keepdims=True) + cfg.rms_norm_eps) * q_norm_scale_K
   k = (x @ p["k_proj"]["kernel"]).reshape(len(x), cfg.num_kv_heads, cfg.head_dim)
   v = (x @ p["v_proj"]["kernel"]).reshape(len(x), cfg.num_kv_heads, cfg.head_dim)
   inv_freq = rope.inverse_frequencies(cfg.head_dim, cfg.rope_theta)
@@ -126,6 +133,7 @@ def _naive_attention(x_TxD, p, positions_T, extra_k_SxGxK, extra_v_SxGxK, extra_
     return a * cos + np.concatenate([-a[..., half:], a[..., :half]], -1) * sin
 
   q = np.stack([rotate(q[t], positions_T[t]) for t in range(len(x))])
+  q_extra = q if q_extra is None else q_extra  # plain extra keys: the layer's rotated queries
   k = np.stack([rotate(k[t], positions_T[t]) for t in range(len(x))])
   keys = np.concatenate([k, extra_k_SxGxK], 0)
   values = np.concatenate([v, extra_v_SxGxK], 0)
@@ -134,8 +142,8 @@ def _naive_attention(x_TxD, p, positions_T, extra_k_SxGxK, extra_v_SxGxK, extra_
   for t in range(len(x)):
     visible = [j <= t for j in range(len(x))] + [bool(m) for m in extra_mask_S]
     for n in range(cfg.num_heads):
-      scores = np.array([q[t, n] @ keys[j, n // group] / np.sqrt(cfg.head_dim)
-                         for j in range(len(keys))])
+      scores = np.array([(q[t, n] if j < len(x) else q_extra[t, n]) @ keys[j, n // group] /
+                         np.sqrt(cfg.head_dim) for j in range(len(keys))])
       scores = np.where(visible, scores, -np.inf)
       weights = np.exp(scores - scores.max())
       weights /= weights.sum()
@@ -166,6 +174,50 @@ def test_extra_kv_equals_naive_attention_over_the_concatenation():
   np.testing.assert_allclose(
       attention.apply({"params": params}, x_1xTxD, positions_1xT, mask_1xTxT, extra=poked)[0],
       out, rtol=1e-6)
+
+
+def test_extra_kv_with_qk_norm_equals_naive_attention():
+  cfg = CONFIG
+  attention = model_lib.Attention(cfg)
+  rng = np.random.default_rng(7)
+  x_1xTxD = rng.normal(size=(1, 5, 32)).astype(np.float32)
+  positions_1xT = np.arange(5)[None]
+  mask_1xTxT = np.tril(np.ones((5, 5), bool))[None]
+  scale_K = rng.uniform(0.5, 2.0, size=8).astype(np.float32)
+  extra = llm_lib.ExtraKV(k_BxSxGxK=rng.normal(size=(1, 4, 2, 8)).astype(np.float32),
+                          v_BxSxGxK=rng.normal(size=(1, 4, 2, 8)).astype(np.float32),
+                          mask_BxS=np.array([[True, False, True, True]]),
+                          q_norm_scale_BxK=scale_K[None])
+  params = nn.meta.unbox(attention.init(jax.random.key(0), x_1xTxD, positions_1xT, mask_1xTxT,
+                                        extra=extra)["params"])
+  out, _ = attention.apply({"params": params}, x_1xTxD, positions_1xT, mask_1xTxT, extra=extra)
+  expected = _naive_attention(x_1xTxD[0], jax.tree.map(np.asarray, params), np.arange(5),
+                              extra.k_BxSxGxK[0], extra.v_BxSxGxK[0], extra.mask_BxS[0], cfg,
+                              q_norm_scale_K=scale_K)
+  np.testing.assert_allclose(out[0], expected, rtol=1e-4, atol=1e-5)
+  plain = attention.apply({"params": params}, x_1xTxD, positions_1xT, mask_1xTxT,
+                          extra=dataclasses.replace(extra, q_norm_scale_BxK=None))[0]
+  assert not np.allclose(plain, out, atol=1e-3)  # the normalised queries do change the output
+
+
+def test_rope_2d_depends_on_row_and_column_offsets_only():
+  rng = np.random.default_rng(8)
+  q_1x1x1xK, k_1x1x1xK = rng.normal(size=(2, 1, 1, 1, 16)).astype(np.float32)
+
+  def score(qr, qc, kr, kc):
+    def rot(x, r, c):
+      return rope.apply_rope_2d(x, np.array([[r]]), np.array([[c]]))
+    return float(jnp.sum(rot(q_1x1x1xK, qr, qc) * rot(k_1x1x1xK, kr, kc)))
+
+  base = score(3, 1, 1, 4)
+  np.testing.assert_allclose(score(3 + 5, 1 + 2, 1 + 5, 4 + 2), base, rtol=1e-4)  # shift both
+  assert abs(score(3 + 1, 1, 1, 4) - base) > 1e-3   # a row offset matters
+  assert abs(score(3, 1 + 1, 1, 4) - base) > 1e-3   # a column offset matters
+  np.testing.assert_allclose(score(0, 0, 0, 0), float(np.sum(q_1x1x1xK * k_1x1x1xK)), rtol=1e-5)
+  rows, cols = rope.grid_positions(2, 3)
+  assert rows.tolist() == [0, 0, 0, 1, 1, 1] and cols.tolist() == [0, 1, 2, 0, 1, 2]
+  # Rows and columns rotate separate halves: swapping them is a different rotation.
+  assert abs(score(2, 0, 0, 0) - score(0, 2, 0, 0)) > 1e-3
 
 
 def test_extra_kv_reaches_only_its_layer_scanned_or_not(tiny):

@@ -69,11 +69,15 @@ class ExtraKV:
     mask_BxS: which of the S extra slots are real (False: padding / no image).
     positions_BxS: if given, the decoder's own 1D RoPE is applied to the keys at these
       positions; None leaves them as given (e.g. rotated by the caller's 2D RoPE).
+    q_norm_scale_BxK: if given, QK-norm for these keys: the queries that score them are
+      RMS-normalised per head (before RoPE) and scaled by this gain (the caller normalises
+      its keys); the layer's own keys are still scored with its usual queries.
   """
   k_BxSxGxK: jax.Array
   v_BxSxGxK: jax.Array
   mask_BxS: jax.Array
   positions_BxS: jax.Array | None = None
+  q_norm_scale_BxK: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -116,6 +120,33 @@ def attention_mask(q_segment_BxT: jax.Array, q_slot_T: jax.Array, q_position_BxT
   return mask_BxTxS
 
 
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+  """x / rms(x) over the last axis, in float32 (RMSNorm without its gain)."""
+  x32 = x.astype(jnp.float32)
+  return x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+
+
+def _two_query_attention(q_BxTxHxK, q_extra_BxTxHxK, own_slots, k_BxSxGxK, v_BxSxGxK,
+                         mask_BxTxS, scale):
+  """Softmax attention where keys [:own_slots] are scored by `q`, the rest by `q_extra`."""
+  batch, steps, heads, dim = q_BxTxHxK.shape
+  groups = k_BxSxGxK.shape[2]
+
+  def scores(q, k):  # GQA: query head h uses key head h // (H / G)
+    q_BxTxGxRxK = q.reshape(batch, steps, groups, heads // groups, dim)
+    return jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k,
+                      preferred_element_type=jnp.float32) * scale
+
+  logits_BxGxRxTxS = jnp.concatenate(
+      [scores(q_BxTxHxK, k_BxSxGxK[:, :own_slots]),
+       scores(q_extra_BxTxHxK, k_BxSxGxK[:, own_slots:])], axis=-1)
+  logits_BxGxRxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxGxRxTxS,
+                               jnp.finfo(jnp.float32).min)
+  probs_BxGxRxTxS = jax.nn.softmax(logits_BxGxRxTxS, axis=-1).astype(v_BxSxGxK.dtype)
+  out_BxTxGxRxK = jnp.einsum("bgrts,bsgk->btgrk", probs_BxGxRxTxS, v_BxSxGxK)
+  return out_BxTxGxRxK.reshape(batch, steps, heads, dim)
+
+
 class Attention(nn.Module):
   """Grouped-query attention with RoPE, optional KV cache and extra keys/values."""
   config: DecoderConfig
@@ -136,6 +167,10 @@ class Attention(nn.Module):
       q_BxTxHxK = _rms_norm(cfg.rms_norm_eps, self.dtype, "q_norm")(q_BxTxHxK)
       k_BxTxGxK = _rms_norm(cfg.rms_norm_eps, self.dtype, "k_norm")(k_BxTxGxK)
     inv_freq = cfg.inverse_frequencies()
+    q_extra_BxTxHxK = None
+    if extra is not None and extra.q_norm_scale_BxK is not None:
+      q_extra_BxTxHxK = (rms_normalize(q_BxTxHxK, cfg.rms_norm_eps) *
+                         extra.q_norm_scale_BxK[:, None, None, :]).astype(self.dtype)
     q_BxTxHxK = rope.apply_rope(q_BxTxHxK, positions_BxT, inv_freq)
     k_BxTxGxK = rope.apply_rope(k_BxTxGxK, positions_BxT, inv_freq)
     new_cache = None
@@ -150,6 +185,7 @@ class Attention(nn.Module):
       v_BxSxGxK = cache_v_BxSxGxK.astype(self.dtype)
     else:
       k_BxSxGxK, v_BxSxGxK = k_BxTxGxK, v_BxTxGxK
+    own_slots = k_BxSxGxK.shape[1]
     if extra is not None:
       extra_k = extra.k_BxSxGxK.astype(self.dtype)
       if extra.positions_BxS is not None:
@@ -159,10 +195,14 @@ class Attention(nn.Module):
       extra_mask_BxTxE = jnp.broadcast_to(extra.mask_BxS.astype(bool)[:, None, :],
                                           (batch, steps, extra.mask_BxS.shape[1]))
       mask_BxTxS = jnp.concatenate([mask_BxTxS, extra_mask_BxTxE], axis=-1)
-    # jax's attention handles GQA (H a multiple of G) without repeating k/v and does the
-    # softmax in float32; the boolean mask carries causality, segments and padding.
-    out_BxTxHxK = jax.nn.dot_product_attention(
-        q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask_BxTxS[:, None], scale=cfg.head_dim**-0.5)
+    if q_extra_BxTxHxK is not None:  # two query sets: own keys, QK-normed extra keys
+      out_BxTxHxK = _two_query_attention(q_BxTxHxK, q_extra_BxTxHxK, own_slots, k_BxSxGxK,
+                                         v_BxSxGxK, mask_BxTxS, cfg.head_dim**-0.5)
+    else:
+      # jax's attention handles GQA (H a multiple of G) without repeating k/v and does the
+      # softmax in float32; the boolean mask carries causality, segments and padding.
+      out_BxTxHxK = jax.nn.dot_product_attention(
+          q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask_BxTxS[:, None], scale=cfg.head_dim**-0.5)
     out_BxTxHxK = nn.with_logical_constraint(out_BxTxHxK, ("batch", "length", "act_heads", None))
     out_BxTxD = _dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, self.dtype, "o_proj")(
         out_BxTxHxK.reshape(batch, steps, cfg.num_heads * cfg.head_dim))
@@ -422,9 +462,10 @@ def _stack_extra(extra_kv: Mapping[int, ExtraKV] | None, first: int,
   if not present:
     return None
   template = next(iter(present.values()))
-  with_positions = [e.positions_BxS is not None for e in present.values()]
-  if any(with_positions) and not all(with_positions):
-    raise ValueError("within one layer group, give positions_BxS for every ExtraKV or none")
+  for field in ("positions_BxS", "q_norm_scale_BxK"):
+    given = [getattr(e, field) is not None for e in present.values()]
+    if any(given) and not all(given):
+      raise ValueError(f"within one layer group, give {field} for every ExtraKV or none")
 
   def pick(i, field):
     e = present.get(i)
@@ -439,4 +480,6 @@ def _stack_extra(extra_kv: Mapping[int, ExtraKV] | None, first: int,
       v_BxSxGxK=jnp.stack([pick(i, "v_BxSxGxK") for i in layers]),
       mask_BxS=jnp.stack([pick(i, "mask_BxS").astype(bool) for i in layers]),
       positions_BxS=(jnp.stack([pick(i, "positions_BxS") for i in layers])
-                     if template.positions_BxS is not None else None))
+                     if template.positions_BxS is not None else None),
+      q_norm_scale_BxK=(jnp.stack([pick(i, "q_norm_scale_BxK") for i in layers])
+                        if template.q_norm_scale_BxK is not None else None))

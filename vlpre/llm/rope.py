@@ -59,3 +59,24 @@ def apply_rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array,
   half = x_BxLxHxK.shape[-1] // 2
   rotated_BxLxHxK = jnp.concatenate([-x_BxLxHxK[..., half:], x_BxLxHxK[..., :half]], axis=-1)
   return x_BxLxHxK * cos.astype(x_BxLxHxK.dtype) + rotated_BxLxHxK * sin.astype(x_BxLxHxK.dtype)
+
+
+def grid_positions(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+  """Row and column [N] of each patch of a height × width grid, in row-major order."""
+  rows_HxW, cols_HxW = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+  return rows_HxW.reshape(-1), cols_HxW.reshape(-1)
+
+
+def apply_rope_2d(x_BxNxHxK: jax.Array, rows_BxN: jax.Array, cols_BxN: jax.Array,
+                  theta: float = 10_000.0) -> jax.Array:
+  """2D RoPE for image patches: the first half of each head rotates by row, the second by column.
+
+  Each half is ordinary (half-split) RoPE of dimension K/2 at its own coordinate, so the
+  score of two rotated vectors depends on their row and column offsets only.
+  """
+  half = x_BxNxHxK.shape[-1] // 2
+  if half % 2:
+    raise ValueError(f"2D RoPE needs a per-head dim divisible by 4, got {x_BxNxHxK.shape[-1]}")
+  inv_freq = inverse_frequencies(half, theta)
+  return jnp.concatenate([apply_rope(x_BxNxHxK[..., :half], rows_BxN, inv_freq),
+                          apply_rope(x_BxNxHxK[..., half:], cols_BxN, inv_freq)], axis=-1)
