@@ -7,6 +7,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from vlpre import stages
 from vlpre import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (see configs/).",
@@ -20,7 +21,10 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   if os.environ.get("VLPRE_MULTIHOST"):  # TPU pods / multi-node GPU: one process per host
     jax.distributed.initialize()
-  train.run(_CONFIG.value, _WORKDIR.value)
+  if _CONFIG.value.get("stages"):  # staged training (vlpre/stages.py)
+    stages.run(_CONFIG.value, _WORKDIR.value)
+  else:
+    train.run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -86,14 +86,26 @@ def build_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation
   return tx, lr
 
 
-def split_frozen(tree: Any, patterns: Sequence[str]) -> tuple[dict, dict]:
-  """Splits a params tree into (trainable, frozen) by regexes over 'a/b/c' paths."""
+def split_frozen(tree: Any, patterns: Sequence[str],
+                 trainable_patterns: Sequence[str] | None = None) -> tuple[dict, dict]:
+  """Splits a params tree into (trainable, frozen) by regexes over 'a/b/c' paths.
+
+  A path is frozen when it matches `patterns`, or, if `trainable_patterns` is given
+  (not None), when it matches none of those.
+  """
   flat = traverse_util.flatten_dict(tree, sep="/")
-  trainable = {k: v for k, v in flat.items() if not sharding.matches_any(patterns, k)}
-  frozen = {k: v for k, v in flat.items() if sharding.matches_any(patterns, k)}
-  for pattern in patterns:
-    if not any(sharding.matches_any([pattern], k) for k in flat):
-      raise ValueError(f"freeze pattern '{pattern}' matches no parameter")
+
+  def is_frozen(path):
+    if sharding.matches_any(patterns, path):
+      return True
+    return trainable_patterns is not None and not sharding.matches_any(trainable_patterns, path)
+
+  trainable = {k: v for k, v in flat.items() if not is_frozen(k)}
+  frozen = {k: v for k, v in flat.items() if is_frozen(k)}
+  for kind, group in (("freeze", patterns), ("trainable", trainable_patterns or ())):
+    for pattern in group:
+      if not any(sharding.matches_any([pattern], k) for k in flat):
+        raise ValueError(f"{kind} pattern '{pattern}' matches no parameter")
   return (traverse_util.unflatten_dict(trainable, sep="/"),
           traverse_util.unflatten_dict(frozen, sep="/"))
 

@@ -37,6 +37,11 @@ from vlpre import sharding
 _STOP = threading.Event()
 
 
+def stop_requested() -> bool:
+  """Whether a SIGTERM (or `request_stop`) ended the last `run` before its last step."""
+  return _STOP.is_set()
+
+
 def request_stop(*_):
   """Asks the loop to save a checkpoint and return after the current step (SIGTERM)."""
   _STOP.set()
@@ -157,7 +162,11 @@ def setup(config, example_batch: dict, *, mesh=None) -> Setup:
   if built.pretrained:
     variables = {**variables, "params": place_pretrained(variables["params"], built.pretrained,
                                                          var_shardings["params"])}
-  if config.get("init_from") and config.init_from.get("workdir"):
+  if config.get("init_from") and config.init_from.get("params"):
+    # Every parameter from a full export (`export_params`: a staged run's previous stage).
+    variables = {**variables, "params": place_pretrained(
+        variables["params"], load_params(config.init_from.params), var_shardings["params"])}
+  elif config.get("init_from") and config.init_from.get("workdir"):
     # A run's checkpoint holds its trainable parameters only: under a subtree the method
     # loads pretrained (e.g. a partially bridged LLM), the frozen rest stays as placed above.
     variables = {**variables, "params": place_pretrained(
@@ -166,8 +175,10 @@ def setup(config, example_batch: dict, *, mesh=None) -> Setup:
   params, param_sh = variables.pop("params"), var_shardings.pop("params")
   model_state, model_state_sh = variables, var_shardings
   frozen_patterns = tuple(config.get("frozen", ()))
-  params, frozen = optim.split_frozen(params, frozen_patterns)
-  param_sh, frozen_sh = optim.split_frozen(param_sh, frozen_patterns)
+  trainable = config.get("trainable")  # None: everything not frozen trains
+  trainable = None if trainable is None else tuple(trainable)
+  params, frozen = optim.split_frozen(params, frozen_patterns, trainable)
+  param_sh, frozen_sh = optim.split_frozen(param_sh, frozen_patterns, trainable)
   if config.get("check_fsdp_sharding", True):
     sharding.assert_sharded(params, param_sh, min_size=config.get("min_fsdp_size", 2**18))
     sharding.assert_sharded(frozen, frozen_sh, min_size=config.get("min_fsdp_size", 2**18))
@@ -206,6 +217,24 @@ def load_from_workdir(workdir: str, prefixes) -> dict[str, Any]:
     raise ValueError(f"checkpoint {directory} step {step} has no parameters {missing}")
   logging.info("initialising %s from %s step %d", list(prefixes), directory, step)
   return {p: jax.tree.map(np.asarray, params[p]) for p in prefixes}
+
+
+def export_params(path: str, params: Any) -> None:
+  """Writes a full parameter tree (trainable and frozen) where `load_params` reads it."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.abspath(path), params)
+    checkpointer.wait_until_finished()
+
+
+def load_params(path: str) -> dict[str, Any]:
+  """A tree written by `export_params`, as host numpy arrays."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"init_from.params: no exported parameters at {path}")
+  with ocp.StandardCheckpointer() as checkpointer:
+    return jax.tree.map(np.asarray, checkpointer.restore(path))
 
 
 def place_pretrained(params: dict, pretrained: dict[str, Any], shardings: dict,
@@ -259,8 +288,13 @@ class BadSampleGuard:
     return self.bad / max(self.bad + self.good, 1)
 
 
-def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None) -> dict[str, float]:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns last metrics."""
+def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
+        export_params_to: str | None = None) -> dict[str, float]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns last metrics.
+
+  `export_params_to`: once the last step is done (not on a stop request), every
+  parameter, frozen ones included, is written there (`export_params`).
+  """
   from vlpre import data as data_lib  # pylint: disable=g-import-not-at-top
   from vlpre import evaluators as evaluators_lib  # pylint: disable=g-import-not-at-top
 
@@ -346,6 +380,8 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None) -
         if _STOP.is_set():
           logging.info("stop requested: saved step %d, exiting", step)
           break
+      if export_params_to and not _STOP.is_set():
+        export_params(export_params_to, optim.merge(state.params, s.frozen))
   finally:
     ckpt.close()
     writer.close()
