@@ -94,7 +94,7 @@ def test_read_obelics_and_image_keys():
   doc = {"texts": ["Intro.", None, "After.", None],
          "images": [None, "http://e.com/a/cat.01.jpg?s=2", None, "k_1"]}
   assert documents.read_document(doc) == ([(I.TEXT, "Intro."), (I.IMAGE, "cat", None),
-                                   (I.TEXT, "After."), (I.IMAGE, "k_1", None)], 0)
+                                           (I.TEXT, "After."), (I.IMAGE, "k_1", None)], 0)
   assert documents.image_key("95d37b64235d.jpg") == "95d37b64235d"
   with pytest.raises(ValueError, match="both"):
     documents.read_obelics({"texts": ["a"], "images": ["b"]})
