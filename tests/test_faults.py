@@ -15,7 +15,7 @@ import pytest
 from vlpre import data
 from vlpre import train
 from vlpre.data import sources
-from vlpre.data import tar_index
+from vlpre.data import tar_scan
 from vlpre.data import transforms as T
 
 from tests import helpers
@@ -168,14 +168,14 @@ def test_unreadable_shard_counts_its_samples(shard, tmp_path, monkeypatch):
   path, keys, _ = shard
   other = tmp_path / "other-00001.tar"
   other.write_bytes(open(path, "rb").read())
-  real_open = tar_index.open_shard
+  real_open = tar_scan.open_shard
 
   def denied(p):
     if p == str(other):
       raise PermissionError(13, "Permission denied", p)
     return real_open(p)
 
-  monkeypatch.setattr(tar_index, "open_shard", denied)  # root ignores chmod 000
+  monkeypatch.setattr(tar_scan, "open_shard", denied)  # root ignores chmod 000
   src = sources.TarShardSource(str(tmp_path / "*.tar"))
   records = [src[i] for i in range(len(src))]
   bad = [r for r in records if T.is_bad(r)]
@@ -185,7 +185,7 @@ def test_unreadable_shard_counts_its_samples(shard, tmp_path, monkeypatch):
 
 def test_no_readable_sample_is_a_clear_error(shard, monkeypatch):
   path, _, _ = shard
-  monkeypatch.setattr(tar_index, "open_shard", lambda p: (_ for _ in ()).throw(
+  monkeypatch.setattr(tar_scan, "open_shard", lambda p: (_ for _ in ()).throw(
       PermissionError(13, "Permission denied", p)))
   with pytest.raises(FileNotFoundError, match="no readable sample.*Permission denied"):
     sources.TarShardSource(path)
@@ -203,7 +203,7 @@ def test_faults_after_indexing_are_bad_records(shard, tmp_path, monkeypatch, fau
   elif fault == "cut":
     _cut(path, members[f"{keys[6]}.png"][1] + 10)
   else:  # every read fails with EISDIR: an open descriptor that cannot be read
-    monkeypatch.setattr(tar_index, "open_shard", lambda p: os.open(str(tmp_path), os.O_RDONLY))
+    monkeypatch.setattr(tar_scan, "open_shard", lambda p: os.open(str(tmp_path), os.O_RDONLY))
   records = [src[i] for i in range(len(src))]
   bad = [i for i, r in enumerate(records) if T.is_bad(r)]
   assert bad == (list(range(6, NUM_SAMPLES)) if fault == "cut" else list(range(NUM_SAMPLES)))

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from vlpre.data import tar_index
+from vlpre.data import tar_scan
 
 DATA_DIR_ENV = "VLPRE_DATA_DIR"
 
@@ -75,7 +76,7 @@ class _FdCache:
     with self._lock:
       entry = self._fds.pop(path, None)
       if entry is None:
-        entry = [tar_index.open_shard(path), 0, 0]
+        entry = [tar_scan.open_shard(path), 0, 0]
       self._fds[path] = entry  # re-insert: dict order is the LRU order
       entry[1] += 1
       while len(self._fds) > self._max_open:
