@@ -1,5 +1,10 @@
-"""Entry point: `python -m vlpre.main --config=configs/X.py[:arg] --workdir=DIR [--config.a=b]`."""
+"""Entry point: `python -m vlpre.main --config=configs/X.py[:arg] --workdir=DIR [--config.a=b]`.
+
+`--check` only validates the config (vlpre/check.py): one line per problem and exit 1,
+or "config OK" and exit 0. Every run is checked the same way before anything is built.
+"""
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -7,13 +12,15 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from vlpre import check
 from vlpre import stages
 from vlpre import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (see configs/).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard go here.")
-flags.mark_flags_as_required(["config", "workdir"])
+_CHECK = flags.DEFINE_bool("check", False, "Only check the config (vlpre/check.py) and exit.")
+flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
@@ -21,11 +28,33 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   if os.environ.get("VLPRE_MULTIHOST"):  # TPU pods / multi-node GPU: one process per host
     jax.distributed.initialize()
+  if not _CHECK.value and not _WORKDIR.value:
+    raise app.UsageError("--workdir is required (except with --check)")
+  problems = check.check_config(_CONFIG.value)
+  if problems:
+    print("\n".join(problems), file=sys.stderr)
+    sys.exit(1)
+  if _CHECK.value:
+    print("config OK")
+    return
   if _CONFIG.value.get("stages"):  # staged training (vlpre/stages.py)
     stages.run(_CONFIG.value, _WORKDIR.value)
   else:
     train.run(_CONFIG.value, _WORKDIR.value)
 
 
+def _parse_flags(argv):
+  """absl's parser; an override of a field the config lacks is one line, not a traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:  # raised by config_flags, e.g. --config.lossez.clip=1
+    message = e
+    while isinstance(message, BaseException) and message.args:  # config_dict nests the KeyError
+      message = message.args[0]
+    print(f"config override: no such field {str(message).replace(chr(10), '. ')}",
+          file=sys.stderr)
+    sys.exit(1)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,236 @@
+"""Fail fast: everything about a config that can be checked before a model is built.
+
+    problems = check.check_config(config)   # [] when the config is fine
+
+Each problem is one line, "<config field>: <what is wrong>", so a typo in a loss name,
+an evaluator kind, a data glob or the mesh is reported in a second, all at once, instead
+of as a traceback after minutes of model building (or, for an eval split, after the
+whole training). `python -m vlpre.main --check --config=...` prints them and exits 1
+(0 and "config OK" when clean); `vlpre.main` runs the same check before every run.
+
+What is checked: the model file (`model_name`), the loss names, the evaluators' kinds
+and splits (their globs match files, zero-shot class names exist), the training data
+(the glob matches and the first shard opens), the pretrained models the config names
+(installed, a local path, or a hub id allowed and pinned), the mesh against the devices
+and the batch against the data-parallel axes, `init_from`, and for staged configs each
+stage's own config. Nothing is built, loaded or downloaded.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import pkgutil
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from vlpre import losses as losses_lib
+from vlpre import models
+from vlpre import sharding
+from vlpre.data import sources
+from vlpre.data import tar_scan
+from vlpre.llm import assets
+
+# Config sections that name a pretrained model, the field holding the name, and when the
+# name is used (None: whenever the section exists). The section also holds
+# `allow_download` and `revision` for hub ids (vlpre.llm.assets.resolve).
+MODEL_FIELDS: tuple[tuple[str, str, Any], ...] = (
+    ("text_encoder", "name", None),
+    ("bridge", "llm", None),
+    ("hive", "llm", None),
+    ("llm", "name", None),
+    ("describe", "llm", lambda d: d.get("backend") == "llm-class-prompts"),
+)
+_SPLIT_FIELDS = ("data", "train_data", "test_data")  # eval fields holding shard globs
+
+
+def _get(cfg: Any, name: str, default: Any = None) -> Any:
+  try:
+    value = cfg.get(name, default)
+  except (AttributeError, TypeError):
+    return default
+  return default if value is None else value
+
+
+def _evaluator_problem(kind: str) -> str | None:
+  """Why `kind` is not an evaluator: no file vlpre/evaluators/<kind>.py, or no `Evaluator`."""
+  try:
+    if _defines_evaluator(kind):
+      return None
+  except Exception as e:  # pylint: disable=broad-except  (the file itself fails to import)
+    return f"vlpre/evaluators/{kind}.py fails to import: {type(e).__name__}: {e}"
+  import vlpre.evaluators as evaluators  # pylint: disable=g-import-not-at-top
+  kinds = [m.name for m in pkgutil.iter_modules(evaluators.__path__) if _defines_evaluator(m.name, True)]
+  return f"no evaluator kind {kind!r} (vlpre/evaluators/{kind}.py); kinds: {', '.join(sorted(kinds))}"
+
+
+def _defines_evaluator(kind: str, quiet: bool = False) -> bool:
+  """Whether vlpre/evaluators/<kind>.py exists and defines `Evaluator` (helper files do not)."""
+  if not kind.isidentifier() or importlib.util.find_spec(f"vlpre.evaluators.{kind}") is None:
+    return False
+  try:
+    return hasattr(importlib.import_module(f"vlpre.evaluators.{kind}"), "Evaluator")
+  except Exception:  # pylint: disable=broad-except
+    if quiet:
+      return False
+    raise
+
+
+def _check_model(config) -> list[str]:
+  name = _get(config, "model_name")
+  if not name:
+    return ["model_name: not set (a file vlpre/models/<name>.py)"]
+  try:
+    models.get_method(name)
+  except ValueError as e:
+    return [f"model_name: {e}"]
+  except Exception as e:  # pylint: disable=broad-except  (the file itself fails to import)
+    return [f"model_name: vlpre/models/{name}.py fails to import: {type(e).__name__}: {e}"]
+  return []
+
+
+def _check_losses(config) -> list[str]:
+  weights = dict(_get(config, "losses", {}))
+  known = ", ".join(sorted(losses_lib.LOSSES))
+  problems = [f"losses: unknown loss {name!r}; known: {known}"
+              for name in weights if name not in losses_lib.LOSSES]
+  if not any(weights.values()):
+    problems.append("losses: empty or all zero; give at least one loss a weight")
+  return problems
+
+
+def _split_problem(field: str, patterns: Any, data_dir: str | None) -> tuple[str | None, list[str]]:
+  """(problem or None, matched files) of a shard glob."""
+  if not patterns:
+    return f"{field}: no shard pattern given", []
+  try:
+    return None, sources._expand_patterns(patterns, data_dir)  # pylint: disable=protected-access
+  except (FileNotFoundError, ValueError) as e:
+    return f"{field}: {e}", []
+
+
+def _check_evals(config) -> list[str]:
+  problems = []
+  for name, cfg in dict(_get(config, "evals", {})).items():
+    kind = _get(cfg, "kind")
+    if not kind:
+      problems.append(f"evals.{name}: no kind")
+    elif problem := _evaluator_problem(str(kind)):
+      problems.append(f"evals.{name}.kind: {problem}")
+    for field in _SPLIT_FIELDS:
+      if field in cfg:
+        problem, _ = _split_problem(f"evals.{name}.{field}", cfg[field], _get(cfg, "data_dir"))
+        problems += [problem] if problem else []
+    if _get(cfg, "classnames"):
+      problem = _classnames_problem(f"evals.{name}.classnames", cfg["classnames"],
+                                    _get(cfg, "data_dir"))
+      problems += [problem] if problem else []
+  return problems
+
+
+def _classnames_problem(field: str, folder: str, data_dir: str | None) -> str | None:
+  """Zero-shot class names: `<data_dir>/<folder>/classnames.json` (pipeline.load_classnames)."""
+  try:
+    path = os.path.join(sources.resolve_data_dir(data_dir), folder, "classnames.json")
+  except FileNotFoundError as e:
+    return f"{field}: {e}"
+  return None if os.path.isfile(path) else f"{field}: {path} does not exist"
+
+
+def _check_train_data(config) -> list[str]:
+  cfg = _get(config, "input")
+  if cfg is None:
+    return ["input: not set"]
+  kind = _get(cfg, "kind", "tar")
+  data_dir = _get(cfg, "data_dir")
+  if kind == "tfds":
+    from vlpre.data import pipeline  # pylint: disable=g-import-not-at-top
+    try:
+      pipeline.make_source(cfg)
+    except Exception as e:  # pylint: disable=broad-except  (TFDS raises many types)
+      return [f"input: TFDS dataset {_get(cfg, 'tfds_name')!r}: {e}".splitlines()[0]]
+    return []
+  if kind == "interleaved":
+    mix = float(_get(cfg, "mix", 0.0))
+    fields = (["documents"] if mix < 1 else []) + (["paired"] if mix > 0 else [])
+  elif kind == "tar":
+    fields = ["train"]
+  else:
+    return [f"input.kind: unknown data kind {kind!r}; use 'tar', 'tfds' or 'interleaved'"]
+  problems = []
+  for field in fields:
+    problem, files = _split_problem(f"input.{field}", _get(cfg, field), data_dir)
+    if problem:
+      problems.append(problem)
+    elif files[0].endswith(".tar"):  # the first shard opens and lists samples
+      members, faults = tar_scan.scan(files[0])
+      if faults and not members:
+        problems.append(f"input.{field}: {faults[0].reason}")
+    elif not os.access(files[0], os.R_OK):
+      problems.append(f"input.{field}: {files[0]} is not readable")
+  return problems
+
+
+def _check_assets(config) -> list[str]:
+  problems = []
+  for section, field, used in MODEL_FIELDS:
+    cfg = _get(config, section)
+    name = _get(cfg, field) if cfg is not None else None
+    if not name or (used is not None and not used(cfg)):
+      continue
+    problem = assets.name_problem(str(name), allow_download=bool(_get(cfg, "allow_download", False)),
+                                  revision=_get(cfg, "revision"), where=section)
+    if problem:
+      problems.append(f"{section}.{field}: {problem}")
+  return problems
+
+
+def _check_mesh(config, devices: Sequence[Any]) -> list[str]:
+  try:
+    mesh = sharding.make_mesh(_get(config, "mesh", ()), devices)
+  except ValueError as e:
+    return [f"mesh: {e}"]
+  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  batch_size = int(_get(config, "batch_size", 0))
+  if batch_size <= 0 or batch_size % data_parallel:
+    return [f"batch_size: {batch_size} is not divisible by the {data_parallel} data-parallel "
+            f"devices (data × fsdp) of mesh {dict(mesh.shape)}"]
+  return []
+
+
+def _check_init_from(config) -> list[str]:
+  init = _get(config, "init_from")
+  problems = []
+  for field, sub in (("workdir", "checkpoints"), ("params", "")):
+    path = _get(init, field) if init is not None else None
+    if path and "://" not in str(path) and not os.path.isdir(os.path.join(path, sub)):
+      problems.append(f"init_from.{field}: {os.path.join(path, sub).rstrip('/')} does not exist")
+  return problems
+
+
+def _check_one(config, devices: Sequence[Any]) -> list[str]:
+  return (_check_model(config) + _check_losses(config) + _check_evals(config)
+          + _check_train_data(config) + _check_assets(config) + _check_mesh(config, devices))
+
+
+def check_config(config, *, devices: Sequence[Any] | None = None) -> list[str]:
+  """One line per problem of `config` (see the module docstring); [] when it is fine.
+
+  Args:
+    config: a run's config (ml_collections.ConfigDict), staged or not.
+    devices: the devices the mesh must fit; default all of `jax.devices()`.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  problems = _check_one(config, devices) + _check_init_from(config)
+  for index, stage in enumerate(_get(config, "stages", ())):
+    from vlpre import stages  # pylint: disable=g-import-not-at-top  (imports the trainer)
+    label = f"stages[{index}] ({_get(stage, 'name', index)})"
+    try:
+      stage_config = stages.stage_config(config, index, workdir="")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      problems.append(f"{label}: {e}")
+      continue
+    problems += [f"{label}: {line}" for line in _check_one(stage_config, devices)
+                 if line not in problems]
+  return [" ".join(line.split()) for line in problems]  # one line each, whatever the messages
