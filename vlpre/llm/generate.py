@@ -74,20 +74,30 @@ def _take_rows(tree: Any, rows_B: jax.Array) -> Any:
   return jax.tree.map(take, tree)
 
 
+# One jitted step function per decoder module (kept alive here, so its id stays unique):
+# repeated `generate` calls, e.g. an evaluator's batches, compile once per input shape.
+_STEP_FNS: dict[int, tuple[Any, Callable]] = {}
+
+
+def _step_fn(module) -> Callable:
+  if id(module) not in _STEP_FNS:
+    def run(variables, tokens, segments, positions, cache, embeddings, embeddings_mask, extra):
+      out = module.apply(variables, tokens, segments, positions_BxL=positions, cache=cache,
+                         embeddings_BxLxD=embeddings, embeddings_mask_BxL=embeddings_mask,
+                         extra_kv=extra, return_logits="last")
+      return out.logits[:, -1], out.cache
+
+    _STEP_FNS[id(module)] = (module, jax.jit(run, donate_argnums=(4,)))
+  return _STEP_FNS[id(module)][1]
+
+
 class _Runner:
   """The jitted prefill and step functions of one decoder and parameter set."""
 
   def __init__(self, llm, params):
     self.llm = llm
     self.variables = {"params": params}
-
-    def run(variables, tokens, segments, positions, cache, embeddings, embeddings_mask, extra):
-      out = llm.module.apply(variables, tokens, segments, positions_BxL=positions, cache=cache,
-                             embeddings_BxLxD=embeddings, embeddings_mask_BxL=embeddings_mask,
-                             extra_kv=extra, return_logits="last")
-      return out.logits[:, -1], out.cache
-
-    self.run = jax.jit(run, donate_argnums=(4,))
+    self.run = _step_fn(llm.module)
 
   def __call__(self, tokens, segments, positions, cache, embeddings=None, embeddings_mask=None,
                extra=None):

@@ -40,6 +40,9 @@ class Built:
   # Logical axis names (trees of tuples) for parameter subtrees whose module does not
   # annotate them, e.g. a Hugging Face checkpoint's layout: {"txt_encoder": axes_tree}.
   logical_axes: dict[str, Any] | None = None
+  # The pretrained LLM (vlpre.llm.LLM) a captioning model decodes with; the captioning
+  # evaluator and the vlpre-captioner describer generate through it.
+  llm: Any = None
 
 
 @dataclasses.dataclass
