@@ -53,6 +53,9 @@ def get_config(arg=None):
       backend="llm-class-prompts" if tiny else "precomputed",  # | precomputed | vlpre-captioner
       output_dir="workdirs/descriptions/" + ("cifar10-smollm2-135m" if tiny else "imagenet"),
       precomputed="",        # backend=precomputed: JSONL of {"key", "description"} (MiniGPT-4)
+      # backend=vlpre-captioner: a trained vlpre captioner (e.g. HIVE) writes one caption
+      # per training image; its config and run (a staged run: the last stage's export).
+      captioner=dict(config="configs/hive.py:tiny", workdir="workdirs/hive_tiny", batch_size=100),
       llm="smollm2-135m",    # backend=llm-class-prompts: the packaged instruct LLM
       classnames="cifar10" if tiny else "imagenet",  # folder of classnames.json in data_dir
       per_class=8,           # distinct descriptions per class; an image gets one by key hash

@@ -131,3 +131,16 @@ def test_stages_freeze_what_they_say_and_resume_inside_a_stage(data_dir, shards,
   resumed = _flat(train.load_params(os.path.join(other, "2_all", "final_params")))
   for k in after[2]:
     np.testing.assert_array_equal(resumed[k], after[2][k], err_msg=k)
+
+  # The trained captioner as GPT4Image's describer: one caption per training image.
+  from vlpre import config_lib, describe  # pylint: disable=g-import-not-at-top
+  g = config_lib.load(os.path.join(ROOT, "configs", "gpt4image.py") + ":tiny")
+  g.input.train, g.input.data_dir = shards[1], data_dir
+  g.describe.backend, g.describe.output_dir = "vlpre-captioner", str(tmp_path / "descriptions")
+  g.describe.max_new_tokens = 4
+  g.describe.captioner = dict(config=config, workdir=workdir, batch_size=8)
+  path = describe.describe(g, progress=False)
+  table = describe.read_descriptions(path)
+  keys, _ = describe.training_samples(g)
+  assert sorted(table) == sorted(keys) and all(len(v) == 1 and v[0] for v in table.values())
+  assert describe.describe(g, progress=False) == path  # complete: a rerun is a no-op

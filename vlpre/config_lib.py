@@ -85,3 +85,17 @@ def standard_evals(arg: str | None, every_steps: int = 0, *, text: bool = True) 
       num_classes=10, every_steps=every_steps, max_train_examples=5000 if tiny else 0,
       max_examples=2000 if tiny else 0, **size)
   return evals
+
+
+def load(spec: str) -> mlc.ConfigDict:
+  """A config from "path/to/config.py[:arg]", as `--config=` reads it (outside absl flags)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} not found")
+  module_spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0] + "_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)

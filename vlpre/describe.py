@@ -21,8 +21,11 @@ Backends (`config.describe.backend`):
                      each image gets one of its class's descriptions, picked by a
                      hash of its key. The text target is then a function of the label only,
                      unlike the paper's per-image descriptions: see docs/gpt4image.md.
-  vlpre-captioner    describing images with a vlpre captioning model (LCL / HIVE): not
-                     available yet, raises NotImplementedError.
+  vlpre-captioner    a trained vlpre captioning model (HIVE / SA, or any method with
+                     `caption_inputs`) writes one caption FROM EACH TRAINING IMAGE, the
+                     paper's mechanism: `describe.captioner` names its config and workdir
+                     (a staged run's last stage, or the latest checkpoint of a plain run);
+                     greedy decoding, `max_new_tokens` tokens at most.
 """
 from __future__ import annotations
 
@@ -73,6 +76,16 @@ def describer_settings(config) -> dict[str, Any]:
                        'of {"key": ..., "description": ...}')
     # The content, not the path, identifies the descriptions: a moved file still matches.
     settings.update(source=os.path.basename(d.precomputed), sha1=_file_sha1(d.precomputed))
+  elif d.backend == "vlpre-captioner":
+    cap = d.get("captioner") or {}
+    if not cap.get("config") or not cap.get("workdir"):
+      raise ValueError("describe.backend='vlpre-captioner' needs describe.captioner.config "
+                       "(e.g. configs/hive.py:tiny) and describe.captioner.workdir (its run)")
+    spec = cap["config"]  # "configs/hive.py:tiny", or a config object (tests, notebooks)
+    if not isinstance(spec, str):
+      spec = "inline:" + hashlib.sha1(spec.to_json(sort_keys=True).encode()).hexdigest()[:12]
+    settings.update(captioner_config=spec, captioner_workdir=cap["workdir"],
+                    max_new_tokens=int(d.max_new_tokens))
   elif d.backend == "llm-class-prompts":
     settings.update(llm=d.llm, classnames=d.classnames, per_class=int(d.per_class),
                     max_new_tokens=int(d.max_new_tokens), temperature=float(d.temperature),
@@ -91,6 +104,8 @@ def describer_name(meta: dict[str, Any]) -> str:
   if s["backend"] == "llm-class-prompts":
     return (f"{s['llm']} from class names ({s['per_class']} descriptions/class, "
             f"T={s['temperature']})")
+  if s["backend"] == "vlpre-captioner":
+    return f"vlpre captioner {s['captioner_config']} ({s['captioner_workdir']}), per image"
   return f"precomputed ({s['source']})"
 
 
@@ -252,12 +267,6 @@ def _write_atomic(path: str, lines: Sequence[str]) -> None:
 def describe(config, *, progress: bool = True) -> str:
   """Runs stage 1 for `config` and returns the path of descriptions.jsonl (resumable)."""
   settings = describer_settings(config)
-  if settings["backend"] == "vlpre-captioner":
-    raise NotImplementedError(
-        "describe.backend='vlpre-captioner' needs a vlpre image-captioning model, and none "
-        "exists yet: LCL and HIVE (docs/METHODS.md) are not implemented in vlpre. Describe the "
-        "images with an external multimodal LLM (the paper: MiniGPT-4) and use "
-        "backend='precomputed', or use backend='llm-class-prompts'.")
   out_dir = config.describe.output_dir
   meta_path = os.path.join(out_dir, "meta.json")
   path = descriptions_file(config)
@@ -278,6 +287,10 @@ def describe(config, *, progress: bool = True) -> str:
     table = read_descriptions(source)
     check_coverage(table, keys, source)
     rows = [(k, text) for k in keys for text in table[k]]
+  elif settings["backend"] == "vlpre-captioner":
+    captions = caption_images(config, progress=progress)
+    check_coverage({k: [v] for k, v in captions.items()}, keys, "the captioner's output")
+    rows = [(k, captions[k]) for k in keys]
   else:
     per_class, classnames = _class_descriptions_cached(config, settings, labels, keys, progress)
     extra["class_descriptions"] = dict(zip(classnames, per_class))
@@ -293,6 +306,55 @@ def describe(config, *, progress: bool = True) -> str:
   logging.info("wrote %d descriptions of %d images to %s (%s)", len(rows), len(keys), path,
                meta["describer"])
   return path
+
+
+def caption_images(config, *, progress: bool = True) -> dict[str, str]:
+  """key → a caption of that training image by the trained captioner (`describe.captioner`).
+
+  The captioner's parameters: a staged run's last-stage export, else the latest
+  checkpoint of the run (its trainable parameters over the method's pretrained ones).
+  An image the captioner gives no words for is an error naming it, not an empty text.
+  """
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from vlpre import config_lib, data, models, optim, stages, train
+  from vlpre.evaluators import captioning, common
+  # pylint: enable=g-import-not-at-top
+  cap = config.describe.captioner
+  cap_config = cap["config"]
+  cap_config = config_lib.load(cap_config) if isinstance(cap_config, str) else cap_config
+  extras = models.input_extras(cap_config)
+  example = next(iter(data.build_train_dataset(
+      cap_config.input, global_batch_size=cap_config.batch_size, seed=0,
+      tokenizer=models.build_tokenizer(cap_config) if extras.tokenize else None,
+      extra_transforms=extras.transforms, extra_keys=extras.keys, stream=extras.stream)))
+  s = train.setup(cap_config, example)
+  params = jax.device_get(s.variables(s.state))["params"]
+  if cap_config.get("stages"):
+    last = len(cap_config.stages) - 1
+    params = train.load_params(os.path.join(
+        stages.stage_dir(cap["workdir"], last, cap_config.stages[last]), "final_params"))
+  else:
+    params = optim.merge(params, train.load_from_workdir(cap["workdir"], tuple(s.state.params)))
+  variables = {**jax.device_get(s.variables(s.state)), "params": params}
+  size = cap_config.input.image_size
+  cfg = dict(image_size=size, resize_size=size, max_new_tokens=int(config.describe.max_new_tokens),
+             batch_size=int(cap.get("batch_size", 100)))
+  evaluator = captioning.Evaluator("describe", cfg, common.Predictor(s, None))
+  out: dict[str, str] = {}
+  batches = data.iterate_eval(data.make_source(config.input, labels=True, captions=False),
+                              image_size=size, resize_size=size, batch_size=cfg["batch_size"],
+                              data_dir=config.input.get("data_dir"))
+  for batch in tqdm.tqdm(batches, disable=not progress, desc="captioning"):
+    texts = evaluator.captions(variables, batch["image"])
+    for key, text, real in zip(batch["_key"], texts, batch["mask"]):
+      if real:
+        out[key] = text
+  empty = [k for k, v in out.items() if not v.strip()]
+  if empty:
+    raise ValueError(f"the captioner wrote nothing for {len(empty)} images, e.g. {empty[:5]}; "
+                     "train it longer or raise describe.max_new_tokens")
+  return out
 
 
 def _class_descriptions_cached(config, settings, labels, keys, progress):
