@@ -8,11 +8,13 @@ by one of its captions; the images stay in the shards):
       --out_dir=workdirs/data/flickr8k_interleaved --split=train
 which writes workdirs/data/flickr8k_interleaved/train.jsonl (this config's
 `input.documents`, resolved beside configs/ so the run may start from anywhere).
-Tiny CPU runs (64 px, ViT-Ti/16 → 16 visual tokens, a 4-layer decoder, rows of 128
-tokens with up to 4 images; 16 rows ≈ the 64 images of CLIP's tiny step):
-  python -m vlpre.main --config=configs/lcl.py:tiny --workdir=workdirs/lcl_tiny   # interleaved + paired
+Tiny CPU runs (64 px, ViT-Ti/16 → 16 visual tokens, a 4-layer decoder, 16 rows of 128
+tokens with up to 4 images each; CLIP's tiny step has 64 images). Interleaved + paired
+(half the documents each), then paired only, then with SmolLM2 as the causal model:
+  python -m vlpre.main --config=configs/lcl.py:tiny --workdir=workdirs/lcl_tiny
   python -m vlpre.main --config=configs/lcl.py:tiny,paired --workdir=workdirs/lcl_paired_tiny
-  python -m vlpre.main --config=configs/lcl.py:tiny,llm=smollm2-135m --workdir=workdirs/lcl_smollm2_tiny
+  python -m vlpre.main --config=configs/lcl.py:tiny,llm=smollm2-135m \
+      --workdir=workdirs/lcl_smollm2_tiny
 Options after the variant, comma-separated:
   paired               paired data only (input.mix = 1.0): Flickr8k train pairs as 2-element
                        documents, image first with probability 0.5

@@ -24,7 +24,8 @@ P, L, M = 16, 64, 3  # 32 px / patch 8 → 16 visual tokens; rows of 64 tokens, 
 def lcl_config(data_dir, files, arg="tiny"):
   """configs/lcl.py at test size: 32 px, a 2-block ViT, a 2-layer decoder, 8 rows."""
   shard, docs, cifar = files
-  spec = importlib.util.spec_from_file_location("lcl_config", os.path.join(ROOT, "configs", "lcl.py"))
+  path = os.path.join(ROOT, "configs", "lcl.py")
+  spec = importlib.util.spec_from_file_location("lcl_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config(arg)
@@ -83,7 +84,8 @@ def _row(tokens, images, soi_at, length=L):
   present = np.zeros((1, M), bool)
   image_slots = np.zeros((1, M, *images[0].shape), np.float32)
   for i, (image, at) in enumerate(zip(images, soi_at)):
-    visual[0, i], soi[0, i], present[0, i], image_slots[0, i] = at + 1 + np.arange(P), at, True, image
+    visual[0, i], soi[0, i], present[0, i] = at + 1 + np.arange(P), at, True
+    image_slots[0, i] = image
   return {"tokens": np.array([list(tokens) + [0] * pad], np.int32),
           "segment_ids": np.array([[1] * len(tokens) + [0] * pad], np.int32),
           "positions": np.array([list(range(len(tokens))) + [0] * pad], np.int32),
@@ -174,7 +176,8 @@ def _greedy_matches_forward(s, variables, images, vocab, steps=4):
       embeddings_mask=cond["embeddings_mask"])]
   placeholder, soi, eoi = s.model.image_token_ids
   for image, generated in zip(images, tokens):
-    out = s.model.apply(variables, _row([soi] + [placeholder] * P + [eoi] + generated, [image], [0]))
+    row = _row([soi] + [placeholder] * P + [eoi] + generated, [image], [0])
+    out = s.model.apply(variables, row)
     predicted = np.argmax(out["logits_BxLxV"][0, P + 1:P + 1 + steps, :vocab], -1)
     np.testing.assert_array_equal(predicted, generated)
 
@@ -183,11 +186,13 @@ def test_captioning_decodes_what_the_forward_predicts(scratch):
   config, s, variables, batch = scratch
   images = batch["images"][:2, 0]
   _greedy_matches_forward(s, variables, images, vocab=49408 + 3)
-  evaluator = captioning.Evaluator("captioning", config.evals["captioning"], common.Predictor(s, None))
+  evaluator = captioning.Evaluator("captioning", config.evals["captioning"],
+                                   common.Predictor(s, None))
   texts = evaluator.captions(variables, images)
   assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
 
 
+@pytest.mark.slow
 def test_two_steps_on_8_devices_with_every_evaluator(data_dir, files, tmp_path):
   config = lcl_config(data_dir, files)
   last = train.run(config, str(tmp_path / "run"))

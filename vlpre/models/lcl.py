@@ -72,7 +72,8 @@ class Model(nn.Module):
                        f"got {self.image.get('pool')!r}")
     self.img = vit_from_config(self.image, self.dtype)
     width, vocab = self.llm.config.hidden_size, self.llm.config.vocab_size
-    self.visual_proj = nn.Dense(width, dtype=self.dtype, kernel_init=layers.dense_init(("embed", None)),
+    self.visual_proj = nn.Dense(width, dtype=self.dtype,
+                                kernel_init=layers.dense_init(("embed", None)),
                                 bias_init=layers.dense_init((None,), nn.initializers.zeros))
     self.img_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
                              kernel_init=layers.dense_init(("embed", None)))
