@@ -116,6 +116,8 @@ class Model(nn.Module):
 
   def _decode(self, tokens_BxL, segment_ids_BxL, positions_BxL, visual_BxMxPxD=None,
               visual_positions_BxMxP=None, *, logits: bool = False, train: bool = False):
+    """(hidden_BxLxD after the final norm, logits_BxLxV or None): V includes the special
+    columns in (b), so every id of a row is a valid index of the logits."""
     ids_BxL, embeddings_BxLxD, mask_BxL = self.decoder_inputs(
         tokens_BxL, visual_BxMxPxD, visual_positions_BxMxP)
     out = self.llm(ids_BxL, segment_ids_BxL, embeddings_BxLxD=embeddings_BxLxD,
