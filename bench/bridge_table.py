@@ -18,25 +18,19 @@ rerun (their results are read back from `--root`).
 """
 from __future__ import annotations
 
+import common  # pylint: disable=g-bad-import-order  (sets XLA_FLAGS before jax)
+
+common.use_one_device()
+
+import json  # pylint: disable=g-import-not-at-top,wrong-import-position
 import os
-
-# One device: the runs are small, and 8 fake devices on 2 cores only add overhead.
-os.environ["XLA_FLAGS"] = " ".join(
-    [f for f in os.environ.get("XLA_FLAGS", "").split()
-     if not f.startswith("--xla_force_host_platform_device_count")] +
-    ["--xla_force_host_platform_device_count=1"])
-
-import importlib.util  # pylint: disable=g-import-not-at-top,wrong-import-position
-import json
-import sys
 import time
 
 from absl import app
 from absl import flags
 from absl import logging
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = common.ROOT
 
 # name → (configs/bridge.py options, bridged?)
 VARIANTS = {
@@ -64,10 +58,8 @@ _VIT = flags.DEFINE_string("vit_workdir", "workdirs/lift_smollm2_prompteol",
 
 
 def load_config(arg: str):
-  spec = importlib.util.spec_from_file_location("bridge", os.path.join(ROOT, "configs", "bridge.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  from vlpre import config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.load(os.path.join(ROOT, "configs", "bridge.py") + ":" + arg)
 
 
 def _arg(*parts: str) -> str:

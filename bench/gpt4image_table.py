@@ -12,28 +12,22 @@ runs are skipped on a rerun (their results are read back from `--root`).
 """
 from __future__ import annotations
 
-import os
+import common  # pylint: disable=g-bad-import-order  (sets XLA_FLAGS before jax)
 
-# One device: the runs are small, and 8 fake devices on 2 cores only add overhead.
-os.environ["XLA_FLAGS"] = " ".join(
-    [f for f in os.environ.get("XLA_FLAGS", "").split()
-     if not f.startswith("--xla_force_host_platform_device_count")] +
-    ["--xla_force_host_platform_device_count=1"])
+common.use_one_device()
 
 import ast  # pylint: disable=g-import-not-at-top,wrong-import-position
 import functools
-import importlib.util
 import json
+import os
 import statistics
-import sys
 import time
 
 from absl import app
 from absl import flags
 from absl import logging
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = common.ROOT
 
 _VARIANTS = flags.DEFINE_list("variants", ["tiny_resnet", "tiny_vit"], "configs/gpt4image.py args.")
 _WEIGHTS = flags.DEFINE_list("weights", ["0", "0.3"], "text_loss_weight values (0 = CE only).")
@@ -46,11 +40,8 @@ _SET = flags.DEFINE_list("set", [], "Config overrides for every run, e.g. "
 
 
 def load_config(arg: str):
-  spec = importlib.util.spec_from_file_location("gpt4image", os.path.join(ROOT, "configs",
-                                                                         "gpt4image.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
+  from vlpre import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load(os.path.join(ROOT, "configs", "gpt4image.py") + ":" + arg)
   for item in _SET.value:
     path, value = item.split("=", 1)
     *parents, name = path.split(".")

@@ -28,23 +28,10 @@ FREEZE = {"last2": ((2, 2), ("llm/layers_2to3/.*",)),
           "first2": ((2, 2), ("llm/layers_0to1/.*",))}
 
 
-def _parse(arg):
-  variant, *options = (arg or "").split(",")
-  opts = dict(o.split("=", 1) if "=" in o else (o, "1") for o in options if o)
-  unknown = set(opts) - {"finetune", "target", "init", "freeze"}
-  if unknown:
-    raise ValueError(f"unknown bridge options {sorted(unknown)}; known: finetune, target, init, freeze")
-  if opts.get("target", "cifar10") not in TARGETS:
-    raise ValueError(f"target must be one of {sorted(TARGETS)}, got {opts['target']!r}")
-  if opts.get("init", "pretrained") not in ("pretrained", "random"):
-    raise ValueError(f"init must be pretrained or random, got {opts['init']!r}")
-  if opts.get("freeze", "none") not in ("none", *FREEZE):
-    raise ValueError(f"freeze must be one of {['none', *FREEZE]}, got {opts['freeze']!r}")
-  return variant, opts
-
-
 def get_config(arg=None):
-  variant, opts = _parse(arg)
+  variant, opts = config_lib.parse_arg(arg, {
+      "finetune": None, "target": tuple(TARGETS), "init": ("pretrained", "random"),
+      "freeze": ("none", *FREEZE)})
   tiny = variant == "tiny"
   finetune = "finetune" in opts
   data_dir, train, test, num_classes = TARGETS[opts.get("target", "cifar10")]

@@ -18,19 +18,8 @@ import ml_collections as mlc
 from vlpre import config_lib
 
 
-def _parse(arg):
-  variant, *options = (arg or "").split(",")
-  opts = dict(o.split("=", 1) for o in options if o)
-  unknown = set(opts) - {"mode", "pool"}
-  if unknown:
-    raise ValueError(f"unknown HIVE options {sorted(unknown)}; known: mode, pool")
-  if opts.get("mode", "hive") not in ("hive", "sa"):
-    raise ValueError(f"mode must be hive or sa, got {opts['mode']!r}")
-  return variant, opts
-
-
 def get_config(arg=None):
-  variant, opts = _parse(arg)
+  variant, opts = config_lib.parse_arg(arg, {"mode": ("hive", "sa"), "pool": None})
   tiny = variant == "tiny"
   size = "tiny" if tiny else None
   c = config_lib.base(size)

@@ -32,24 +32,13 @@ from vlpre.data import interleaved
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCUMENTS = os.path.join(REPO, "workdirs", "data", "flickr8k_interleaved", "train.jsonl")
-_FLAGS = {"paired", "contrastive", "generation"}
-
-
-def _parse(arg):
-  variant, *options = (arg or "").split(",")
-  opts = dict(o.split("=", 1) if "=" in o else (o, "1") for o in options if o)
-  unknown = set(opts) - _FLAGS - {"llm"}
-  if unknown:
-    raise ValueError(f"unknown LCL options {sorted(unknown)}; known: {sorted(_FLAGS | {'llm'})}")
-  if "contrastive" in opts and "generation" in opts:
-    raise ValueError("contrastive and generation are exclusive (both: leave them out)")
-  if variant not in ("", "tiny"):
-    raise ValueError(f"unknown LCL variant {variant!r}: '' (full size) or 'tiny'")
-  return variant, opts
 
 
 def get_config(arg=None):
-  variant, opts = _parse(arg)
+  variant, opts = config_lib.parse_arg(
+      arg, {"paired": None, "contrastive": None, "generation": None, "llm": None})
+  if "contrastive" in opts and "generation" in opts:
+    raise ValueError("contrastive and generation are exclusive (both: leave them out)")
   tiny = variant == "tiny"
   size = "tiny" if tiny else None
   c = config_lib.base(size)

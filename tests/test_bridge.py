@@ -1,12 +1,12 @@
 """Bridge training: random labels, the LLM-block backbone, partial freezing on 8 devices."""
 import collections
-import importlib.util
 import os
 
 import jax
 import numpy as np
 import pytest
 
+from vlpre import config_lib
 from vlpre import llm as llm_lib
 from vlpre import train
 from vlpre.data import pipeline
@@ -19,10 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def bridge_config(data_dir, shard, arg="tiny,freeze=last2"):
   """configs/bridge.py at test size; by default partial bridging (the last 2 blocks frozen)."""
-  spec = importlib.util.spec_from_file_location("bridge_config", os.path.join(ROOT, "configs", "bridge.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(arg)
+  c = config_lib.load(os.path.join(ROOT, "configs", "bridge.py") + ":" + arg)
   c.input.train = shard
   c.input.data_dir = data_dir
   c.batch_size, c.total_steps, c.log_every = 16, 2, 1

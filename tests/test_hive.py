@@ -1,14 +1,13 @@
 """HIVE: the captioner (hierarchical cross-attention and the SA cascade), staged training
 on 8 devices (frozen parameters bit-identical per stage, exact resume inside a stage) and
 the captioning evaluator's decoding."""
-import importlib.util
 import os
 
 import jax
 import numpy as np
 import pytest
 
-from vlpre import data, metrics, models, stages, train
+from vlpre import config_lib, data, metrics, models, stages, train
 from vlpre.evaluators import captioning, common
 from vlpre.llm import generate as generate_lib
 
@@ -19,10 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def hive_config(data_dir, shard, cifar_shard, mode="hive", steps=(1, 1, 1)):
   """configs/hive.py:tiny at test size: SmolLM2's first 2 layers, a 2-block ViT."""
-  spec = importlib.util.spec_from_file_location("hive_config", os.path.join(ROOT, "configs", "hive.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(f"tiny,mode={mode}")
+  c = config_lib.load(os.path.join(ROOT, "configs", "hive.py") + f":tiny,mode={mode}")
   c.input.train, c.input.data_dir = shard, data_dir
   c.input.image_size, c.input.resize_size, c.input.max_text_len = 32, 32, 16
   c.model.image = dict(patch_size=8, width=32, depth=2, mlp_dim=64, num_heads=2, pool="mean")
@@ -133,7 +129,7 @@ def test_stages_freeze_what_they_say_and_resume_inside_a_stage(data_dir, shards,
     np.testing.assert_array_equal(resumed[k], after[2][k], err_msg=k)
 
   # The trained captioner as GPT4Image's describer: one caption per training image.
-  from vlpre import config_lib, describe  # pylint: disable=g-import-not-at-top
+  from vlpre import describe  # pylint: disable=g-import-not-at-top
   g = config_lib.load(os.path.join(ROOT, "configs", "gpt4image.py") + ":tiny")
   g.input.train, g.input.data_dir = shards[1], data_dir
   g.describe.backend, g.describe.output_dir = "vlpre-captioner", str(tmp_path / "descriptions")

@@ -99,3 +99,25 @@ def load(spec: str) -> mlc.ConfigDict:
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg or None)
+
+
+def parse_arg(arg: str | None, options: dict[str, tuple[str, ...] | None],
+              variants: tuple[str, ...] = ("", "tiny")) -> tuple[str, dict[str, str]]:
+  """A config argument "variant,key=value,flag" → (variant, {key: value, flag: "1"}).
+
+  `options` maps each known key to its allowed values (None: any value, or a flag);
+  an unknown variant, key or value is a one-line error naming what is allowed.
+  """
+  variant, *items = (arg or "").split(",")
+  if variant not in variants:
+    raise ValueError(f"unknown variant {variant!r}; use one of {list(variants)}")
+  opts: dict[str, str] = {}
+  for item in filter(None, items):
+    key, has_value, value = item.partition("=")
+    if key not in options:
+      raise ValueError(f"unknown option {key!r}; known: {sorted(options)}")
+    value = value if has_value else "1"
+    if options[key] is not None and value not in options[key]:
+      raise ValueError(f"option {key} must be one of {list(options[key])}, got {value!r}")
+    opts[key] = value
+  return variant, opts

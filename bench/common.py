@@ -1,0 +1,23 @@
+"""What the benchmark scripts share. Import it first: it must set XLA_FLAGS before jax loads.
+
+    import common  # bench/ is the script's folder, so it is on sys.path
+    common.use_one_device()
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)  # `import vlpre` from a checkout that is not pip-installed
+
+
+def use_one_device() -> None:
+  """One JAX CPU device: small runs gain nothing from 8 fake devices on 2 cores."""
+  if "jax" in sys.modules:
+    raise RuntimeError("use_one_device() must run before jax is imported")
+  os.environ["XLA_FLAGS"] = " ".join(
+      [f for f in os.environ.get("XLA_FLAGS", "").split()
+       if not f.startswith("--xla_force_host_platform_device_count")] +
+      ["--xla_force_host_platform_device_count=1"])
