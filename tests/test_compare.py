@@ -1,0 +1,106 @@
+"""vlpre.compare on synthetic metrics.jsonl files: a plain run, a staged run, a run missing
+a metric. Lines are written the way train.run writes them: training lines carry "loss",
+each evaluator's results come in a line of their own (at step 0 when `at_start`)."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vlpre import compare
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+R1, ZS = "retrieval_flickr8k/i2t_R@1", "zeroshot_cifar10/top1"
+
+
+def _write(directory, lines):
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "metrics.jsonl"), "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(line) + "\n" for line in lines)
+
+
+def _train(step, loss, seconds_per_step=0.5):
+  """A training line, with the per-step training metrics that must not become columns."""
+  return {"step": step, "loss": loss, "clip/i2t_accuracy": 0.1, "lm/loss": loss,
+          "perf/seconds_per_step": seconds_per_step, "input/bad_fraction": 0.0}
+
+
+@pytest.fixture
+def runs(tmp_path):
+  # Plain run: R@1 evaluated at 10 and 20 (a curve), zero-shot at the end only.
+  plain = tmp_path / "runs" / "clip"
+  _write(plain, [_train(1, 8.0), _train(10, 4.0), {"step": 10, R1: 0.01},
+                 _train(20, 2.0), {"step": 20, R1: 0.03, ZS: 0.2}])
+  # Staged run (stages.py layout, folders out of lexical order): probe before and after.
+  staged = tmp_path / "runs" / "hive"
+  _write(staged / "0_projectors", [{"step": 0, "linear_probe/top1": 0.3},
+                                   _train(1, 9.0, 1.0), _train(10, 6.0, 1.0)])
+  _write(staged / "1_llm", [_train(1, 5.0, 2.0), _train(5, 4.5, 2.0)])
+  _write(staged / "10_all", [_train(1, 4.0, 3.0), _train(10, 3.0, 3.0),
+                             {"step": 10, "linear_probe/top1": 0.4, ZS: 0.25}])
+  # Missing R@1; resumed at step 10: the later line of a step wins (read_metrics).
+  missing = tmp_path / "runs" / "lift"
+  _write(missing, [_train(1, 7.0), _train(10, 6.9), _train(20, 6.0), _train(10, 5.0),
+                   _train(20, 1.0), {"step": 20, ZS: 0.15}])
+  return [str(plain), str(staged), str(missing)]
+
+
+def test_staged_run_is_one_curve_with_offsets(runs):
+  run = compare.read_run(runs[1])
+  assert run.name == "hive"
+  assert [r["step"] for r in run.training_rows()] == [1, 10, 11, 15, 16, 25]
+  assert [r["loss"] for r in run.training_rows()] == [9.0, 6.0, 5.0, 4.5, 4.0, 3.0]
+  assert run.series("linear_probe/top1") == [(0, 0.3), (25, 0.4)]  # before, after
+  assert run.stage_starts == [10, 15]
+  assert run.eval_keys == ["linear_probe/top1", ZS]
+
+
+def test_table_values_blanks_and_eval_key_rule(runs, tmp_path):
+  out = tmp_path / "out"
+  text = compare.compare(runs, ["CLIP", "HIVE", "LIFT"], str(out))
+  header, *body = list(csv.reader(open(out / "compare.csv", encoding="utf-8")))
+  # Training metrics with a "/" (clip/, lm/, perf/, input/) are not eval columns.
+  assert header == ["run", "steps", "loss", "train_time_s", R1, ZS, "linear_probe/top1"]
+  rows = {row[0]: dict(zip(header, row)) for row in body}
+  assert rows["CLIP"] == {"run": "CLIP", "steps": "20", "loss": "2.0", "train_time_s": "10.0",
+                          R1: "0.03", ZS: "0.2", "linear_probe/top1": ""}
+  # 10 steps × 1 s + 5 × 2 s + 10 × 3 s.
+  assert rows["HIVE"] == {"run": "HIVE", "steps": "25", "loss": "3.0", "train_time_s": "50.0",
+                          R1: "", ZS: "0.25", "linear_probe/top1": "0.4"}
+  assert rows["LIFT"][R1] == "" and rows["LIFT"]["loss"] == "1.0"
+  assert rows["LIFT"]["train_time_s"] == "10.0"  # a resumed step counted once
+  # The markdown: the same table, rounded, blanks empty; it is what was printed.
+  assert (out / "compare.md").read_text(encoding="utf-8") == text
+  lines = text.splitlines()
+  assert lines[2] == "| " + " | ".join(header) + " |"
+  assert "| HIVE | 25 | 3 | 50 |  | 0.25 | 0.4 |" in lines
+
+
+def test_plots_are_png_files(runs, tmp_path):
+  compare.compare(runs, None, str(tmp_path / "out"))
+  pngs = sorted(p for p in os.listdir(tmp_path / "out") if p.endswith(".png"))
+  # R@1 and the probe have ≥2 points in some run; zero-shot only ever one: no plot.
+  assert pngs == ["eval_linear_probe_top1.png", "eval_retrieval_flickr8k_i2t_R_1.png",
+                  "loss.png"]
+  for name in pngs:
+    with open(tmp_path / "out" / name, "rb") as f:
+      assert f.read(8) == PNG_SIGNATURE
+
+
+def test_errors(runs, tmp_path):
+  with pytest.raises(ValueError, match="2 names for 3 workdirs"):
+    compare.compare(runs, ["a", "b"], str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+    compare.read_run(str(tmp_path / "nowhere"))
+
+
+def test_command_line_defaults_to_the_runs_folder(runs):
+  result = subprocess.run([sys.executable, "-m", "vlpre.compare", "--workdirs=" + ",".join(runs)],
+                          capture_output=True, text=True, check=True, cwd=ROOT)
+  out = os.path.dirname(runs[0])
+  assert "| clip | 20 |" in result.stdout
+  assert os.path.isfile(os.path.join(out, "compare.csv"))
+  assert os.path.isfile(os.path.join(out, "loss.png"))

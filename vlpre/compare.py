@@ -1,0 +1,219 @@
+"""Runs side by side: one table of every evaluation (markdown + CSV) and PNG curves.
+
+    python -m vlpre.compare --workdirs=workdirs/compare/clip,workdirs/compare/lift \
+        [--names=CLIP,LIFT] [--out=workdirs/compare]
+
+Writes into --out (default: the folder the workdirs sit in) and prints compare.md:
+  compare.md, compare.csv  one row per run: `steps` (the last training step), `loss` (the
+                           last training loss), `train_time_s`, then the LAST value of
+                           every eval metric that any run logged; blank where a run has none
+  loss.png                 training loss vs step, one line per run (log y when it spans >10×)
+  eval_<metric>.png        one per eval metric evaluated at ≥2 steps in some run
+
+Which keys are eval metrics: every key of a metrics.jsonl line without "loss". The trainer
+writes each evaluator's results as a line of their own and every training line carries
+"loss" (train.run), so this takes in every evaluator (retrieval_*, zeroshot_*,
+linear_probe*, classify, captioning, attentive_probe, ...) and none of the per-step
+training metrics (clip/..., lm/..., softmax_ce/..., perf/..., input/...), whatever their
+names. It reads the raw lines for this: `metrics.read_metrics` merges a step's lines, and
+an evaluation at the last step shares that step with a training line.
+
+Units: values are as logged, in the CSV and the markdown alike (markdown rounds to 4
+significant digits): R@k, top-k and accuracies are fractions in [0, 1]; captioning's
+bleu4 / cider are ×100 (that evaluator's own scale). `loss` is each method's own objective,
+so it compares a run with itself over time, not methods with each other. `train_time_s` is
+not logged as such: it is Σ perf/seconds_per_step × steps over the logged training lines,
+i.e. the training loop's time (mid-run evaluations and checkpoints included, set-up and
+the evaluations before the first / after the last step not), blank without perf/ metrics.
+
+A staged run (vlpre/stages.py: `<workdir>/<i>_<name>/metrics.jsonl`) is read as one run:
+its stages in order, each stage's steps offset by the steps of the stages before it, so
+curves run on; evaluations at step 0 of the first stage stay at step 0 ("before"). The
+plots mark where each later stage starts with a dotted line.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import re
+
+from matplotlib.figure import Figure  # no pyplot: Agg renders the PNGs, no global backend
+
+from vlpre import metrics as metrics_lib
+
+_STAGE_DIR = re.compile(r"(\d+)_.+")
+
+
+@dataclasses.dataclass
+class Run:
+  """One run's metrics, stages concatenated: rows on one step axis, eval keys in order."""
+  name: str
+  rows: list[dict]         # one dict per step (lines of a step merged), steps ascending
+  eval_keys: list[str]     # first-seen order, so an evaluator's keys stay together
+  stage_starts: list[int]  # the global step where each stage after the first begins
+
+  def series(self, key: str) -> list[tuple[int, float]]:
+    return [(row["step"], row[key]) for row in self.rows if key in row]
+
+  def training_rows(self) -> list[dict]:
+    return [row for row in self.rows if "loss" in row]
+
+
+def _metric_dirs(workdir: str) -> list[str]:
+  """[workdir] for a plain run; its stage folders in stage order for a staged one."""
+  if os.path.isfile(os.path.join(workdir, "metrics.jsonl")):
+    return [workdir]
+  names = os.listdir(workdir) if os.path.isdir(workdir) else []
+  stages = [d for d in names if _STAGE_DIR.fullmatch(d)
+            and os.path.isfile(os.path.join(workdir, d, "metrics.jsonl"))]
+  if not stages:
+    raise FileNotFoundError(f"{workdir}: no metrics.jsonl, nor stage folders <i>_<name>/ "
+                            "holding one")
+  stages.sort(key=lambda d: int(_STAGE_DIR.fullmatch(d).group(1)))
+  return [os.path.join(workdir, d) for d in stages]
+
+
+def read_run(workdir: str, name: str | None = None) -> Run:
+  """Reads a plain or staged run's metrics (see the module docstring)."""
+  merged: dict[int, dict] = {}
+  eval_keys: dict[str, None] = {}  # an ordered set
+  starts, offset = [], 0
+  for directory in _metric_dirs(workdir):
+    starts.append(offset)
+    rows = metrics_lib.read_metrics(directory)
+    for row in rows:
+      step = offset + row["step"]
+      merged.setdefault(step, {}).update(row, step=step)
+    with open(os.path.join(directory, "metrics.jsonl"), encoding="utf-8") as f:
+      for line in f:
+        entry = json.loads(line)
+        if "loss" not in entry:
+          eval_keys.update(dict.fromkeys(k for k in entry if k != "step"))
+    offset += max((row["step"] for row in rows), default=0)
+  return Run(name or os.path.basename(os.path.normpath(workdir)),
+             [merged[s] for s in sorted(merged)], list(eval_keys), starts[1:])
+
+
+def _train_time(run: Run) -> float | None:
+  """Σ perf/seconds_per_step × (steps since the previous logged training line)."""
+  total, previous, seen = 0.0, 0, False
+  for row in run.training_rows():
+    if "perf/seconds_per_step" in row:
+      total += row["perf/seconds_per_step"] * (row["step"] - previous)
+      seen = True
+    previous = row["step"]
+  return total if seen else None
+
+
+def table(runs: list[Run]) -> tuple[list[str], list[list[float | int | str | None]]]:
+  """The header and one row per run: run, steps, loss, train_time_s, eval metrics."""
+  metrics = list(dict.fromkeys(k for run in runs for k in run.eval_keys))
+  header = ["run", "steps", "loss", "train_time_s", *metrics]
+  body = []
+  for run in runs:
+    train = run.training_rows()
+    last = {k: points[-1][1] for k in metrics if (points := run.series(k))}
+    body.append([run.name, train[-1]["step"] if train else None,
+                 train[-1]["loss"] if train else None, _train_time(run),
+                 *(last.get(k) for k in metrics)])
+  return header, body
+
+
+def _cell(column: str, value) -> str:
+  """A markdown cell: blank for a missing value, 4 significant digits, whole seconds."""
+  if value is None:
+    return ""
+  if isinstance(value, str) or column == "steps":
+    return str(value)
+  return f"{value:.0f}" if column == "train_time_s" else f"{value:.4g}"
+
+
+def markdown(header: list[str], body: list[list]) -> str:
+  """`table`'s header and rows as a markdown table (the CSV keeps full precision)."""
+  lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+  lines += ["| " + " | ".join(_cell(c, v) for c, v in zip(header, row)) + " |" for row in body]
+  return "\n".join(lines)
+
+
+_UNITS = ("Last value of each eval metric, as logged: R@k / top-k / accuracies are fractions "
+          "(0-1), captioning bleu4 / cider ×100; `loss` is the last training loss (each "
+          "method's own objective); `train_time_s` = Σ perf/seconds_per_step × steps. "
+          "Blank: the run has no such metric.")
+
+
+def _plot(path: str, runs: list[Run], key: str, *, marker: str | None = None,
+          log_y: bool = False) -> None:
+  fig = Figure(figsize=(6.4, 3.8))
+  ax = fig.add_subplot()
+  for run in runs:
+    points = run.series(key)
+    if not points:
+      continue
+    (line,) = ax.plot(*zip(*points), marker=marker, markersize=4, label=run.name)
+    for start in run.stage_starts:
+      ax.axvline(start, color=line.get_color(), linestyle=":", linewidth=0.8)
+  if log_y:
+    ax.set_yscale("log")
+  ax.set_xlabel("step (stages concatenated)")
+  ax.set_ylabel(key)
+  ax.set_title(key)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def plot(runs: list[Run], out_dir: str) -> list[str]:
+  """loss.png and eval_<metric>.png (metrics evaluated at ≥2 steps in some run); the paths."""
+  paths = []
+  losses = [v for run in runs for _, v in run.series("loss") if math.isfinite(v)]
+  if losses:
+    log_y = min(losses) > 0 and max(losses) > 10 * min(losses)
+    paths.append(os.path.join(out_dir, "loss.png"))
+    _plot(paths[-1], runs, "loss", log_y=log_y)
+  for key in dict.fromkeys(k for run in runs for k in run.eval_keys):
+    if any(len(run.series(key)) >= 2 for run in runs):
+      paths.append(os.path.join(out_dir, "eval_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", key) + ".png"))
+      _plot(paths[-1], runs, key, marker="o")
+  return paths
+
+
+def compare(workdirs: list[str], names: list[str] | None = None,
+            out_dir: str | None = None) -> str:
+  """Reads the runs, writes compare.md / compare.csv / the PNGs into out_dir; the markdown."""
+  if names and len(names) != len(workdirs):
+    raise ValueError(f"{len(names)} names for {len(workdirs)} workdirs")
+  runs = [read_run(w, n) for w, n in zip(workdirs, names or [None] * len(workdirs))]
+  if out_dir is None:  # the folder the runs sit in: workdirs/compare for workdirs/compare/*
+    out_dir = os.path.commonpath([os.path.dirname(os.path.abspath(w)) for w in workdirs])
+  os.makedirs(out_dir, exist_ok=True)
+  header, body = table(runs)
+  text = f"{_UNITS}\n\n{markdown(header, body)}\n"
+  with open(os.path.join(out_dir, "compare.md"), "w", encoding="utf-8") as f:
+    f.write(text)
+  with open(os.path.join(out_dir, "compare.csv"), "w", encoding="utf-8", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(header)
+    writer.writerows([["" if v is None else v for v in row] for row in body])
+  plot(runs, out_dir)
+  return text
+
+
+def main(argv, workdirs, names, out) -> None:
+  del argv
+  print(compare(workdirs.value, names.value or None, out.value or None), end="")
+
+
+if __name__ == "__main__":
+  # Flags are defined here, not on import: other modules define --out for their own main.
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  _WORKDIRS = flags.DEFINE_list("workdirs", None, "runs to compare (plain or staged workdirs)")
+  _NAMES = flags.DEFINE_list("names", [], "one name per run (default: each workdir's folder)")
+  _OUT = flags.DEFINE_string("out", "", "where the table and PNGs go (default: the folder the "
+                             "workdirs sit in)")
+  flags.mark_flag_as_required("workdirs")
+  app.run(lambda argv: main(argv, _WORKDIRS, _NAMES, _OUT))
