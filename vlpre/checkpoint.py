@@ -1,16 +1,24 @@
 """Orbax checkpoints of the train state together with the input iterator's position.
 
 Saving both is what makes a resumed run see exactly the batches it would have seen.
+
 Orbax writes each step to a temporary directory and renames it when complete, so a
-crash mid-save never leaves a half-written "latest" checkpoint.
+crash (kill -9) mid-save never leaves a half-written "latest" checkpoint. A write that
+fails (a full disk, a lost mount) raises `CheckpointWriteError`: one line naming the step
+that was not written and the last complete one, which stays intact and resumable.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
 import grain
 import orbax.checkpoint as ocp
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written; the previous complete one is intact."""
 
 
 class Checkpointer:
@@ -26,6 +34,7 @@ class Checkpointer:
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": grain.checkpoint.CheckpointHandler()})
+    self._writing: int | None = None  # the step an async save may still be writing
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -33,11 +42,18 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return self._manager.should_save(step)
 
-  def save(self, step: int, state: Any, data_iterator: Any | None, *, force: bool = False) -> bool:
+  def save(self, step: int, state: Any, data_iterator: Any | None, *,
+           force: bool = False) -> bool:
+    """Starts writing `step` (async: `wait` says when it is complete). False: not due."""
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    # Orbax first waits for the previous async save: its failure surfaces here.
+    with self._write_errors(self._writing or step):
+      saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    if saved:
+      self._writing = step
+    return saved
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None) -> Any:
     """Restores the state (with the abstract tree's shardings) and the iterator in place."""
@@ -51,8 +67,29 @@ class Checkpointer:
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Blocks until the last save is complete on disk (raises `CheckpointWriteError` if not)."""
+    with self._write_errors(self._writing):
+      self._manager.wait_until_finished()
+    self._writing = None
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
+
+  @contextlib.contextmanager
+  def _write_errors(self, step: int | None):
+    """Turns a failed write of `step` into one line that says what is still safe."""
+    try:
+      yield
+    except ocp.checkpoint_manager.StepAlreadyExistsError:
+      raise  # a caller's mistake, not a failed write
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      # Any: tensorstore reports I/O failures as ValueError or RuntimeError, not OSError.
+      self._writing = None
+      reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      error = CheckpointWriteError(
+          f"checkpoint step {step} could not be written to {self.directory} ({reason}); "
+          f"the last complete checkpoint, step {self._manager.latest_step()}, is intact: "
+          f"fix the cause and rerun to resume from it")
+      error.errno = getattr(e, "errno", None)
+      raise error from e

@@ -2,6 +2,12 @@
 
 `--check` only validates the config (vlpre/check.py): one line per problem and exit 1,
 or "config OK" and exit 0. Every run is checked the same way before anything is built.
+
+Exit status: 0 when the run (every stage of a staged config) is finished; 143 (=
+128 + SIGTERM, `--requeue_exit_code`) when a SIGTERM stopped it early, after saving its
+last finished step: the scheduler should requeue the job, and the rerun resumes (a rerun
+of a finished run is a no-op that exits 0); 1 for errors (a bad config, NaN loss, too
+many bad samples, a checkpoint that could not be written).
 """
 import os
 import sys
@@ -20,6 +26,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (see conf
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard go here.")
 _CHECK = flags.DEFINE_bool("check", False, "Only check the config (vlpre/check.py) and exit.")
+_REQUEUE_EXIT_CODE = flags.DEFINE_integer(
+    "requeue_exit_code", 143, "Exit status after a SIGTERM stopped the run early (its last "
+    "finished step saved): tells the scheduler to requeue. 143 = 128 + SIGTERM.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -41,6 +50,10 @@ def main(argv):
     stages.run(_CONFIG.value, _WORKDIR.value)
   else:
     train.run(_CONFIG.value, _WORKDIR.value)
+  if train.stop_requested():
+    logging.warning("stopped by SIGTERM with the last finished step saved: exit status %d "
+                    "(requeue); rerun the same command to resume", _REQUEUE_EXIT_CODE.value)
+    sys.exit(_REQUEUE_EXIT_CODE.value)
 
 
 def _parse_flags(argv):

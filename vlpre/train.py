@@ -8,6 +8,11 @@ Every method runs through `run`. A method contributes a model file (vlpre/models
   * mutable collections (BatchNorm's `batch_stats`) live in `TrainState.model_state`;
   * the model reads whatever arrays the input pipeline puts in the batch (images,
     tokens, labels, cached embeddings, interleaved sequences).
+
+Preemption: a SIGTERM (or `request_stop`) at any point lets the current step, save or
+evaluator finish; the loop then saves the last finished step if it is not saved yet,
+skips the step's remaining evaluators, waits until the checkpoint is complete on disk,
+and returns with `stop_requested()` true (`vlpre.main` exits with its requeue status).
 """
 from __future__ import annotations
 
@@ -38,12 +43,19 @@ _STOP = threading.Event()
 
 
 def stop_requested() -> bool:
-  """Whether a SIGTERM (or `request_stop`) ended the last `run` before its last step."""
+  """Whether a SIGTERM (or `request_stop`) arrived during the last `run`.
+
+  It then returned early with its last finished step saved, or (when the signal came
+  after its last step and evaluators) finished anyway; either way a rerun resumes or is
+  a no-op, so a scheduler should requeue the job.
+  """
   return _STOP.is_set()
 
 
 def request_stop(*_):
-  """Asks the loop to save a checkpoint and return after the current step (SIGTERM)."""
+  """Asks the loop to save the last finished step and return (the SIGTERM handler)."""
+  if not _STOP.is_set():
+    logging.warning("stop requested: finishing the current step, saving it, then exiting")
   _STOP.set()
 
 
@@ -292,8 +304,9 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
         export_params_to: str | None = None) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns last metrics.
 
-  `export_params_to`: once the last step is done (not on a stop request), every
-  parameter, frozen ones included, is written there (`export_params`).
+  A stop request (SIGTERM) returns early with the last finished step saved (module
+  docstring). `export_params_to`: once the last step is done (not on a stop request),
+  every parameter, frozen ones included, is written there (`export_params`).
   """
   from vlpre import data as data_lib  # pylint: disable=g-import-not-at-top
   from vlpre import evaluators as evaluators_lib  # pylint: disable=g-import-not-at-top
@@ -317,6 +330,7 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
   ckpt = checkpoint_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
       every_steps=config.checkpoint.every_steps, async_save=config.checkpoint.get("async", True))
+  guard = BadSampleGuard(config.input.get("max_bad_fraction", 0.01))
   state = s.state
   start = ckpt.latest_step()
   if start is not None:
@@ -328,8 +342,9 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
 
   writer = metrics_lib.MetricWriter(workdir, is_main_process=jax.process_index() == 0)
   evals = evaluators_lib.build_evaluators(config.get("evals", {}), s, tokenizer=built_tokenizer)
+  # Evaluators asked for "before training" numbers (at_start).
+  first_evals = [e for e in evals if e.due(0, config.total_steps)] if start == 0 else []
   progress = metrics_lib.Progress(config.total_steps, config.batch_size, start)
-  guard = BadSampleGuard(config.input.get("max_bad_fraction", 0.01))
   rng = jax.random.key(config.seed + 1)
   log_every = config.get("log_every", 10)
   last: dict[str, float] = {}
@@ -350,14 +365,26 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
       writer.write(step, values)
     return values
 
+  def evaluate(step: int, due: list, state: TrainState) -> dict[str, float]:
+    """Runs `due` on `state`; after a stop request the rest are left to the resumed run."""
+    results = {}
+    for i, evaluator in enumerate(due):
+      if _STOP.is_set():
+        logging.info("stop requested: evaluators %s of step %d are left to the resumed run",
+                     [e.name for e in due[i:]], step)
+        break
+      values = evaluator.run(s.variables(state))
+      writer.write(step, values)
+      results.update(values)
+    return results
+
+  done = saved = start  # the last finished step; the last one saved (or being written)
   try:
     with s.mesh, nn.logical_axis_rules(s.rules):
-      if start == 0:  # evaluators asked for "before training" numbers (at_start)
-        for evaluator in [e for e in evals if e.due(0, config.total_steps)]:
-          results = evaluator.run(s.variables(state))
-          writer.write(0, results)
-          last.update(results)
+      last.update(evaluate(start, first_evals, state))
       for step in range(start + 1, config.total_steps + 1):
+        if _STOP.is_set():  # it came before this step: during set-up, evaluators or a save
+          break
         batch = next(data_iter)
         guard.update(batch.get("_num_bad", 0), config.batch_size // jax.process_count())
         state, device_metrics = step_fn(state, s.frozen, s.device_batch(batch), rng)
@@ -365,22 +392,27 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
           on_step(step)
         if pending is not None:  # step - 1 is done by now; step runs meanwhile
           last = finish(pending)
-        pending = (step, device_metrics)
+        pending, done = (step, device_metrics), step
         stopping = _STOP.is_set() or step == config.total_steps
         save = stopping or ckpt.should_save(step)
         due = [e for e in evals if e.due(step, config.total_steps)]
         if save or due:  # never checkpoint or evaluate a state whose metrics were not read
           last, pending = finish(pending, force_log=stopping), None
-        if save:
+        if save:  # before the evaluators, so that a stop during them loses no step
           ckpt.save(step, state, data_iter, force=stopping)
-        for evaluator in due:
-          results = evaluator.run(s.variables(state))
-          writer.write(step, results)
-          last.update(results)
-        if _STOP.is_set():
-          logging.info("stop requested: saved step %d, exiting", step)
-          break
-      if export_params_to and not _STOP.is_set():
+          saved = step
+        last.update(evaluate(step, due, state))
+      if _STOP.is_set() and saved != done:  # the stop came after this step's save decision
+        if pending is not None:
+          last, pending = finish(pending, force_log=True), None
+        ckpt.save(done, state, data_iter, force=True)
+        saved = done
+      ckpt.wait()  # complete on disk (or CheckpointWriteError) before the log says so
+      if _STOP.is_set():
+        logging.info("stop requested: %s; exiting early (rerun to resume)",
+                     f"step {done} is saved in {ckpt.directory}" if done
+                     else "before the first step, nothing to save")
+      elif export_params_to:
         export_params(export_params_to, optim.merge(state.params, s.frozen))
   finally:
     ckpt.close()
