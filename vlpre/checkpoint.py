@@ -1,6 +1,9 @@
 """Orbax checkpoints of the train state together with the input iterator's position.
 
-Saving both is what makes a resumed run see exactly the batches it would have seen.
+Saving both is what makes a resumed run see exactly the batches it would have seen. A
+third, small JSON item holds host-side counters (the bad-sample counts of
+`train.BadSampleGuard`), so that they span the whole run across resumes; checkpoints
+written before that item existed restore with no counters.
 
 Orbax writes each step to a temporary directory and renames it when complete, so a
 crash (kill -9) mid-save never leaves a half-written "latest" checkpoint. A write that
@@ -33,7 +36,8 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": grain.checkpoint.CheckpointHandler()})
+                       "data": grain.checkpoint.CheckpointHandler(),
+                       "counters": ocp.JsonCheckpointHandler()})
     self._writing: int | None = None  # the step an async save may still be writing
 
   def latest_step(self) -> int | None:
@@ -43,11 +47,13 @@ class Checkpointer:
     return self._manager.should_save(step)
 
   def save(self, step: int, state: Any, data_iterator: Any | None, *,
-           force: bool = False) -> bool:
+           counters: dict[str, int] | None = None, force: bool = False) -> bool:
     """Starts writing `step` (async: `wait` says when it is complete). False: not due."""
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    if counters is not None:
+      items["counters"] = ocp.args.JsonSave(counters)
     # Orbax first waits for the previous async save: its failure surfaces here.
     with self._write_errors(self._writing or step):
       saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -61,6 +67,14 @@ class Checkpointer:
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+  def restore_counters(self, step: int) -> dict[str, int]:
+    """The counters saved with `step`; {} for a checkpoint written before they were saved."""
+    try:
+      return dict(self._manager.restore(
+          step, args=ocp.args.Composite(counters=ocp.args.JsonRestore()))["counters"])
+    except KeyError:  # orbax: 'Item "counters" was not found in the checkpoint'
+      return {}
 
   def restore_state_only(self, step: int, abstract_state: Any) -> Any:
     return self._manager.restore(

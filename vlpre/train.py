@@ -280,11 +280,25 @@ def place_pretrained(params: dict, pretrained: dict[str, Any], shardings: dict,
 
 
 class BadSampleGuard:
-  """Counts skipped samples; fails once their share passes `max_fraction`."""
+  """Counts skipped samples; fails once their share passes `max_fraction`.
+
+  Bad samples are the records the input pipeline drops: undecodable images, empty or
+  non-UTF-8 captions, and the samples of damaged shards (cut off, bad tar headers,
+  unreadable files), which the data layer turns into bad records. The counts are saved
+  with every checkpoint (`counts`, `restore`), so the share spans the whole run. In a
+  multi-host run each host counts its own samples; a resume restores host 0's counts.
+  """
 
   def __init__(self, max_fraction: float, min_samples: int = 256):
     self.max_fraction, self.min_samples = max_fraction, min_samples
     self.bad = self.good = 0
+
+  def counts(self) -> dict[str, int]:
+    return {"bad_samples": self.bad, "good_samples": self.good}
+
+  def restore(self, counts: dict[str, int]) -> None:
+    """Counts from a checkpoint; {} (a checkpoint written before they were saved) is 0, 0."""
+    self.bad, self.good = int(counts.get("bad_samples", 0)), int(counts.get("good_samples", 0))
 
   def update(self, num_bad: int, num_good: int) -> None:
     self.bad += int(num_bad)
@@ -293,7 +307,8 @@ class BadSampleGuard:
     if seen >= self.min_samples and self.bad / seen > self.max_fraction:
       raise RuntimeError(
           f"{self.bad} of {seen} input samples were unreadable (corrupt image, empty or non-UTF-8 "
-          f"caption): more than input.max_bad_fraction={self.max_fraction}. Check the data.")
+          f"caption, damaged or truncated shard): more than "
+          f"input.max_bad_fraction={self.max_fraction}. Check the data.")
 
   @property
   def fraction(self) -> float:
@@ -338,6 +353,7 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
     abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                             state, s.state_shardings)
     state = ckpt.restore(start, abstract, data_iter)
+    guard.restore(ckpt.restore_counters(start))
   start = start or 0
 
   writer = metrics_lib.MetricWriter(workdir, is_main_process=jax.process_index() == 0)
@@ -399,13 +415,13 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
         if save or due:  # never checkpoint or evaluate a state whose metrics were not read
           last, pending = finish(pending, force_log=stopping), None
         if save:  # before the evaluators, so that a stop during them loses no step
-          ckpt.save(step, state, data_iter, force=stopping)
+          ckpt.save(step, state, data_iter, counters=guard.counts(), force=stopping)
           saved = step
         last.update(evaluate(step, due, state))
       if _STOP.is_set() and saved != done:  # the stop came after this step's save decision
         if pending is not None:
           last, pending = finish(pending, force_log=True), None
-        ckpt.save(done, state, data_iter, force=True)
+        ckpt.save(done, state, data_iter, counters=guard.counts(), force=True)
         saved = done
       ckpt.wait()  # complete on disk (or CheckpointWriteError) before the log says so
       if _STOP.is_set():
