@@ -20,6 +20,8 @@ class MetricWriter:
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       self._file = open(self.path, "a", encoding="utf-8")
+      if self._file.tell() and not _ends_with_newline(self.path):
+        self._file.write("\n")  # a line cut off by a kill stays alone on its line
       if tensorboard:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -42,12 +44,29 @@ class MetricWriter:
         self._tb.close()
 
 
+def _ends_with_newline(path: str) -> bool:
+  with open(path, "rb") as f:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) == b"\n"
+
+
 def read_metrics(workdir: str) -> list[dict]:
-  """All metric rows of a run; for a resumed run, later rows of a step win."""
+  """All metric rows of a run; for a resumed run, later rows of a step win.
+
+  A line cut off by a kill (the process died while writing it) is skipped: the resumed
+  run writes that row again (it retrains the steps after its checkpoint and reruns the
+  evaluators whose results are missing at the step it resumes from).
+  """
   rows = {}
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     for line in f:
-      row = json.loads(line)
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        logging.warning("metrics.jsonl: skipping a cut-off line %r", line[:80])
+        continue
       rows.setdefault(row["step"], {}).update(row)
   return [rows[s] for s in sorted(rows)]
 

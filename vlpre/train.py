@@ -13,6 +13,9 @@ Preemption: a SIGTERM (or `request_stop`) at any point lets the current step, sa
 evaluator finish; the loop then saves the last finished step if it is not saved yet,
 skips the step's remaining evaluators, waits until the checkpoint is complete on disk,
 and returns with `stop_requested()` true (`vlpre.main` exits with its requeue status).
+A resumed run first runs the evaluators due at the step it resumes from whose results
+metrics.jsonl lacks, so a stop or crash during evaluation loses no numbers; resuming a
+finished run does only that.
 """
 from __future__ import annotations
 
@@ -315,6 +318,26 @@ class BadSampleGuard:
     return self.bad / max(self.bad + self.good, 1)
 
 
+def _without_results(evals: list, step: int, workdir: str) -> list:
+  """Those of `evals` with no results at `step` in metrics.jsonl (a stop or crash cut them off).
+
+  Host 0 writes the file, so its answer is broadcast: every host runs the same evaluators.
+  """
+  if not evals:
+    return []
+  keys: set[str] = set()
+  if jax.process_index() == 0:
+    try:
+      keys = {k for row in metrics_lib.read_metrics(workdir) if row["step"] == step for k in row}
+    except FileNotFoundError:
+      pass
+  missing = np.array([not any(k.startswith(e.name + "/") for k in keys) for e in evals])
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    missing = multihost_utils.broadcast_one_to_all(missing)
+  return [e for e, m in zip(evals, missing) if m]
+
+
 def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
         export_params_to: str | None = None) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns last metrics.
@@ -358,8 +381,18 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
 
   writer = metrics_lib.MetricWriter(workdir, is_main_process=jax.process_index() == 0)
   evals = evaluators_lib.build_evaluators(config.get("evals", {}), s, tokenizer=built_tokenizer)
-  # Evaluators asked for "before training" numbers (at_start).
-  first_evals = [e for e in evals if e.due(0, config.total_steps)] if start == 0 else []
+  if start == 0:  # evaluators asked for "before training" numbers (at_start)
+    first_evals = [e for e in evals if e.due(0, config.total_steps)]
+  else:  # those of the resumed step that a stop or crash cut off
+    first_evals = _without_results([e for e in evals if e.due(start, config.total_steps)],
+                                   start, workdir)
+  if start == config.total_steps:
+    logging.info("step %d/%d: the run is finished; %s", start, config.total_steps,
+                 f"running the evaluators missing from metrics.jsonl: "
+                 f"{[e.name for e in first_evals]}" if first_evals else "nothing left to run")
+  elif start and first_evals:
+    logging.info("step %d: first running the evaluators missing from metrics.jsonl: %s", start,
+                 [e.name for e in first_evals])
   progress = metrics_lib.Progress(config.total_steps, config.batch_size, start)
   rng = jax.random.key(config.seed + 1)
   log_every = config.get("log_every", 10)
