@@ -501,11 +501,14 @@ def _main(fault, config, workdir, env, *, kill_after=None, delay=0.0, timeout=30
          f"--workdir={workdir}"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
   try:
     deadline = time.monotonic() + timeout
-    while proc.poll() is None and time.monotonic() < deadline:
+    while proc.poll() is None:
       with open(log, encoding="utf-8") as f:
-        if kill_after is not None and kill_after in f.read():
-          time.sleep(delay)
-          proc.kill()
+        text = f.read()
+      if kill_after is not None and kill_after in text:
+        time.sleep(delay)
+        proc.kill()
+      elif time.monotonic() > deadline:
+        pytest.fail(f"{fault}: no exit (or no {kill_after!r}) in {timeout} s:\n{_tail(text)}")
       time.sleep(0.1)
   finally:
     if proc.poll() is None:

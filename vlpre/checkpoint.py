@@ -54,8 +54,9 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     if counters is not None:
       items["counters"] = ocp.args.JsonSave(counters)
-    # Orbax first waits for the previous async save: its failure surfaces here.
-    with self._write_errors(self._writing or step):
+    if self._writing is not None:
+      self.wait()  # orbax would wait for the previous save too; this names its failure
+    with self._write_errors(step):
       saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
     if saved:
       self._writing = step
