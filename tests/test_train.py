@@ -143,3 +143,25 @@ def test_place_pretrained_accepts_a_partial_tree_only_where_allowed():
     train.place_pretrained(params, {"llm": {"c": np.ones(1)}}, shardings, partial_ok=("llm",))
   with pytest.raises(ValueError, match="shape"):
     train.place_pretrained(params, {"llm": {"a": np.ones(5)}}, shardings, partial_ok=("llm",))
+
+
+def test_quiet_console_keeps_vlpre_lines_and_every_warning(caplog):
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+
+  def log_from(path, level, message):  # a log call made by code in the file `path`
+    exec(compile(f"logging.{level}({message!r})", path, "exec"), {"logging": absl_logging})
+
+  caplog.set_level("INFO")
+  try:
+    metrics.quiet_console()
+    log_from("/site-packages/orbax/checkpoint/manager.py", "info", "orbax-info")
+    log_from("/site-packages/orbax/checkpoint/manager.py", "warning", "orbax-warning")
+    log_from("/work/main/vlpre/train.py", "info", "vlpre-progress")
+    metrics.quiet_console(verbose=True)
+    log_from("/site-packages/orbax/checkpoint/manager.py", "info", "orbax-verbose")
+  finally:
+    metrics.quiet_console(verbose=True)
+  err = " ".join(caplog.messages)
+  assert "orbax-warning" in err and "vlpre-progress" in err and "orbax-verbose" in err
+  assert "orbax-info" not in err
+  assert metrics.format_results({"a/top1": 0.5, "b": 2.0}) == "a/top1 0.5 | b 2"

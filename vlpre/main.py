@@ -19,6 +19,7 @@ import jax
 from ml_collections import config_flags
 
 from vlpre import check
+from vlpre import metrics
 from vlpre import stages
 from vlpre import train
 
@@ -29,12 +30,14 @@ _CHECK = flags.DEFINE_bool("check", False, "Only check the config (vlpre/check.p
 _REQUEUE_EXIT_CODE = flags.DEFINE_integer(
     "requeue_exit_code", 143, "Exit status after a SIGTERM stopped the run early (its last "
     "finished step saved): tells the scheduler to requeue. 143 = 128 + SIGTERM.")
+_VERBOSE = flags.DEFINE_bool("verbose_logs", False, "Show the INFO lines of every library "
+                             "(orbax, grain, jax), not only vlpre's progress and results.")
 flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.INFO)
+  metrics.quiet_console(verbose=_VERBOSE.value)
   if os.environ.get("VLPRE_MULTIHOST"):  # TPU pods / multi-node GPU: one process per host
     jax.distributed.initialize()
   if not _CHECK.value and not _WORKDIR.value:

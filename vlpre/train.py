@@ -424,6 +424,7 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
         break
       values = evaluator.run(s.variables(state))
       writer.write(step, values)
+      logging.info("step %d | %s", step, metrics_lib.format_results(values))
       results.update(values)
     return results
 
