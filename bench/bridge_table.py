@@ -53,7 +53,7 @@ _TARGETS = flags.DEFINE_list("targets", ["cifar10", "fashion_mnist"], "Transfer 
 _BRIDGE_STEPS = flags.DEFINE_integer("bridge_steps", 300, "Stage-1 steps (random labels).")
 _FT_STEPS = flags.DEFINE_integer("finetune_steps", 200, "Stage-2 fine-tuning steps.")
 _OUT = flags.DEFINE_string("root", "workdirs/bridge_bench", "Workdirs, results.json, table.md.")
-_VIT = flags.DEFINE_string("vit_workdir", "workdirs/lift_smollm2_prompteol",
+_VIT = flags.DEFINE_string("outlier_vit_workdir", "workdirs/lift_smollm2_prompteol",
                            "A vision-trained vlpre run for the outlier comparison ('' for none).")
 
 
