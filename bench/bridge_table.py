@@ -22,8 +22,7 @@ import common  # pylint: disable=g-bad-import-order  (sets XLA_FLAGS before jax)
 
 common.use_one_device()
 
-import json  # pylint: disable=g-import-not-at-top,wrong-import-position
-import os
+import os  # pylint: disable=g-import-not-at-top,wrong-import-position
 import time
 
 from absl import app
@@ -115,23 +114,14 @@ def table(results: dict) -> str:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  os.makedirs(_OUT.value, exist_ok=True)
-  path = os.path.join(_OUT.value, "results.json")
-  results = json.load(open(path)) if os.path.exists(path) else {}
-
-  def record(key, fn, *args):
-    if key not in results:
-      results[key] = fn(*args)
-      with open(path, "w") as f:
-        json.dump(results, f, indent=1)
-      print(key, results[key], flush=True)
+  results = common.Results(_OUT.value)
 
   for variant in _VARIANTS.value:
     if VARIANTS[variant][1]:
-      record(f"{variant}/bridge", bridge, variant)
+      results.record(f"{variant}/bridge", bridge, variant)
     for target in _TARGETS.value:
-      record(f"{variant}/{target}", finetune, variant, target)
-  text = table({k: v for k, v in results.items() if not k.endswith("/bridge")})
+      results.record(f"{variant}/{target}", finetune, variant, target)
+  text = table({k: v for k, v in results.data.items() if not k.endswith("/bridge")})
   with open(os.path.join(_OUT.value, "table.md"), "w") as f:
     f.write(text)
   print(text)
@@ -141,7 +131,7 @@ def main(argv):
     analyze_outliers.analyze(_OUT.value, num_layers=4, vit_workdir=vit,
                              bridge_workdir=os.path.join(_OUT.value, "a_full_bridge"))
     print(open(os.path.join(_OUT.value, "outliers.md")).read())
-  print("seconds per run:", {k: round(v["seconds"]) for k, v in results.items()})
+  print("seconds per run:", {k: round(v["seconds"]) for k, v in results.data.items()})
 
 
 if __name__ == "__main__":

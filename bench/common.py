@@ -21,3 +21,26 @@ def use_one_device() -> None:
       [f for f in os.environ.get("XLA_FLAGS", "").split()
        if not f.startswith("--xla_force_host_platform_device_count")] +
       ["--xla_force_host_platform_device_count=1"])
+
+
+class Results:
+  """A table script's finished runs, kept in `<root>/results.json`: a rerun skips them."""
+
+  def __init__(self, root: str):
+    import json  # pylint: disable=g-import-not-at-top
+    self._json = json
+    os.makedirs(root, exist_ok=True)
+    self.path = os.path.join(root, "results.json")
+    self.data: dict = {}
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        self.data = json.load(f)
+
+  def record(self, key: str, fn, *args) -> dict:
+    """`fn(*args)` under `key`, run and saved only if not already there."""
+    if key not in self.data:
+      self.data[key] = fn(*args)
+      with open(self.path, "w") as f:
+        self._json.dump(self.data, f, indent=1)
+      print(key, self.data[key], flush=True)
+    return self.data[key]

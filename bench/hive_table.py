@@ -17,8 +17,7 @@ import common  # pylint: disable=g-bad-import-order  (sets XLA_FLAGS before jax)
 
 common.use_one_device()
 
-import json  # pylint: disable=g-import-not-at-top,wrong-import-position
-import os
+import os  # pylint: disable=g-import-not-at-top,wrong-import-position
 import time
 
 from absl import app
@@ -82,16 +81,10 @@ def table(results: dict) -> str:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  os.makedirs(_OUT.value, exist_ok=True)
-  path = os.path.join(_OUT.value, "results.json")
-  results = json.load(open(path)) if os.path.exists(path) else {}
+  results = common.Results(_OUT.value)
   for mode in ("hive", "sa"):
-    if mode not in results:
-      results[mode] = run_one(mode)
-      with open(path, "w") as f:
-        json.dump(results, f, indent=1)
-      print(mode, results[mode], flush=True)
-  text = table(results)
+    results.record(mode, run_one, mode)
+  text = table(results.data)
   with open(os.path.join(_OUT.value, "table.md"), "w") as f:
     f.write(text)
   print(text)
