@@ -3,10 +3,10 @@
 A captioner (ViT + the packaged SmolLM2) trained in three stages on Flickr8k captions;
 what it leaves behind is the ViT. Tiny CPU run, the ViT from the tiny LIFT run:
   python -m vlpre.main --config=configs/hive.py:tiny \
-      --config.init_from.workdir=workdirs/lift_tiny --workdir=workdirs/hive_tiny
+      --config.init_from.workdir=workdirs/lift --workdir=workdirs/hive_tiny
 The SA baseline (final ViT features fed at the LLM input), same data and steps:
   python -m vlpre.main --config=configs/hive.py:tiny,mode=sa \
-      --config.init_from.workdir=workdirs/lift_tiny --workdir=workdirs/hive_sa_tiny
+      --config.init_from.workdir=workdirs/lift --workdir=workdirs/hive_sa_tiny
 Without init_from, the ViT starts from scratch. The stages (vlpre/stages.py) run in
 `<workdir>/0_projectors`, `1_llm`, `2_all`; evaluators with at_start run before stage 1
 (the encoder before HIVE), the rest after stage 3.
