@@ -118,8 +118,10 @@ def _check_evals(config) -> list[str]:
       problems.append(f"evals.{name}: no kind")
     elif problem := _evaluator_problem(str(kind)):
       problems.append(f"evals.{name}.kind: {problem}")
+    if _get(cfg, "format", "vlpre") != "vlpre":  # a clip_benchmark folder or a TFDS split
+      problems += _eval_split_problem(f"evals.{name}", cfg)
     for field in _SPLIT_FIELDS:
-      if field in cfg:
+      if field in cfg and (field != "data" or _get(cfg, "format", "vlpre") == "vlpre"):
         problem, _ = _split_problem(f"evals.{name}.{field}", cfg[field], _get(cfg, "data_dir"))
         problems += [problem] if problem else []
     if _get(cfg, "classnames"):
@@ -127,6 +129,20 @@ def _check_evals(config) -> list[str]:
                                     _get(cfg, "data_dir"))
       problems += [problem] if problem else []
   return problems
+
+
+def _eval_split_problem(field: str, cfg: Any) -> list[str]:
+  """An eval split in another format opens (`data.open_eval_split`: a folder's shard
+  headers, a TFDS builder's metadata)."""
+  from vlpre.data import pipeline  # pylint: disable=g-import-not-at-top
+  if _get(cfg, "format") not in pipeline.EVAL_FORMATS:
+    return [f"{field}.format: unknown eval format {_get(cfg, 'format')!r}; use one of "
+            f"{', '.join(pipeline.EVAL_FORMATS)}"]
+  try:
+    pipeline.open_eval_split(cfg)
+  except Exception as e:  # pylint: disable=broad-except  (TFDS raises many types)
+    return [f"{field}.data: {e}".splitlines()[0]]
+  return []
 
 
 def _classnames_problem(field: str, folder: str, data_dir: str | None) -> str | None:

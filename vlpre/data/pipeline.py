@@ -288,6 +288,51 @@ def make_source(cfg: Any, split_field: str = "train", *, labels: bool | None = N
   raise ValueError(f"unknown data kind {kind!r}; use 'tar' or 'tfds'")
 
 
+EVAL_FORMATS = ("vlpre", "clip_benchmark", "tfds")
+
+
+@dataclasses.dataclass
+class EvalSplit:
+  """An eval split's random-access source, with the class names and prompt templates its
+  format carries (None where it has none)."""
+  source: Any
+  classnames: list[str] | None = None
+  templates: list[str] | None = None
+
+
+def open_eval_split(cfg: Any, *, labels: bool = False, captions: bool = False,
+                    field: str = "data") -> EvalSplit:
+  """The eval split named by `cfg[field]` in the format `cfg.format`.
+
+    format="vlpre" (default): `field` is a glob of vlpre's tar shards ("cifar10/test-*.tar").
+    format="clip_benchmark": `field` is the dataset folder of clip_benchmark's webdataset
+      layout (`ClipBenchmarkSource`), `cfg.split` its shard subfolder ("test"); it carries
+      classnames.txt and zeroshot_classification_templates.txt.
+    format="tfds": `field` is a TFDS name or a prepared dataset's folder, `cfg.split` a
+      TFDS split ("test"), `cfg.tfds_data_dir` the TFDS data dir (default TFDS's own);
+      feature names tfds_image_key / tfds_label_key / tfds_text_key ("image", "label",
+      "captions"); the label feature's names are the class names.
+  Relative paths are under the data dir (`cfg.data_dir`, `$VLPRE_DATA_DIR`).
+  """
+  fmt = _cfg_get(cfg, "format", "vlpre")
+  where, data_dir = _cfg_get(cfg, field), _cfg_get(cfg, "data_dir")
+  if not where:
+    raise ValueError(f"no {field!r} given")
+  if fmt == "vlpre":
+    return EvalSplit(sources_lib.TarShardSource(where, data_dir=data_dir))
+  if fmt == "clip_benchmark":
+    source = sources_lib.ClipBenchmarkSource(where, _cfg_get(cfg, "split", "test"), data_dir)
+    return EvalSplit(source, source.classnames, source.templates)
+  if fmt == "tfds":
+    source = sources_lib.TfdsSource(
+        where, _cfg_get(cfg, "split", "test"), _cfg_get(cfg, "tfds_data_dir"),
+        image_key=_cfg_get(cfg, "tfds_image_key", "image"),
+        label_key=_cfg_get(cfg, "tfds_label_key", "label") if labels else None,
+        text_key=_cfg_get(cfg, "tfds_text_key", "captions") if captions else None)
+    return EvalSplit(source, source.classnames)
+  raise ValueError(f"unknown eval format {fmt!r}; use one of {', '.join(EVAL_FORMATS)}")
+
+
 def host_records(source: Any, cfg: Any, *, seed: int, process_index: int, process_count: int,
                  host_batch: int) -> grain.MapDataset:
   """This host's records of `source`: sliced, shuffled and repeated forever.

@@ -224,6 +224,75 @@ class TarShardSource:
             f"samples={len(self)})")
 
 
+# ------------------------------------------------------- clip_benchmark's webdataset layout
+
+
+def _read_lines(path: str) -> list[str] | None:
+  """The non-empty stripped lines of a UTF-8 text file; None if it does not exist."""
+  if not os.path.isfile(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return [line.strip() for line in f if line.strip()]
+
+
+def _shard_number(path: str) -> tuple[int, str]:
+  stem = os.path.basename(path)[:-len(".tar")]
+  return (int(stem), "") if stem.isdigit() else (1 << 62, stem)
+
+
+class ClipBenchmarkSource:
+  """grain random-access source over an eval set in clip_benchmark's webdataset layout.
+
+      <root>/<split>/0.tar, 1.tar, ...     (nshards.txt beside them is optional here)
+      <root>/classnames.txt                 one class name a line, in label order
+      <root>/zeroshot_classification_templates.txt   one prompt a line, "{c}" for the name
+
+  Samples: `<key>.webp|png|jpg` and `<key>.cls` (classification, an ASCII class index) or
+  `<key>.txt` (retrieval: the image's captions, one a line). A `.txt` member comes out as
+  `"json": {"captions": [its lines]}`, the form the caption transforms read (a lone `.txt`
+  in vlpre's own shards is one caption); all else as `TarShardSource` reads it.
+
+  Args:
+    root: the dataset folder, absolute or relative to the data dir (`resolve_data_dir`).
+    split: the subfolder holding the shards ("test").
+    data_dir: see `resolve_data_dir`.
+  """
+
+  def __init__(self, root: str, split: str = "test", data_dir: str | None = None):
+    root = os.path.expanduser(os.fspath(root))
+    if not os.path.isabs(root):
+      root = os.path.join(resolve_data_dir(data_dir), root)
+    split_dir = os.path.join(root, split)
+    shards = sorted(glob.glob(os.path.join(glob.escape(split_dir), "*.tar")), key=_shard_number)
+    if not shards:
+      raise FileNotFoundError(
+          f"{split_dir} holds no .tar shards (clip_benchmark's layout: <root>/<split>/0.tar, ...)")
+    self.root, self.split = root, split
+    self.classnames = _read_lines(os.path.join(root, "classnames.txt"))
+    self.templates = _read_lines(os.path.join(root, "zeroshot_classification_templates.txt"))
+    self._tars = TarShardSource(shards)
+
+  @property
+  def shards(self) -> tuple[str, ...]:
+    return self._tars.shards
+
+  def __len__(self) -> int:
+    return len(self._tars)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    record = self._tars[index]
+    if "txt" in record and "json" not in record and "_bad" not in record:
+      try:
+        lines = [c.strip() for c in bytes(record.pop("txt")).decode("utf-8").splitlines()]
+      except UnicodeDecodeError as e:
+        return {"__key__": record["__key__"], "_bad": f"{record['__key__']!r}: .txt is not UTF-8 ({e})"}
+      record["json"] = json.dumps({"captions": [c for c in lines if c]}).encode("utf-8")
+    return record
+
+  def __repr__(self) -> str:
+    return f"ClipBenchmarkSource(root={self.root!r}, split={self.split!r}, samples={len(self)})"
+
+
 # --------------------------------------------------------------------------------- TFDS
 
 
@@ -261,7 +330,8 @@ class TfdsSource:
   prepared in `data_dir` with `file_format="array_record"`.
 
   Args:
-    name: TFDS name, optionally with config/version ("cifar10:3.0.2").
+    name: TFDS name, optionally with config/version ("cifar10:3.0.2"), or the folder of a
+      prepared dataset version (the one holding `dataset_info.json`).
     split: TFDS split spec ("train", "test[:10%]").
     data_dir: TFDS data dir; None means TFDS's default ($TFDS_DATA_DIR or
       ~/tensorflow_datasets).
@@ -281,7 +351,12 @@ class TfdsSource:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     name, data_dir = self._name, self._data_dir
     try:
-      builder = tfds.builder(name, data_dir=data_dir)
+      if os.path.isfile(os.path.join(os.path.expanduser(name), "dataset_info.json")):
+        # A prepared dataset's own folder (<data_dir>/<name>/<config>/<version>): read
+        # from its files alone, so neither its builder code nor its catalogue entry is needed.
+        builder = tfds.builder_from_directory(os.path.expanduser(name))
+      else:
+        builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
       raise FileNotFoundError(
           f"TFDS dataset {name!r} is unknown and not prepared in data_dir={data_dir!r} "

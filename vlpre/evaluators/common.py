@@ -1,6 +1,7 @@
 """What every evaluator shares: sharded, jitted embedding of images and texts."""
 from __future__ import annotations
 
+import os
 from typing import Any, Iterable, Sequence
 
 import flax.linen as nn
@@ -13,9 +14,12 @@ from vlpre import losses
 from vlpre.data import text_batching
 
 
-def eval_batches(cfg: Any, pattern: str, *, max_examples: int = 0, **kwargs):
-  """`data.iterate_eval` over `pattern`, its first `max_examples` samples if > 0."""
-  source: Any = data.TarShardSource(pattern, data_dir=cfg.get("data_dir"))
+def eval_batches(cfg: Any, split: Any, *, max_examples: int = 0, **kwargs):
+  """`data.iterate_eval` over `split` (a glob of vlpre's shards, or any random-access
+  source, e.g. `data.open_eval_split(cfg).source`), its first `max_examples` samples if > 0."""
+  source: Any = split
+  if isinstance(split, (str, os.PathLike, list, tuple)):
+    source = data.TarShardSource(split, data_dir=cfg.get("data_dir"))
   if max_examples:
     source = grain.MapDataset.source(source)[:max_examples]
   return data.iterate_eval(source, image_size=cfg["image_size"],

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from vlpre import data
 from vlpre.evaluators import common
 
 
@@ -19,17 +20,23 @@ def recall_at_k(zimg_NxE: np.ndarray, ztxt_MxE: np.ndarray, caption_image_M: np.
 
 
 class Evaluator:
-  """cfg: data (glob), image_size, resize_size, batch_size, max_text_len, max_examples."""
+  """cfg: data, format ("vlpre" | "clip_benchmark" | "tfds", see `data.open_eval_split`),
+  split, image_size, resize_size, batch_size, max_text_len, max_examples.
+
+  Captions: vlpre's `.json` "captions"; clip_benchmark's `.txt`, one caption a line; a
+  TFDS text feature (`tfds_text_key`, default "captions").
+  """
 
   def __init__(self, name, cfg, predictor: common.Predictor):
     self.name, self.cfg, self.predictor = name, cfg, predictor
+    self.split = data.open_eval_split(cfg, captions=True)
 
   def run(self, variables) -> dict[str, float]:
     cfg = self.cfg
     captions: list[list[str]] = []
 
     def batches():
-      for batch in common.eval_batches(cfg, cfg["data"], max_examples=cfg.get("max_examples", 0),
+      for batch in common.eval_batches(cfg, self.split.source, max_examples=cfg.get("max_examples", 0),
                                        with_captions=True):
         captions.extend(batch["captions"])
         yield batch
