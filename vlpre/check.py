@@ -42,7 +42,7 @@ MODEL_FIELDS: tuple[tuple[str, str, Any], ...] = (
     ("llm", "name", None),
     ("describe", "llm", lambda d: d.get("backend") == "llm-class-prompts"),
 )
-_SPLIT_FIELDS = ("data", "train_data", "test_data")  # eval fields holding shard globs
+_SPLIT_FIELDS = ("data", "train_data", "test_data", "images")  # eval fields holding globs
 
 
 def _get(cfg: Any, name: str, default: Any = None) -> Any:
