@@ -31,6 +31,9 @@ EXTRAS = {
     # jax[cuda] on GPU hosts, jax[tpu] on TPU VMs (see launch/).
     "cuda": ["jax[cuda12]==0.10.2"],
     "tpu": ["jax[tpu]==0.10.2"],
+    # gs:// workdirs: epath reaches GCS through gcsfs; orbax asks google-cloud-storage about
+    # the bucket's namespace. Unpinned: gcsfs follows the installed fsspec.
+    "gcs": ["gcsfs", "google-cloud-storage"],
     # Reference implementations for parity tests (CPU wheel; pin it, a bare `torch` pulls CUDA).
     "test": ["pytest", "torch==2.13.0", "pycocoevalcap==1.2"],
 }

@@ -13,11 +13,12 @@ that was not written and the last complete one, which stays intact and resumable
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any
 
 import grain
 import orbax.checkpoint as ocp
+
+from vlpre import storage
 
 
 class CheckpointWriteError(OSError):
@@ -29,7 +30,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, every_steps: int = 1000,
                async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.path(directory, what="checkpoint directory")  # local or gs://
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=every_steps, create=True,
         enable_async_checkpointing=async_save)

@@ -39,6 +39,8 @@ from absl import flags
 from absl import logging
 import tqdm
 
+from vlpre import storage
+
 BACKENDS = ("precomputed", "llm-class-prompts", "vlpre-captioner")
 
 # The system turn of the chat prompt; short, because a 135M model follows short prompts best.
@@ -58,7 +60,7 @@ DEFAULT_PROMPTS = (
 
 def _file_sha1(path: str) -> str:
   digest = hashlib.sha1()
-  with open(path, "rb") as f:
+  with storage.path(path, what="describe.precomputed").open("rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       digest.update(chunk)
   return digest.hexdigest()
@@ -120,7 +122,7 @@ def read_descriptions(path: str) -> dict[str, list[str]]:
   """
   out: dict[str, list[str]] = {}
   problems = []
-  with open(path, "rb") as f:
+  with storage.path(path, what="descriptions").open("rb") as f:
     for number, raw in enumerate(f, start=1):
       if not raw.strip():
         continue
@@ -259,9 +261,7 @@ def pick(key: str, count: int, seed: int) -> int:
 
 
 def _write_atomic(path: str, lines: Sequence[str]) -> None:
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.writelines(lines)
-  os.replace(path + ".tmp", path)
+  storage.write_atomic(storage.path(path), "".join(lines))  # local or gs://
 
 
 def describe(config, *, progress: bool = True) -> str:
@@ -270,16 +270,15 @@ def describe(config, *, progress: bool = True) -> str:
   out_dir = config.describe.output_dir
   meta_path = os.path.join(out_dir, "meta.json")
   path = descriptions_file(config)
-  if os.path.exists(meta_path):  # written last: it exists only for a complete output
-    with open(meta_path, encoding="utf-8") as f:
-      old = json.load(f)
+  if storage.path(meta_path).exists():  # written last: it exists only for a complete output
+    old = json.loads(storage.path(meta_path).read_text(encoding="utf-8"))
     if old["settings"] != settings:
       raise ValueError(f"{out_dir} holds descriptions made with {old['settings']}; the config "
                        f"asks for {settings}. Point describe.output_dir elsewhere.")
-    if os.path.exists(path):
+    if storage.path(path).exists():
       logging.info("descriptions complete in %s (%s): nothing to do", out_dir, old["describer"])
       return path
-  os.makedirs(out_dir, exist_ok=True)
+  storage.path(out_dir, what="describe.output_dir").mkdir(parents=True, exist_ok=True)
   keys, labels = training_samples(config)
   extra: dict[str, Any] = {}
   if settings["backend"] == "precomputed":
@@ -366,9 +365,8 @@ def _class_descriptions_cached(config, settings, labels, keys, progress):
     raise ValueError(f"llm-class-prompts needs a class label (.cls) in [0, {len(classnames)}) "
                      f"for every image; {len(unlabeled)} lack one, e.g. {unlabeled[:5]}")
   cache_path = os.path.join(config.describe.output_dir, "class_descriptions.json")
-  if os.path.exists(cache_path):
-    with open(cache_path, encoding="utf-8") as f:
-      cached = json.load(f)
+  if storage.path(cache_path).exists():
+    cached = json.loads(storage.path(cache_path).read_text(encoding="utf-8"))
     if cached["settings"] == settings and cached["classnames"] == classnames:
       return cached["descriptions"], classnames
   per_class = class_descriptions(settings, classnames, progress=progress)

@@ -17,6 +17,7 @@ first missing shard.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -31,6 +32,7 @@ import jax
 import numpy as np
 import tqdm
 
+from vlpre import storage
 from vlpre.data import sources
 from vlpre.data import text_batching
 from vlpre.data import transforms
@@ -42,12 +44,11 @@ def encoder_settings(config) -> dict[str, Any]:
               "normalize": bool(t.get("normalize", True)), "template": t.get("template", "{text}"),
               "layer": int(t.get("layer", -1)), "caption_field": config.input.caption_field}
   if config.get("describe"):  # texts from describe's output: the store follows its content
-    path = _descriptions_path(config)
-    if not os.path.exists(path):
+    path = storage.path(_descriptions_path(config))
+    if not path.exists():
       raise FileNotFoundError(f"no descriptions at {path}: run `python -m vlpre.describe "
                               "--config=...` first")
-    with open(path, "rb") as f:
-      settings["descriptions_sha1"] = hashlib.sha1(f.read()).hexdigest()
+    settings["descriptions_sha1"] = hashlib.sha1(path.read_bytes()).hexdigest()
   return settings
 
 
@@ -72,12 +73,11 @@ class EmbeddingStore:
 
   def __init__(self, directory: str, expected_settings: dict[str, Any] | None = None):
     self.directory = directory
-    meta_path = os.path.join(directory, "meta.json")
-    if not os.path.exists(meta_path):
+    meta_path = storage.path(directory, what="text_cache") / "meta.json"
+    if not meta_path.exists():
       raise FileNotFoundError(f"no embedding store at {directory}: run "
                               "`python -m vlpre.embed --config=...` first")
-    with open(meta_path, encoding="utf-8") as f:
-      self.meta = json.load(f)
+    self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
     if expected_settings is not None and self.meta["settings"] != expected_settings:
       raise ValueError(f"embedding store {directory} was built with {self.meta['settings']}, "
                        f"the config asks for {expected_settings}; rebuild it or point "
@@ -87,9 +87,9 @@ class EmbeddingStore:
     self.dim = int(self.meta["dim"])
     self._index: dict[str, tuple[int, int, int]] = {}
     for shard in range(self.meta["num_shards"]):
-      with open(os.path.join(directory, f"index-{shard:05d}.json"), encoding="utf-8") as f:
-        for key, (row, count) in json.load(f).items():
-          self._index[key] = (shard, row, count)
+      index = storage.path(directory) / f"index-{shard:05d}.json"
+      for key, (row, count) in json.loads(index.read_text(encoding="utf-8")).items():
+        self._index[key] = (shard, row, count)
     self._arrays: dict[int, np.ndarray] = {}
 
   def __len__(self) -> int:
@@ -98,10 +98,10 @@ class EmbeddingStore:
   def mean(self) -> np.ndarray:
     """float32 [E]: the mean of every stored embedding (written by build_store), for
     mean-centring a fixed text embedding (`config.text_encoder.center`)."""
-    path = os.path.join(self.directory, "mean.npy")
-    if not os.path.exists(path):
+    path = storage.path(self.directory) / "mean.npy"
+    if not path.exists():
       raise FileNotFoundError(f"{path} is missing: rebuild the store with this vlpre version")
-    return np.load(path).astype(np.float32)
+    return _load_npy(path).astype(np.float32)
 
   def __getstate__(self):
     return {**self.__dict__, "_arrays": {}}
@@ -115,9 +115,21 @@ class EmbeddingStore:
     if not 0 <= caption_index < count:
       raise IndexError(f"sample '{key}' has {count} cached captions, asked for #{caption_index}")
     if shard not in self._arrays:
-      self._arrays[shard] = np.load(os.path.join(self.directory, f"emb-{shard:05d}.npy"),
-                                    mmap_mode="r")
+      self._arrays[shard] = _load_npy(storage.path(self.directory) / f"emb-{shard:05d}.npy")
     return np.asarray(self._arrays[shard][row + caption_index], np.float32)
+
+
+def _load_npy(path) -> np.ndarray:
+  """A local .npy memory-mapped; one in a bucket read whole (objects cannot be mapped)."""
+  if storage.is_uri(path):
+    return np.load(io.BytesIO(path.read_bytes()))
+  return np.load(path, mmap_mode="r")
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  np.save(buffer, array)
+  return buffer.getvalue()
 
 
 class LookupEmbedding(grain.transforms.Map):
@@ -166,12 +178,12 @@ def build_store(config, *, split_patterns: Sequence[str] | str | None = None,
   from vlpre.models import lift  # pylint: disable=g-import-not-at-top
 
   directory = directory or cache_dir(config)
-  os.makedirs(directory, exist_ok=True)
+  root = storage.path(directory, what="text_cache")
+  root.mkdir(parents=True, exist_ok=True)
   settings = encoder_settings(config)
-  meta_path = os.path.join(directory, "meta.json")
-  if os.path.exists(meta_path):
-    with open(meta_path, encoding="utf-8") as f:
-      old = json.load(f)
+  meta_path = root / "meta.json"
+  if meta_path.exists():
+    old = json.loads(meta_path.read_text(encoding="utf-8"))
     if old["settings"] != settings:
       raise ValueError(f"{directory} holds embeddings built with {old['settings']}; "
                        f"the config asks for {settings}. Use another text_cache directory.")
@@ -190,10 +202,10 @@ def build_store(config, *, split_patterns: Sequence[str] | str | None = None,
   bar = tqdm.tqdm(total=len(source), disable=not progress,
                   desc="embedding " + ("descriptions" if descriptions is not None else "captions"))
   for shard in range(num_shards):
-    emb_path = os.path.join(directory, f"emb-{shard:05d}.npy")
-    index_path = os.path.join(directory, f"index-{shard:05d}.json")
+    emb_path = root / f"emb-{shard:05d}.npy"
+    index_path = root / f"index-{shard:05d}.json"
     lo, hi = shard * shard_size, min((shard + 1) * shard_size, len(source))
-    if os.path.exists(emb_path) and os.path.exists(index_path):
+    if emb_path.exists() and index_path.exists():
       bar.update(hi - lo)
       continue
     texts, index = [], {}
@@ -218,23 +230,19 @@ def build_store(config, *, split_patterns: Sequence[str] | str | None = None,
         emb[rows] = np.asarray(out, np.float32)[:len(rows)]
     row_of = {text: i for i, text in enumerate(unique)}
     emb = emb[np.array([row_of[t] for t in texts], np.int64)].reshape(len(texts), encoder.dim)
-    with open(emb_path + ".tmp", "wb") as f:
-      np.save(f, emb)
-    with open(index_path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(index, f)
-    os.replace(emb_path + ".tmp", emb_path)
-    os.replace(index_path + ".tmp", index_path)
+    storage.write_atomic(emb_path, _npy_bytes(emb))
+    storage.write_atomic(index_path, json.dumps(index))
     bar.update(hi - lo)
   bar.close()
   total, count = np.zeros(encoder.dim, np.float64), 0
   for shard in range(num_shards):
-    rows = np.load(os.path.join(directory, f"emb-{shard:05d}.npy"), mmap_mode="r")
+    rows = _load_npy(root / f"emb-{shard:05d}.npy")
     total += np.asarray(rows, np.float64).sum(axis=0)
     count += len(rows)
-  np.save(os.path.join(directory, "mean.npy"), (total / max(count, 1)).astype(np.float32))
-  with open(meta_path, "w", encoding="utf-8") as f:
-    json.dump({"settings": settings, "dim": encoder.dim, "num_shards": num_shards,
-               "num_samples": len(source), "complete": True}, f, indent=1)
+  storage.write_atomic(root / "mean.npy", _npy_bytes((total / max(count, 1)).astype(np.float32)))
+  storage.write_atomic(meta_path, json.dumps(
+      {"settings": settings, "dim": encoder.dim, "num_shards": num_shards,
+       "num_samples": len(source), "complete": True}, indent=1))
   logging.info("embedding store complete: %s (%d samples)", directory, len(source))
   return EmbeddingStore(directory, settings)
 

@@ -29,15 +29,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from typing import Any, Callable
 
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlpre import storage
 from vlpre.data import transforms
 from vlpre.models import layers
 from vlpre.models.two_tower import vit_from_config
@@ -208,8 +211,8 @@ def restore_params(workdir: str, names: tuple[str, ...]) -> dict[str, Any]:
   pod's (or 8 fake devices') checkpoint would not restore on a 1-device laptop.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  if not os.path.isdir(directory):
+  directory = storage.path(workdir, what="workdir") / "checkpoints"
+  if not directory.is_dir():
     raise FileNotFoundError(f"vlpre.export: no checkpoint in {directory}")
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
@@ -228,8 +231,6 @@ def restore_params(workdir: str, names: tuple[str, ...]) -> dict[str, Any]:
 
 def export(config, workdir: str, out: str) -> Any:
   """Writes `out` (see the module docstring); returns the transformers config."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
   tower, vit = tower_of(config)
   params = restore_params(workdir, (tower.prefix, *tower.head.values()))
   image_size = int(config.input.image_size)
@@ -244,7 +245,23 @@ def export(config, workdir: str, out: str) -> Any:
   build = _dinov2 if vit.pool == "cls" else _siglip
   hf_config, state = build(params[tower.prefix], vit, common, grid)
   # Written without torch (a TPU VM rarely has it); "pt" is the layout of the names and
-  # shapes, which FlaxAutoModel converts on load.
+  # shapes, which FlaxAutoModel converts on load. transformers writes local files only:
+  # a gs:// `out` is written in a local temporary directory, then uploaded.
+  target = storage.path(out, what="export directory")
+  with tempfile.TemporaryDirectory(prefix="vlpre-export-") as staging:
+    _write_export(config, workdir, os.fspath(staging if storage.is_uri(target) else target),
+                  tower, vit, params, hf_config, state, image_size)
+    if storage.is_uri(target):
+      storage.upload_dir(epath.Path(staging), target)
+  logging.info("exported %s's %s-pooled tower as %s to %s", workdir, vit.pool,
+               hf_config.architectures[0], target)
+  return hf_config
+
+
+def _write_export(config, workdir, out, tower, vit, params, hf_config, state, image_size):
+  """The files of `export` in the local directory `out`."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
   os.makedirs(out, exist_ok=True)
   hf_config.save_pretrained(out)
   save_file({k: np.ascontiguousarray(v) for k, v in state.items()},
@@ -268,9 +285,6 @@ def export(config, workdir: str, out: str) -> Any:
         framework="AutoModel or FlaxAutoModel" if cls_first else
         "AutoModel (transformers 4.57 has no Flax SigLIP)",
         pooled=_POOLED[vit.pool], tokens="[:, 1:] (after the cls token)" if cls_first else ""))
-  logging.info("exported %s's %s-pooled tower as %s to %s", workdir, vit.pool,
-               hf_config.architectures[0], out)
-  return hf_config
 
 
 _POOLED = {"cls": "outputs.pooler_output (= last_hidden_state[:, 0], the cls token)",

@@ -10,6 +10,8 @@ from typing import Mapping
 
 from absl import logging
 
+from vlpre import storage
+
 
 class VlpreInfoOnly(std_logging.Filter):
   """Keeps INFO lines that vlpre itself writes; every WARNING and ERROR passes.
@@ -42,27 +44,46 @@ def format_results(values: Mapping[str, float]) -> str:
 
 
 class MetricWriter:
-  """Appends `{"step": s, **metrics}` lines to workdir/metrics.jsonl and to TensorBoard."""
+  """Appends `{"step": s, **metrics}` lines to workdir/metrics.jsonl and to TensorBoard.
+
+  The workdir is local or a `gs://` URI (`vlpre.storage`). A bucket object cannot be
+  appended to, so there the file is rewritten whole (its earlier rows read once at
+  start) on every write; locally lines are appended.
+  """
 
   def __init__(self, workdir: str, *, tensorboard: bool = True, is_main_process: bool = True):
     self.enabled = is_main_process
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    directory = storage.path(workdir, what="workdir")
+    self.path = directory / "metrics.jsonl"
     self._tb = None
+    self._file = None
+    self._lines: list[str] = []  # a URI's whole content, rewritten on every write
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._file = open(self.path, "a", encoding="utf-8")
-      if self._file.tell() and not _ends_with_newline(self.path):
-        self._file.write("\n")  # a line cut off by a kill stays alone on its line
+      directory.mkdir(parents=True, exist_ok=True)
+      if storage.is_uri(self.path):
+        if self.path.exists():
+          text = self.path.read_text(encoding="utf-8")
+          self._lines = [text + ("" if text.endswith("\n") else "\n")] if text else []
+      else:
+        self._file = self.path.open("a", encoding="utf-8")
+        if self._file.tell() and not _ends_with_newline(self.path):
+          self._file.write("\n")  # a line cut off by a kill stays alone on its line
       if tensorboard:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        storage.use_epath_for_tensorboard()
+        self._tb = SummaryWriter(os.fspath(directory / "tensorboard"))
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled or not metrics:
       return
     clean = {k: float(v) for k, v in metrics.items()}
-    self._file.write(json.dumps({"step": int(step), **clean}) + "\n")
-    self._file.flush()
+    line = json.dumps({"step": int(step), **clean}) + "\n"
+    if self._file is not None:
+      self._file.write(line)
+      self._file.flush()
+    else:
+      self._lines.append(line)
+      storage.write_atomic(self.path, "".join(self._lines))
     if self._tb is not None:
       for name, value in clean.items():
         self._tb.add_scalar(name, value, step)
@@ -70,12 +91,13 @@ class MetricWriter:
 
   def close(self) -> None:
     if self.enabled:
-      self._file.close()
+      if self._file is not None:
+        self._file.close()
       if self._tb is not None:
         self._tb.close()
 
 
-def _ends_with_newline(path: str) -> bool:
+def _ends_with_newline(path) -> bool:
   with open(path, "rb") as f:
     f.seek(-1, os.SEEK_END)
     return f.read(1) == b"\n"
@@ -89,16 +111,18 @@ def read_metrics(workdir: str) -> list[dict]:
   evaluators whose results are missing at the step it resumes from).
   """
   rows = {}
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    for line in f:
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        logging.warning("metrics.jsonl: skipping a cut-off line %r", line[:80])
-        continue
-      rows.setdefault(row["step"], {}).update(row)
+  path = storage.path(workdir, what="workdir") / "metrics.jsonl"
+  if not path.exists():
+    raise FileNotFoundError(f"no metrics at {path}")
+  for line in path.read_text(encoding="utf-8").splitlines():
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      logging.warning("metrics.jsonl: skipping a cut-off line %r", line[:80])
+      continue
+    rows.setdefault(row["step"], {}).update(row)
   return [rows[s] for s in sorted(rows)]
 
 

@@ -31,6 +31,7 @@ from typing import Any
 from absl import logging
 import ml_collections as mlc
 
+from vlpre import storage
 from vlpre import train
 
 _STAGE_KEYS = ("name", "steps", "trainable", "frozen", "optim")
@@ -90,7 +91,7 @@ def run(config, workdir: str) -> dict[str, float]:
   for index, stage in enumerate(config.stages):
     directory = stage_dir(workdir, index, stage)
     export = os.path.join(directory, "final_params")
-    if os.path.isdir(export):
+    if storage.path(export, what="stage export").is_dir():
       logging.info("stage %d (%s) already finished: %s", index, stage.get("name"), directory)
       continue
     logging.info("stage %d (%s): %s steps in %s", index, stage.get("name"), stage["steps"],

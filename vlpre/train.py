@@ -41,6 +41,7 @@ from vlpre import metrics as metrics_lib
 from vlpre import models
 from vlpre import optim
 from vlpre import sharding
+from vlpre import storage
 
 _STOP = threading.Event()
 
@@ -220,7 +221,7 @@ def setup(config, example_batch: dict, *, mesh=None) -> Setup:
 def load_from_workdir(workdir: str, prefixes) -> dict[str, Any]:
   """Top-level parameter subtrees (e.g. "img") from another vlpre run's latest checkpoint."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  directory = storage.path(workdir, what="init_from.workdir") / "checkpoints"
   with ocp.CheckpointManager(directory, item_handlers={"state": ocp.StandardCheckpointHandler()}) as m:
     step = m.latest_step()
     if step is None:
@@ -238,15 +239,15 @@ def export_params(path: str, params: Any) -> None:
   """Writes a full parameter tree (trainable and frozen) where `load_params` reads it."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.abspath(path), params)
+    checkpointer.save(storage.path(path, what="export_params_to"), params)
     checkpointer.wait_until_finished()
 
 
 def load_params(path: str) -> dict[str, Any]:
   """A tree written by `export_params`, as host numpy arrays."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  path = storage.path(path, what="init_from.params")
+  if not path.is_dir():
     raise FileNotFoundError(f"init_from.params: no exported parameters at {path}")
   with ocp.StandardCheckpointer() as checkpointer:
     return jax.tree.map(np.asarray, checkpointer.restore(path))
@@ -349,7 +350,7 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
   from vlpre import data as data_lib  # pylint: disable=g-import-not-at-top
   from vlpre import evaluators as evaluators_lib  # pylint: disable=g-import-not-at-top
 
-  os.makedirs(workdir, exist_ok=True)
+  storage.path(workdir, what="workdir").mkdir(parents=True, exist_ok=True)
   _STOP.clear()
   if threading.current_thread() is threading.main_thread():
     signal.signal(signal.SIGTERM, request_stop)
