@@ -1,14 +1,17 @@
-"""Metric sinks (JSONL + TensorBoard), the console progress line, a quiet console."""
+"""Metric sinks (JSONL + TensorBoard), the console progress (a bar on a terminal, else a
+line), a quiet console."""
 from __future__ import annotations
 
 import json
 import logging as std_logging
 import math
 import os
+import sys
 import time
-from typing import Mapping
+from typing import Any, Mapping
 
 from absl import logging
+import tqdm
 
 from vlpre import storage
 
@@ -127,13 +130,30 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 class Progress:
-  """'step 120/500 | loss 3.912 | 41.3 img/s | eta 2m31s' every call to `report`."""
+  """The run's progress on the console, at every call to `report`.
 
-  def __init__(self, total_steps: int, batch_size: int, start_step: int = 0):
+  On a terminal (`stream.isatty()`; the stream is sys.stderr, where absl logs) a tqdm
+  bar redrawn in place, `step 120/500 |████▌     | loss 3.9120 | 41.3 img/s | 1.550
+  s/step | eta 9m40s`, with vlpre's log lines (eval results, warnings) printed above it.
+  Elsewhere (a file, a pipe, CI) the plain line, logged at INFO:
+  'step 120/500 | loss 3.9120 | 41.3 img/s | 1.550 s/step | eta 9m40s'.
+  `bar` forces one or the other.
+  """
+
+  def __init__(self, total_steps: int, batch_size: int, start_step: int = 0, *,
+               stream: Any = None, bar: bool | None = None):
     self.total_steps = total_steps
     self.batch_size = batch_size
     self._last_step = start_step
     self._last_time = time.perf_counter()
+    stream = sys.stderr if stream is None else stream
+    self._bar = self._logs_above_bar = None
+    if _isatty(stream) if bar is None else bar:
+      self._bar = tqdm.tqdm(total=total_steps, initial=start_step, file=stream, mininterval=0,
+                            dynamic_ncols=True, postfix=[""],
+                            bar_format="step {n_fmt}/{total_fmt} |{bar}| {postfix[0]}")
+      self._logs_above_bar = _LogsAboveBar(self._bar)
+      logging.get_absl_logger().addFilter(self._logs_above_bar)
 
   def report(self, step: int, loss: float) -> dict[str, float]:
     now = time.perf_counter()
@@ -142,9 +162,48 @@ class Progress:
     self._last_step, self._last_time = step, now
     eta = seconds_per_step * (self.total_steps - step)
     images_per_second = self.batch_size / max(seconds_per_step, 1e-9)
-    logging.info("step %d/%d | loss %.4f | %.1f img/s | %.3f s/step | eta %s", step,
-                 self.total_steps, loss, images_per_second, seconds_per_step, _format_eta(eta))
+    if self._bar is None:
+      logging.info("step %d/%d | loss %.4f | %.1f img/s | %.3f s/step | eta %s", step,
+                   self.total_steps, loss, images_per_second, seconds_per_step, _format_eta(eta))
+    else:
+      self._bar.postfix[0] = (f"loss {loss:.4f} | {images_per_second:.1f} img/s | "
+                              f"{seconds_per_step:.3f} s/step | eta {_format_eta(eta)}")
+      self._bar.update(step - self._bar.n)
+      if step >= self.total_steps:
+        self.close()
     return {"perf/images_per_second": images_per_second, "perf/seconds_per_step": seconds_per_step}
+
+  def close(self) -> None:
+    """Leaves the bar as it is on the console; later log lines print below it."""
+    if self._bar is not None:
+      logging.get_absl_logger().removeFilter(self._logs_above_bar)
+      self._bar.close()
+      self._bar = None
+
+
+def _isatty(stream: Any) -> bool:
+  try:
+    return bool(stream.isatty())
+  except (AttributeError, ValueError):  # no isatty, or a closed stream
+    return False
+
+
+class _LogsAboveBar(std_logging.Filter):
+  """While a bar is drawn, prints each absl record that would be shown above the bar
+  (`tqdm.write` clears it, prints, redraws) instead of letting the handler print it over
+  the bar. The logger's other filters (e.g. `VlpreInfoOnly`) still decide what shows."""
+
+  def __init__(self, bar: Any):
+    super().__init__()
+    self._bar = bar
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    logger, handler = logging.get_absl_logger(), logging.get_absl_handler()
+    if any(not f.filter(record) for f in logger.filters if f is not self):
+      return False
+    if record.levelno >= handler.level:
+      tqdm.tqdm.write(handler.format(record), file=self._bar.fp)
+    return False
 
 
 def _format_eta(seconds: float) -> str:

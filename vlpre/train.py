@@ -466,6 +466,7 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
       elif export_params_to:
         export_params(export_params_to, optim.merge(state.params, s.frozen))
   finally:
+    progress.close()  # a terminal's bar ends its line before what follows (a traceback)
     ckpt.close()
     writer.close()
   return last
