@@ -1,6 +1,7 @@
 """Evaluators: a file each, named by `kind` in the config's `evals` dict.
 
-    config.evals.<name> = dict(kind="zeroshot" | "retrieval" | "sugarcrepe" | "linear_probe" | "classification",
+    config.evals.<name> = dict(kind="zeroshot" | "retrieval" | "sugarcrepe" | "linear_probe"
+                                    | "classification" | ...,
                                every_steps=..., at_start=False, at_end=True,
                                **kind-specific fields)
 

@@ -18,7 +18,6 @@ several. Relative paths are under the data dir (`data_dir`, `$VLPRE_DATA_DIR`).
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 from collections.abc import Sequence
@@ -58,19 +57,6 @@ def preference_accuracy(zimg_NxE: np.ndarray, zpos_NxE: np.ndarray, zneg_NxE: np
   pos_N = np.sum(img_NxE * common.normalize(zpos_NxE), axis=-1)
   neg_N = np.sum(img_NxE * common.normalize(zneg_NxE), axis=-1)
   return float(np.mean(pos_N > neg_N))
-
-
-def _paths(patterns: str | Sequence[str], data_dir: str | None) -> list[str]:
-  patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-  base = None if all(os.path.isabs(p) for p in patterns) else sources.resolve_data_dir(data_dir)
-  found = []
-  for pattern in patterns:
-    full = pattern if os.path.isabs(pattern) else os.path.join(base, pattern)
-    matched = sorted(glob.glob(os.path.expanduser(full)))
-    if not matched:
-      raise FileNotFoundError(f"{pattern!r} matches no file (looked for {full!r})")
-    found += matched
-  return found
 
 
 class ImageFiles:
@@ -127,7 +113,7 @@ class Evaluator:
     data_dir = cfg.get("data_dir")
     limit = cfg.get("max_examples", 0)
     self.files = {}
-    for path in _paths(cfg["data"], data_dir):
+    for path in sources._expand_patterns(cfg["data"], data_dir):  # pylint: disable=protected-access
       stem = os.path.splitext(os.path.basename(path))[0]
       entries = load_entries(path)
       self.files[stem] = entries[:limit] if limit else entries
