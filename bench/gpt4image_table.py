@@ -20,6 +20,7 @@ import ast  # pylint: disable=g-import-not-at-top,wrong-import-position
 import functools
 import json
 import os
+import re
 import statistics
 import time
 
@@ -35,14 +36,21 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (init, data order, a
 _STEPS = flags.DEFINE_integer("steps", 0, "Training steps per run (0: the config's).")
 _TEST = flags.DEFINE_integer("test_examples", 0, "Test images evaluated (0: all 10,000).")
 _OUT = flags.DEFINE_string("root", "workdirs/gpt4image_bench", "Workdirs, results.json, table.md.")
-_SET = flags.DEFINE_list("set", [], "Config overrides for every run, e.g. "
-                         "describe.output_dir=workdirs/descriptions/x (use another --root).")
+_SET = flags.DEFINE_string("set", "", "Config overrides for every run, comma-separated "
+                           "section.key=value items, e.g. describe.output_dir=workdirs/d/x "
+                           "(use another --root); a comma not followed by section.key= stays "
+                           "in the value (describe.captioner.config=configs/hive.py:tiny,pool=cls).")
+
+
+def split_overrides(text: str) -> list[str]:
+  """"a.b=1,c.d=x,y" → ["a.b=1", "c.d=x,y"]: only a comma before `section.key=` separates."""
+  return [item for item in re.split(r",(?=[A-Za-z_]\w*(?:\.\w+)+=)", text) if item]
 
 
 def load_config(arg: str):
   from vlpre import config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.load(os.path.join(ROOT, "configs", "gpt4image.py") + ":" + arg)
-  for item in _SET.value:
+  for item in split_overrides(_SET.value):
     path, value = item.split("=", 1)
     *parents, name = path.split(".")
     node = functools.reduce(getattr, parents, config)
