@@ -176,22 +176,33 @@ def test_shuffle_seed_and_epochs(clip_tok, data_dir):
   assert keys(0) == keys(0) and keys(0) != keys(1)
 
 
-def test_per_host_slices_are_disjoint_and_cover(mixed_tar, clip_tok):
-  path, good, _ = mixed_tar
-  cfg = make_cfg(train=path)
-  seen = []
-  for host in range(2):
-    ds = data.build_train_dataset(cfg, global_batch_size=4, seed=0, tokenizer=clip_tok,
-                                  process_index=host, process_count=2)
-    # Host slices are source[host::2]: 15 samples each, 10 good ones -> 5 batches of 2.
-    batches = take(iter(ds), 5)
-    assert all(b["image"].shape[0] == 2 for b in batches)
-    keys = [k for b in batches for k in b["_key"]]
-    assert len(set(keys)) == 10
-    seen.append(set(keys))
-  assert not seen[0] & seen[1] and seen[0] | seen[1] == set(good)
+def test_hosts_share_every_global_batch_disjointly(clip_tok, data_dir):
+  """2 hosts read the single host's global batches: host 0 the first half of each, host 1
+  the second, with the same augmentations; no record is read twice."""
+  cfg = make_cfg(data_dir=data_dir, train="flickr8k/val-*.tar")
+
+  def batches(host, hosts):
+    return take(iter(data.build_train_dataset(cfg, global_batch_size=8, seed=0, tokenizer=clip_tok,
+                                              process_index=host, process_count=hosts)), 3)
+
+  single, host0, host1 = batches(0, 1), batches(0, 2), batches(1, 2)
+  for one, a, b in zip(single, host0, host1):
+    assert a["image"].shape[0] == b["image"].shape[0] == 4
+    assert not set(a["_key"]) & set(b["_key"])
+    assert list(a["_key"]) + list(b["_key"]) == list(one["_key"])
+    for k in ("image", "text", "text_mask"):
+      np.testing.assert_array_equal(np.concatenate([a[k], b[k]]), one[k], err_msg=k)
   with pytest.raises(ValueError, match="split over"):
     data.build_train_dataset(cfg, global_batch_size=5, seed=0, tokenizer=clip_tok, process_count=2)
+
+
+def test_host_share_of_an_uneven_dataset():
+  """HostShare's index map on a finite dataset: whole global batches only, none read twice."""
+  ds = grain.MapDataset.range(22)  # 2 global batches of 8 (6 left over)
+  shares = [list(pipeline.HostShare(ds, process_index=p, process_count=2, host_batch=4))
+            for p in range(2)]
+  assert shares == [[0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]]
+  assert list(pipeline.HostShare(ds, process_index=1, process_count=2, host_batch=4)[1::4]) == [5, 13]
 
 
 # ------------------------------------------------------------------------ checkpointing

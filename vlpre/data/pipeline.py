@@ -7,6 +7,13 @@ so the iterator state is a handful of integers and a restored run sees exactly t
 batches it would have seen; a stream transform built from grain's iterator datasets
 (whose iterators checkpoint their own state) keeps that property.
 
+Hosts: the records of every global batch are those a single process would read, in the
+same order, with the same augmentations; host p reads its contiguous share of each
+(`HostShare`), so the global batch (and the loss) does not depend on how many processes
+run, and no two hosts read the same record. Bad records are dropped per host, which
+shifts only that host's later records. (Interleaved documents are sliced per host
+before packing instead: `host_records`.)
+
 Batch layout (per host, b = global_batch_size // process_count):
   "image":     float32 [b, H, W, 3], CLIP-normalized
   "text":      int32 [b, L]  and "text_mask": int32 [b, L]   (caption data)
@@ -333,6 +340,42 @@ def open_eval_split(cfg: Any, *, labels: bool = False, captions: bool = False,
   raise ValueError(f"unknown eval format {fmt!r}; use one of {', '.join(EVAL_FORMATS)}")
 
 
+class HostShare(grain.MapDataset):
+  """Host `process_index`'s share of every global batch of `parent`, in order.
+
+  Global batch s holds elements [s*B, (s+1)*B) of `parent` (B = host_batch *
+  process_count); this host reads [s*B + p*b, s*B + (p+1)*b) of it (b = host_batch, p =
+  process_index), which are the rows that `jax.make_array_from_process_local_data` puts
+  on this host's devices. Random transforms applied before it are seeded by the
+  element's global index, so every host count sees the same records with the same
+  augmentations.
+  """
+
+  def __init__(self, parent: grain.MapDataset, *, process_index: int, process_count: int,
+               host_batch: int):
+    super().__init__(parent)
+    self._p, self._b, self._global = process_index, host_batch, host_batch * process_count
+    self._length = len(parent) // self._global * host_batch
+
+  def __len__(self) -> int:
+    return self._length
+
+  def _parent_index(self, index: int) -> int:
+    step, offset = divmod(index, self._b)
+    return step * self._global + self._p * self._b + offset
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._parent_index(index)]
+
+  def _getitems(self, indices: Sequence[int]):
+    return self._parent._getitems([self._parent_index(i) for i in indices])  # pylint: disable=protected-access
+
+  def __str__(self) -> str:
+    return f"HostShare(host {self._p}, {self._b} of every {self._global})"
+
+
 def host_records(source: Any, cfg: Any, *, seed: int, process_index: int, process_count: int,
                  host_batch: int) -> grain.MapDataset:
   """This host's records of `source`: sliced, shuffled and repeated forever.
@@ -383,9 +426,10 @@ def build_train_dataset(cfg: Any, *, global_batch_size: int, seed: int,
         a background thread (N = 0; 0 disables).
       shuffle: global shuffle of the host's samples, reshuffled every epoch.
     global_batch_size: summed over hosts; must divide by process_count.
-    seed: shuffle and augmentation seed (same on every host: hosts hold disjoint data).
+    seed: shuffle and augmentation seed (same on every host: hosts read disjoint records).
     tokenizer: for captions; unused (may be None) with cfg.label=True.
-    process_index, process_count: this host's slice `[process_index::process_count]`.
+    process_index, process_count: this host's share of every global batch (`HostShare`;
+      interleaved documents: the slice `[process_index::process_count]`).
     extra_transforms, extra_keys: per-example additions, e.g. joining cached text
       embeddings by "__key__"/"caption_index"; see `train_transforms`.
     stream: a method's transformation of the whole record stream, applied after bad
@@ -411,10 +455,14 @@ def build_train_dataset(cfg: Any, *, global_batch_size: int, seed: int,
         cfg, seed=seed, tokenizer=tokenizer, process_index=process_index,
         process_count=process_count, host_batch=host_batch)
   else:
-    ds = host_records(make_source(cfg), cfg, seed=seed, process_index=process_index,
-                      process_count=process_count, host_batch=host_batch)
+    # The global record stream (the one a single process reads), then this host's share.
+    ds = host_records(make_source(cfg), cfg, seed=seed, process_index=0, process_count=1,
+                      host_batch=global_batch_size)
     ds = ds.apply(train_transforms(cfg, tokenizer, extra_transforms=extra_transforms,
                                   extra_keys=extra_keys))
+    if process_count > 1:
+      ds = HostShare(ds, process_index=process_index, process_count=process_count,
+                     host_batch=host_batch)
 
   num_workers = int(_cfg_get(cfg, "num_workers", 0))
   prefetch = int(_cfg_get(cfg, "prefetch_buffer_size", 0) or 0)
