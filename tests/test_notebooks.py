@@ -1,0 +1,133 @@
+"""The notebooks in notebooks/ run end to end with tiny parameters, so they cannot rot.
+
+Each notebook is executed in a fresh Jupyter kernel (nbclient) with tiny values injected
+after its `parameters` cell, papermill-style; the test then reads what its runs wrote
+(metrics.jsonl) and checks the notebook drew its pictures. The committed files must be
+exactly what notebooks/build_notebooks.py writes, and carry no outputs.
+
+The kernel sees one CPU device (a Colab runtime has one accelerator; the 8 fake devices
+of the rest of the suite would only slow these runs down), and compiled programs are
+cached on disk across runs ($VLPRE_NOTEBOOK_JAX_CACHE, default workdirs/jax_cache_notebooks).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import pathlib
+import time
+
+import pytest
+
+from vlpre import compare
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+
+# Tiny parameters per notebook, and what its runs must have written:
+# run folder (under WORKDIR) → eval metrics that must be there at the end.
+TINY = {
+    "clip_siglip": (
+        dict(STEPS=6, BATCH=16, TRAIN_EXAMPLES=32, DEPTH=2, EVAL_EXAMPLES=64, EVAL_EVERY=3),
+        {"clip": ("retrieval_flickr8k/t2i_R@1", "zeroshot_cifar10/top1", "linear_probe_cifar10/top1"),
+         "siglip": ("retrieval_flickr8k/t2i_R@1", "zeroshot_cifar10/top1",
+                    "linear_probe_cifar10/top1")}),
+    "lift": (
+        dict(STEPS=6, BATCH=16, TRAIN_EXAMPLES=32, DEPTH=2, EVAL_EXAMPLES=32, EVAL_EVERY=0),
+        {"lift-smollm2": ("retrieval_flickr8k/t2i_R@1", "zeroshot_cifar10/top1",
+                          "linear_probe_cifar10/top1")}),
+    "gpt4image": (
+        dict(STEPS=8, BATCH=32, TRAIN_EXAMPLES=64, PER_CLASS=1, MAX_NEW_TOKENS=24,
+             EVAL_EXAMPLES=128, EVAL_EVERY=4),
+        {"lambda0.0": ("classify/top1", "linear_probe/top1"),
+         "lambda0.3": ("classify/top1", "linear_probe/top1")}),
+    "lcl": (
+        dict(STEPS=6, BATCH=8, TRAIN_EXAMPLES=48, DEPTH=2, EVAL_EXAMPLES=32, EVAL_EVERY=3,
+             CAPTION_TOKENS=6),
+        {"lcl": ("retrieval_flickr8k/t2i_R@1", "zeroshot_cifar10/top1",
+                 "linear_probe_cifar10/top1", "attentive_probe_cifar10/top1",
+                 "captioning_flickr8k/cider")}),
+    "hive": (
+        dict(STEPS=2, BATCH=8, MODES=("hive",), TRAIN_EXAMPLES=16, EVAL_EXAMPLES=16,
+             CAPTION_TOKENS=6),
+        {"hive": ("captioning/cider", "linear_probe/top1", "attentive_probe/top1")}),
+    "bridge": (
+        dict(STEPS=4, FT_STEPS=6, BATCH=32, TRAIN_EXAMPLES=64, EVAL_EXAMPLES=128),
+        {"bridge": ("linear_probe/top1", "classify/top1")}),
+}
+
+
+def _build_module():
+  spec = importlib.util.spec_from_file_location("build_notebooks", NOTEBOOKS / "build_notebooks.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_notebooks_are_built_and_stripped():
+  nbformat = pytest.importorskip("nbformat")
+  build = _build_module()
+  assert sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")) == sorted(build.NOTEBOOKS) == sorted(TINY)
+  for name in build.NOTEBOOKS:
+    path = NOTEBOOKS / f"{name}.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+      if cell.cell_type == "code":
+        assert cell.outputs == [] and cell.execution_count is None, f"{path}: outputs not stripped"
+    assert path.read_text(encoding="utf-8") == build.render(name), (
+        f"{path} differs from notebooks/build_notebooks.py: rerun it")
+    badge = f"https://colab.research.google.com/github/vlpre/vlpre/blob/main/notebooks/{name}.ipynb"
+    assert badge in nb.cells[0].source
+    assert sum("parameters" in c.metadata.get("tags", ()) for c in nb.cells) == 1
+
+
+def execute(name: str, parameters: dict, workdir: str, timeout: int = 900):
+  """Runs notebooks/<name>.ipynb with `parameters` injected; returns the executed notebook."""
+  nbformat = pytest.importorskip("nbformat")
+  nbclient = pytest.importorskip("nbclient")
+  nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+  index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", ()))
+  source = "\n".join(f"{k} = {v!r}" for k, v in {**parameters, "WORKDIR": workdir}.items())
+  injected = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
+  nb.cells.insert(index + 1, injected)
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["JAX_COMPILATION_CACHE_DIR"] = os.environ.get(
+      "VLPRE_NOTEBOOK_JAX_CACHE", str(ROOT / "workdirs" / "jax_cache_notebooks"))
+  client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                                   resources={"metadata": {"path": str(NOTEBOOKS)}})
+  client.execute(env=env)
+  return nb
+
+
+def _images(nb) -> int:
+  return sum(1 for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+             if "image/png" in o.get("data", {}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_notebook_runs(name, tmp_path):
+  parameters, expected = TINY[name]
+  start = time.perf_counter()
+  nb = execute(name, parameters, str(tmp_path / name))
+  print(f"notebooks/{name}.ipynb: {time.perf_counter() - start:.0f} s")
+  errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+  assert not errors
+  assert _images(nb) >= 2, "the notebook drew no curves / examples"
+  for run_dir, keys in expected.items():
+    run = compare.read_run(str(tmp_path / name / run_dir))
+    losses = [row["loss"] for row in run.training_rows()]
+    assert losses and all(math.isfinite(v) for v in losses), (run_dir, losses)
+    last = {k: v for row in run.rows for k, v in row.items()}
+    for key in keys:
+      assert key in last and math.isfinite(last[key]), f"{run_dir}: no {key} in {sorted(last)}"
+  # Learning happened: the last training loss is below the first (a staged run's stages
+  # concatenated; bridge's stage 1 trains on random labels, so only its fine-tuning counts).
+  for run_dir in expected:
+    directory = tmp_path / name / run_dir
+    if name == "bridge":
+      directory = directory / "1_finetune"
+    losses = [row["loss"] for row in compare.read_run(str(directory)).training_rows()]
+    assert losses[-1] < losses[0], f"{run_dir}: the loss did not fall: {losses}"
