@@ -339,13 +339,41 @@ def _without_results(evals: list, step: int, workdir: str) -> list:
   return [e for e, m in zip(evals, missing) if m]
 
 
+def data_position(saved: dict[str, int], step: int, global_batch: int,
+                  process_count: int) -> tuple[int, bool]:
+  """Where the input stream starts on resume, and whether the saved iterator state applies.
+
+  `saved`: the counters of the checkpoint at `step` ({} for a fresh run or a checkpoint
+  written before they held the data position). The start is a record of the global
+  stream (`build_train_dataset(start_record=...)`), the same on every process. Under the
+  process count that wrote the checkpoint each process rebuilds its stream from the
+  saved start and restores its iterator state: the batches continue exactly. Under
+  another count no saved state applies (its positions are in other host shares), so the
+  stream starts at record `step * global_batch`: global batch `step + 1` of the
+  uninterrupted run, which every host count splits the same way. Exact without bad
+  samples (those shift a host's later records); packed interleaved documents restart at
+  `step * global_batch / process_count` of each host's documents, so some repeat. The
+  mesh (devices per process) plays no part in either.
+  """
+  if global_batch % process_count:
+    raise ValueError(f"batch_size {global_batch} does not split over {process_count} processes")
+  saved_count = int(saved.get("data_process_count", process_count))
+  if saved_count == process_count:
+    return int(saved.get("data_start_record", 0)), True
+  return step * global_batch, False
+
+
 def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
-        export_params_to: str | None = None) -> dict[str, float]:
+        export_params_to: str | None = None,
+        devices: list[jax.Device] | None = None) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns last metrics.
 
   A stop request (SIGTERM) returns early with the last finished step saved (module
   docstring). `export_params_to`: once the last step is done (not on a stop request),
-  every parameter, frozen ones included, is written there (`export_params`).
+  every parameter, frozen ones included, is written there (`export_params`). `workdir`
+  is a local path or a `gs://` URI (`vlpre.storage`). `devices`: the mesh's devices
+  (default all). A checkpoint resumes under any mesh and process count: the state is
+  restored into this run's shardings, the input as `data_position` says.
   """
   from vlpre import data as data_lib  # pylint: disable=g-import-not-at-top
   from vlpre import evaluators as evaluators_lib  # pylint: disable=g-import-not-at-top
@@ -355,29 +383,39 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
   if threading.current_thread() is threading.main_thread():
     signal.signal(signal.SIGTERM, request_stop)
 
+  ckpt = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+      every_steps=config.checkpoint.every_steps, async_save=config.checkpoint.get("async", True))
+  start = ckpt.latest_step()
+  saved = ckpt.restore_counters(start) if start is not None else {}
+  start_record, same_stream = data_position(saved, start or 0, config.batch_size,
+                                            jax.process_count())
+  position = {"data_process_count": jax.process_count(), "data_start_record": start_record}
   built_tokenizer = models.build_tokenizer(config)
   extras = models.input_extras(config)
   dataset = data_lib.build_train_dataset(
       config.input, global_batch_size=config.batch_size, seed=config.seed,
       tokenizer=built_tokenizer if extras.tokenize else None,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      extra_transforms=extras.transforms, extra_keys=extras.keys, stream=extras.stream)
+      extra_transforms=extras.transforms, extra_keys=extras.keys, stream=extras.stream,
+      start_record=start_record)
   data_iter = iter(dataset)
   example = next(iter(dataset))
-  s = setup(config, example)
+  s = setup(config, example,
+            mesh=None if devices is None else sharding.make_mesh(config.mesh, devices))
   step_fn = s.jit_train_step()
-  ckpt = checkpoint_lib.Checkpointer(
-      os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
-      every_steps=config.checkpoint.every_steps, async_save=config.checkpoint.get("async", True))
   guard = BadSampleGuard(config.input.get("max_bad_fraction", 0.01))
   state = s.state
-  start = ckpt.latest_step()
   if start is not None:
     logging.info("resuming from %s step %d", ckpt.directory, start)
     abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                             state, s.state_shardings)
-    state = ckpt.restore(start, abstract, data_iter)
-    guard.restore(ckpt.restore_counters(start))
+    state = ckpt.restore(start, abstract, data_iter if same_stream else None)
+    guard.restore(saved)
+    if not same_stream:
+      logging.warning("step %d was saved by %s processes, this run has %d: the input "
+                      "restarts at global record %d (vlpre.train.data_position)", start,
+                      saved["data_process_count"], jax.process_count(), start_record)
   start = start or 0
 
   writer = metrics_lib.MetricWriter(workdir, is_main_process=jax.process_index() == 0)
@@ -450,13 +488,13 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
         if save or due:  # never checkpoint or evaluate a state whose metrics were not read
           last, pending = finish(pending, force_log=stopping), None
         if save:  # before the evaluators, so that a stop during them loses no step
-          ckpt.save(step, state, data_iter, counters=guard.counts(), force=stopping)
+          ckpt.save(step, state, data_iter, counters={**guard.counts(), **position}, force=stopping)
           saved = step
         last.update(evaluate(step, due, state))
       if _STOP.is_set() and saved != done:  # the stop came after this step's save decision
         if pending is not None:
           last, pending = finish(pending, force_log=True), None
-        ckpt.save(done, state, data_iter, counters=guard.counts(), force=True)
+        ckpt.save(done, state, data_iter, counters={**guard.counts(), **position}, force=True)
         saved = done
       ckpt.wait()  # complete on disk (or CheckpointWriteError) before the log says so
       if _STOP.is_set():

@@ -399,7 +399,8 @@ def build_train_dataset(cfg: Any, *, global_batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1,
                         extra_transforms: Sequence[grain.transforms.Transformation] = (),
                         extra_keys: Sequence[str] = (),
-                        stream: StreamTransform | None = None) -> grain.IterDataset:
+                        stream: StreamTransform | None = None,
+                        start_record: int = 0) -> grain.IterDataset:
   """Infinite, shuffled, augmented, batched training data for this host.
 
   See the module docstring for the batch layout. `iter(ds)` is checkpointable with
@@ -441,12 +442,19 @@ def build_train_dataset(cfg: Any, *, global_batch_size: int, seed: int,
       keeps the keys and the bad-sample accounting. Called once here; with
       num_workers > 0 the datasets it returns run in the worker processes, so they
       must pickle. Batches then hold `host_batch` of its output elements.
+    start_record: the global record stream (the one a single process reads) starts at
+      this record, augmentation draws included (each record keeps its index); each host
+      then reads its share. Interleaved documents, sliced per host before packing, skip
+      `start_record // process_count` of the host's documents. How a resume under
+      another process count continues (`vlpre.train.data_position`).
   """
   if global_batch_size % process_count:
     raise ValueError(f"global batch {global_batch_size} does not split over {process_count} hosts")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
   host_batch = global_batch_size // process_count
+  if start_record < 0:
+    raise ValueError(f"start_record must be >= 0, got {start_record}")
   kind_stream = None
   if _cfg_get(cfg, "kind", "tar") == "interleaved":
     # Imported here: vlpre.data.interleaved builds on this module.
@@ -454,12 +462,16 @@ def build_train_dataset(cfg: Any, *, global_batch_size: int, seed: int,
     ds, kind_stream = interleaved.train_records(
         cfg, seed=seed, tokenizer=tokenizer, process_index=process_index,
         process_count=process_count, host_batch=host_batch)
+    if start_record:
+      ds = ds[start_record // process_count:]
   else:
     # The global record stream (the one a single process reads), then this host's share.
     ds = host_records(make_source(cfg), cfg, seed=seed, process_index=0, process_count=1,
                       host_batch=global_batch_size)
     ds = ds.apply(train_transforms(cfg, tokenizer, extra_transforms=extra_transforms,
                                   extra_keys=extra_keys))
+    if start_record:
+      ds = ds[start_record:]
     if process_count > 1:
       ds = HostShare(ds, process_index=process_index, process_count=process_count,
                      host_batch=host_batch)
