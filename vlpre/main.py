@@ -7,18 +7,23 @@ Exit status: 0 when the run (every stage of a staged config) is finished; 143 (=
 128 + SIGTERM, `--requeue_exit_code`) when a SIGTERM stopped it early, after saving its
 last finished step: the scheduler should requeue the job, and the rerun resumes (a rerun
 of a finished run is a no-op that exits 0); 1 for errors (a bad config, NaN loss, too
-many bad samples, a checkpoint that could not be written).
+many bad samples, a checkpoint that could not be written, a multi-process launch that
+cannot assemble).
+
+Multi-process (multi-host) runs start one such process per host or per GPU, all with the
+same arguments; vlpre/distributed.py says how the run is found (--coordinator_address,
+--num_processes, --process_id, the JAX_* variables, or VLPRE_MULTIHOST=1 for TPU pods and
+SLURM) and initialises jax.distributed before any other JAX call.
 """
-import os
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
 from vlpre import check
+from vlpre import distributed
 from vlpre import metrics
 from vlpre import stages
 from vlpre import train
@@ -32,14 +37,30 @@ _REQUEUE_EXIT_CODE = flags.DEFINE_integer(
     "finished step saved): tells the scheduler to requeue. 143 = 128 + SIGTERM.")
 _VERBOSE = flags.DEFINE_bool("verbose_logs", False, "Show the INFO lines of every library "
                              "(orbax, grain, jax), not only vlpre's progress and results.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process runs: HOST:PORT of process 0's coordinator "
+    "(default $JAX_COORDINATOR_ADDRESS). See vlpre/distributed.py.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Multi-process runs: how many (default $JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "Multi-process runs: this process's id in [0, num_processes) "
+    "(default $JAX_PROCESS_ID).")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_float(
+    "distributed_timeout_s", 300, "Multi-process runs: seconds to wait for every process to "
+    "join before exiting with an error.")
 flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
   del argv
   metrics.quiet_console(verbose=_VERBOSE.value)
-  if os.environ.get("VLPRE_MULTIHOST"):  # TPU pods / multi-node GPU: one process per host
-    jax.distributed.initialize()
+  try:  # before any other JAX call
+    distributed.initialize(distributed.detect(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                              _PROCESS_ID.value),
+                           timeout_s=_DISTRIBUTED_TIMEOUT.value)
+  except distributed.DistributedError as e:
+    print(f"vlpre: {e}", file=sys.stderr)
+    sys.exit(1)
   if not _CHECK.value and not _WORKDIR.value:
     raise app.UsageError("--workdir is required (except with --check)")
   problems = check.check_config(_CONFIG.value)
