@@ -26,6 +26,8 @@ class TextTransformer(nn.Module):
   dropout: float = 0.0
   remat: bool = False
   scan: bool = True
+  unroll: int | bool | None = None  # layers.Encoder: None = auto (full on CPU, 1 on GPU/TPU)
+  attention: str = "auto"            # layers.ATTENTION_IMPLEMENTATIONS
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -45,6 +47,7 @@ class TextTransformer(nn.Module):
     mask = None if self.causal else text_mask_BxL
     x_BxLxD = layers.Encoder(self.depth, self.num_heads, self.mlp_dim, causal=self.causal,
                              dropout=self.dropout, remat=self.remat, scan=self.scan,
+                             unroll=self.unroll, attention=self.attention,
                              dtype=self.dtype, name="encoder")(x_BxLxD, mask, train=train)
     if self.pool == "last":
       last_B = jnp.maximum(text_mask_BxL.sum(axis=1) - 1, 0)

@@ -57,6 +57,8 @@ class ViT(nn.Module):
   dropout: float = 0.0
   remat: bool = False
   scan: bool = True
+  unroll: int | bool | None = None  # layers.Encoder: None = auto (full on CPU, 1 on GPU/TPU)
+  attention: str = "auto"            # layers.ATTENTION_IMPLEMENTATIONS
   dtype: Any = jnp.float32
 
   def __call__(self, image_BxHxWx3, *, train: bool = False):
@@ -106,6 +108,7 @@ class ViT(nn.Module):
     x_BxNxD = nn.Dropout(self.dropout)(x_BxNxD, deterministic=not train)
     encoded = layers.Encoder(self.depth, self.num_heads, self.mlp_dim, dropout=self.dropout,
                              remat=self.remat, scan=self.scan, return_all_blocks=all_levels,
+                             unroll=self.unroll, attention=self.attention,
                              dtype=self.dtype, name="encoder")(x_BxNxD, train=train)
     x_BxNxD, blocks_RxBxNxD = encoded if all_levels else (encoded, None)
     out = {"tokens": x_BxNxD[:, num_prefix:]}
@@ -117,7 +120,8 @@ class ViT(nn.Module):
     elif self.pool == "mean":
       out["pooled"] = x_BxNxD.mean(axis=1)
     elif self.pool == "map":
-      map_head = layers.MapHead(self.num_heads, self.mlp_dim, self.dtype, name="map_head")
+      map_head = layers.MapHead(self.num_heads, self.mlp_dim, self.dtype, self.attention,
+                                name="map_head")
       if all_levels:
         out["pooled"], out["patch_latents"] = map_head(x_BxNxD, return_patch_latents=True)
       else:
