@@ -25,6 +25,7 @@ import math
 import os
 import signal
 import threading
+import time
 from typing import Any, Callable
 
 from absl import logging
@@ -437,6 +438,9 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
   log_every = config.get("log_every", 10)
   last: dict[str, float] = {}
   pending = None  # (step, device metrics): read one step late so the host never stalls.
+  # Seconds each step waited for its batch (input pipeline slower than the step), logged
+  # as perf/data_wait_seconds: the mean over the steps since the last logged row.
+  data_waits: dict[int, float] = {}
 
   def finish(pending, force_log: bool = False) -> dict[str, float]:
     """Reads a dispatched step's metrics, stops on NaN/Inf, logs them when due."""
@@ -450,6 +454,9 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
     if force_log or step % log_every == 0 or step == 1:
       values.update(progress.report(step, values["loss"]))
       values["input/bad_fraction"] = guard.fraction
+      waits = [data_waits.pop(k) for k in sorted(data_waits) if k <= step]
+      if waits:
+        values["perf/data_wait_seconds"] = float(np.mean(waits))
       writer.write(step, values)
     return values
 
@@ -474,7 +481,11 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
       for step in range(start + 1, config.total_steps + 1):
         if _STOP.is_set():  # it came before this step: during set-up, evaluators or a save
           break
+        wait_start = time.perf_counter()
         batch = next(data_iter)
+        data_waits[step] = time.perf_counter() - wait_start
+        if extras.batch_transform is not None:  # e.g. token padding trimmed to a bucket
+          batch = extras.batch_transform(batch)
         guard.update(batch.get("_num_bad", 0), config.batch_size // jax.process_count())
         state, device_metrics = step_fn(state, s.frozen, s.device_batch(batch), rng)
         if on_step is not None:

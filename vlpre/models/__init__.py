@@ -57,6 +57,10 @@ class InputExtras:
   # num_packing_bins=..., meta_features=("__key__", "_num_bad"))`. None: records are
   # batched as they come.
   stream: Callable[[grain.IterDataset], grain.IterDataset] | None = None
+  # Host-side function of each training batch (numpy dict → numpy dict), applied by the
+  # trainer before the batch goes to devices, e.g. trimming token padding to a length
+  # bucket (vlpre.data.text_batching.TrimTextPadding). None: batches go as they come.
+  batch_transform: Callable[[dict], dict] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -86,24 +86,40 @@ class Model(nn.Module):
 
 @functools.lru_cache(maxsize=4)
 def _load_encoder(name: str, max_len: int, dtype: str, pooling: str | None, normalize: bool,
-                  template: str, layer: int):
+                  template: str, layer: int, scan: bool = True):
   from vlpre import text_encoders  # pylint: disable=g-import-not-at-top
   return text_encoders.load_text_encoder(name, max_len=max_len, dtype=jnp.dtype(dtype),
                                          pooling=pooling, normalize=normalize,
-                                         template=template, layer=layer)
+                                         template=template, layer=layer, scan=scan)
 
 
 def text_encoder(config):
-  """The frozen encoder named by `config.text_encoder` (loaded once per process)."""
+  """The frozen encoder named by `config.text_encoder` (loaded once per process).
+
+  `text_encoder.scan` (default True) scans the decoder's layers; False unrolls them
+  (one parameter subtree per layer; XLA's cost analysis then counts every layer).
+  """
   t = config.text_encoder
   return _load_encoder(t.name, t.max_len, t.get("dtype", "float32"), t.get("pooling") or None,
-                       t.get("normalize", True), t.get("template", "{text}"), t.get("layer", -1))
+                       t.get("normalize", True), t.get("template", "{text}"), t.get("layer", -1),
+                       bool(t.get("scan", True)))
 
 
 def input_extras(config) -> models.InputExtras:
-  """Cached mode joins each sample's caption embedding from the store by key."""
+  """Cached mode joins each sample's caption embedding from the store by key.
+
+  Online mode trims each batch's token padding to a length bucket (the frozen LLM runs
+  over the longest caption's bucket, not max_len; the embeddings are the same), unless
+  `config.text_encoder.trim_padding` is False; `text_encoder.length_buckets` overrides
+  the default buckets (vlpre.data.text_batching.length_buckets).
+  """
   if config.text_mode == "online":
-    return models.InputExtras()
+    if not config.text_encoder.get("trim_padding", True):
+      return models.InputExtras()
+    from vlpre.data import text_batching  # pylint: disable=g-import-not-at-top
+    buckets = config.text_encoder.get("length_buckets") or None
+    return models.InputExtras(batch_transform=text_batching.TrimTextPadding(
+        tuple(buckets) if buckets else None))
   if config.text_mode != "cached":
     raise ValueError(f"text_mode must be 'online' or 'cached', got '{config.text_mode}'")
   from vlpre import embed  # pylint: disable=g-import-not-at-top
