@@ -143,6 +143,12 @@ def eval_images(pattern: str, count: int, *, image_size: int, batch_size: int = 
   return out
 
 
+def embed_texts(run: Loaded, texts: Sequence[str], max_len: int = 77) -> np.ndarray:
+  """The model's text embeddings (its `embed_text`), in one small padded batch per 256."""
+  batch_size = min(256, 8 * -(-len(texts) // 8))  # divisible by the data-parallel devices
+  return run.predictor.text_embeddings(run.variables, list(texts), max_len, batch_size=batch_size)
+
+
 def _batches(images: np.ndarray, batch_size: int):
   for i in range(0, len(images), batch_size):
     chunk = images[i:i + batch_size]
@@ -178,8 +184,8 @@ def plot_curves(workdirs: dict[str, str], title: str = ""):
   from vlpre import compare  # pylint: disable=g-import-not-at-top
   plt = _plt()
   runs = [compare.read_run(w, n) for n, w in workdirs.items()]
-  keys = list(dict.fromkeys(k for r in runs for k in r.eval_keys
-                            if not k.endswith("/l2")))  # the probe's chosen ridge, not a score
+  keys = list(dict.fromkeys(k for r in runs for k in r.eval_keys  # scores only: not the
+                            if not k.endswith(("/l2", "/num_examples"))))  # probe's ridge, counts
   cols = min(4, 1 + len(keys))
   rows = -(-(1 + len(keys)) // cols)
   fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
@@ -230,7 +236,7 @@ def retrieval_grid(run: Loaded, val: dict[str, Any], queries: Sequence[str] | No
   else:
     owners = [None] * len(queries)
   zimg = common.normalize(embed_images(run, val["image"])["zimg"])
-  ztxt = common.normalize(run.predictor.text_embeddings(run.variables, list(queries), max_len))
+  ztxt = common.normalize(embed_texts(run, queries, max_len))
   scores = ztxt @ zimg.T
   fig, axes = plt.subplots(len(queries), top, figsize=(1.9 * top, 2.2 * len(queries)),
                            squeeze=False)
@@ -285,7 +291,7 @@ def zeroshot_confusion(run: Loaded, test: dict[str, Any], classnames: Sequence[s
   from vlpre.evaluators import common  # pylint: disable=g-import-not-at-top
   zimg = common.normalize(embed_images(run, test["image"])["zimg"])
   prompts = [template.format(c) for c in classnames]
-  zcls = common.normalize(run.predictor.text_embeddings(run.variables, prompts, max_len))
+  zcls = common.normalize(embed_texts(run, prompts, max_len))
   predictions = np.argmax(zimg @ zcls.T, axis=1)
   return confusion_matrix(test["label"], predictions, classnames, "zero-shot")
 
