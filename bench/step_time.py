@@ -1,7 +1,17 @@
-"""Step time, images/s and model FLOPs utilisation of vlpre train steps, side by side.
+"""Step time, images/s, model FLOPs utilisation and peak memory of vlpre train steps,
+side by side, and the input pipeline's images/s alone.
 
     python bench/step_time.py                       # the default table (tiny configs)
+    python bench/step_time.py --quick               # a small end-to-end check of every row kind
     python bench/step_time.py --configs=configs/clip.py:tiny --steps=10
+
+Rows: CLIP (both towers), LIFT with cached text embeddings, LIFT online (the frozen LLM
+in the step) with every caption padded to the full length and with each batch's padding
+trimmed to its length bucket (real Flickr8k captions, vlpre.data.text_batching), at 77
+and 256 tokens; then the grain pipeline alone (decode + augment + tokenize, and the
+cached embedding join where its store exists) at 0/1/2 worker processes. Peak memory is
+XLA's memory analysis of the compiled step: arguments + outputs − donated aliases +
+temporaries.
 
 FLOPs come from XLA's cost analysis of the compiled step; MFU divides achieved FLOP/s
 by the per-device peak in PEAK_FLOPS (CPU has no fixed peak: a large fp32 matmul is
@@ -37,6 +47,9 @@ PEAK_FLOPS = {
 _CONFIGS = flags.DEFINE_list("configs", None, "config[:arg] files; default: the LIFT vs CLIP table")
 _STEPS = flags.DEFINE_integer("steps", 3, "timed steps per row (after 2 warm-up steps)")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "global batch")
+_QUICK = flags.DEFINE_boolean(
+    "quick", False, "batch 8, 1 timed step, the 77-token rows and a short pipeline row: "
+    "checks every row kind end to end in minutes")
 _OPENCLIP_PYTHON = flags.DEFINE_string(
     "openclip_python", os.path.join(ROOT, ".bench-venv", "bin", "python"),
     "a Python with torch + open_clip (see `make bench-venv`); missing: open_clip rows skipped")
@@ -85,6 +98,39 @@ def synthetic_batch(config, batch_size: int, text_len: int, text_dim: int | None
   return batch
 
 
+def caption_batch(config, batch_size: int, trim: bool) -> dict:
+  """Synthetic images + real Flickr8k training captions through the frozen encoder's
+  tokenizer (its template included), padded to text_encoder.max_len; `trim`: cut to the
+  batch's length bucket as the online trainer does (text_batching.TrimTextPadding)."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import tarfile  # pylint: disable=g-import-not-at-top
+  from vlpre.data import text_batching  # pylint: disable=g-import-not-at-top
+  from vlpre.models import lift  # pylint: disable=g-import-not-at-top
+  data_dir = config.input.get("data_dir") or os.environ.get(
+      "VLPRE_DATA_DIR", os.path.join(os.path.dirname(ROOT), "shared", "data"))
+  captions = []
+  with tarfile.open(sorted(glob.glob(os.path.join(data_dir, "flickr8k", "train-*.tar")))[0]) as tar:
+    for member in tar:
+      if member.name.endswith(".json"):
+        captions.append(json.load(tar.extractfile(member))["captions"][0])
+        if len(captions) == batch_size:
+          break
+  ids, mask = lift.text_encoder(config).tokenizer.encode_batch(captions, config.text_encoder.max_len)
+  batch = synthetic_batch(config, batch_size, 1, None)
+  batch.update(text=ids, text_mask=mask)
+  return text_batching.TrimTextPadding()(batch) if trim else batch
+
+
+def peak_bytes(compiled) -> float:
+  """XLA's memory analysis of a compiled step: arguments + outputs − aliases + temporaries."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return float("nan")
+  return float(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+               + m.temp_size_in_bytes)
+
+
 def unrolled(config):
   """A copy with every `scan` flag of the model off: XLA's cost analysis counts a scanned
   loop body once, not once per layer, so FLOPs are read from the unrolled program."""
@@ -102,6 +148,8 @@ def unrolled(config):
     for tower in ("image", "text"):
       if tower in config.model:
         config.model[tower]["scan"] = False
+    if "text_encoder" in config:  # the frozen decoder of online LIFT
+      config.text_encoder["scan"] = False
   return config
 
 
@@ -117,9 +165,9 @@ def step_flops(config, batch: dict) -> float:
 def time_row(config, batch: dict, steps: int) -> dict:
   flops = step_flops(config, batch)
   s = train.setup(config, batch)
-  step_fn = s.jit_train_step()
   dbatch = s.device_batch(batch)
   rng = jax.random.key(0)
+  step_fn = s.jit_train_step().lower(s.state, s.frozen, dbatch, rng).compile()
   state = s.state
   times = []
   for i in range(steps + 2):
@@ -129,20 +177,64 @@ def time_row(config, batch: dict, steps: int) -> dict:
     if i >= 2:
       times.append(time.perf_counter() - start)
   seconds = statistics.median(times)
-  return {"seconds": seconds, "images_per_s": len(batch["image"]) / seconds, "flops": flops}
+  return {"seconds": seconds, "images_per_s": len(batch["image"]) / seconds, "flops": flops,
+          "peak_bytes": peak_bytes(step_fn), "text_len": batch["text"].shape[1] if "text" in batch
+          else 0}
 
 
-def default_rows():
-  """(label, config spec, overrides, text_len, cached) — LIFT (cached) vs CLIP at 77 and 256."""
+def default_rows(lengths=(77, 256)):
+  """(label, config spec, overrides, text_len, kind): CLIP, LIFT cached and LIFT online
+  (padded to the full length, or trimmed to each batch's bucket) at each length. kind:
+  tokens (synthetic ids) | cached (synthetic embeddings) | online | online_trimmed (real
+  captions through the encoder's tokenizer)."""
   rows = []
-  for length in (77, 256):
+  for length in lengths:
     clip_over = {"model.text.max_len": length, "input.max_text_len": length}
-    rows.append((f"CLIP (both towers) @{length} tok", "configs/clip.py:tiny", clip_over, length, False))
+    rows.append((f"CLIP (both towers) @{length} tok", "configs/clip.py:tiny", clip_over, length,
+                 "tokens"))
+    # Centring (one subtraction) would need a built store per length.
+    lift_over = {"text_encoder.max_len": length, "input.max_text_len": length,
+                 "text_encoder.center": False}
     rows.append((f"LIFT cached @{length} tok", "configs/lift.py:tiny",
-                 # Centring (one subtraction) would need a built store per length.
-                 {"text_mode": "cached", "text_encoder.max_len": length,
-                  "text_encoder.center": False}, length, True))
+                 {**lift_over, "text_mode": "cached"}, length, "cached"))
+    rows.append((f"LIFT online @{length} tok, padded", "configs/lift.py:tiny",
+                 {**lift_over, "text_mode": "online"}, length, "online"))
+    rows.append((f"LIFT online @{length} tok, trimmed to bucket", "configs/lift.py:tiny",
+                 {**lift_over, "text_mode": "online"}, length, "online_trimmed"))
   return rows
+
+
+def pipeline_rows(batch_size: int, num_batches: int, workers=(0, 1, 2)) -> list[tuple[str, float]]:
+  """The grain input pipeline alone: images/s of the tiny configs' training input."""
+  from vlpre import config_lib  # pylint: disable=g-import-not-at-top
+  from vlpre import data as data_lib  # pylint: disable=g-import-not-at-top
+  from vlpre import models  # pylint: disable=g-import-not-at-top
+  out = []
+  for label, spec in (("decode + augment + tokenize (CLIP)", "configs/clip.py:tiny"),
+                      ("decode + augment + embedding join (LIFT cached)", "configs/lift.py:tiny")):
+    config = config_lib.load(spec)
+    try:
+      extras = models.input_extras(config)
+    except FileNotFoundError as e:  # the cached store is built by `python -m vlpre.embed`
+      print(f"pipeline row '{label}' skipped: {e}")
+      continue
+    tokenizer = models.build_tokenizer(config) if extras.tokenize else None
+    for num_workers in workers:
+      config.input.num_workers = num_workers
+      ds = data_lib.build_train_dataset(
+          config.input, global_batch_size=batch_size, seed=0, tokenizer=tokenizer,
+          extra_transforms=extras.transforms, extra_keys=extras.keys, stream=extras.stream)
+      it = iter(ds)
+      next(it)  # worker start-up and the first batch are not timed
+      start = time.perf_counter()
+      for _ in range(num_batches):
+        next(it)
+      rate = num_batches * batch_size / (time.perf_counter() - start)
+      del it
+      out.append((f"{label}, num_workers={num_workers}", rate))
+      print(f"measured pipeline {label}, num_workers={num_workers}: {rate:.1f} images/s",
+            flush=True)
+  return out
 
 
 def openclip_rows(batch_size: int, steps: int) -> list[tuple[str, dict]]:
@@ -162,41 +254,61 @@ def openclip_rows(batch_size: int, steps: int) -> list[tuple[str, dict]]:
                          capture_output=True, text=True, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     rows.append((label, {"seconds": r["seconds"], "images_per_s": batch_size / r["seconds"],
-                         "flops": float("nan")}))
+                         "flops": float("nan"), "peak_bytes": float("nan")}))
     print(f"measured {label}: {r['seconds']:.3f} s/step (torch {r['torch']})", flush=True)
   return rows
 
 
 def main(argv):
   del argv
+  quick = _QUICK.value
+  batch_size = 8 if quick else _BATCH.value
+  steps = 1 if quick else _STEPS.value
   peak, peak_source = peak_flops()
-  rows = default_rows()
+  rows = default_rows((77,) if quick else (77, 256))
   if _CONFIGS.value:
-    rows = [(spec, spec, {}, 77, False) for spec in _CONFIGS.value]
+    rows = [(spec, spec, {}, 77, "tokens") for spec in _CONFIGS.value]
   results = []
-  for label, spec, overrides, length, cached in rows:
-    config = load_config(spec, {**overrides, "batch_size": _BATCH.value})
-    text_dim = None
-    if cached:
+  for label, spec, overrides, length, kind in rows:
+    config = load_config(spec, {**overrides, "batch_size": batch_size})
+    if kind == "cached":
       from vlpre.models import lift  # pylint: disable=g-import-not-at-top
-      text_dim = lift.text_encoder(config).dim
-    batch = synthetic_batch(config, _BATCH.value, length, text_dim)
-    r = time_row(config, batch, _STEPS.value)
+      batch = synthetic_batch(config, batch_size, length, lift.text_encoder(config).dim)
+    elif kind.startswith("online"):
+      batch = caption_batch(config, batch_size, trim=kind == "online_trimmed")
+    else:
+      batch = synthetic_batch(config, batch_size, length, None)
+    r = time_row(config, batch, steps)
     results.append((label, r))
     print(f"measured {label}: {r['seconds']:.3f} s/step", flush=True)
-  if not _CONFIGS.value:
-    results += openclip_rows(_BATCH.value, _STEPS.value)
+  if not _CONFIGS.value and not quick:
+    results += openclip_rows(batch_size, steps)
+  pipeline = [] if _CONFIGS.value else pipeline_rows(
+      batch_size, 2 if quick else 10, (0, 1) if quick else (0, 1, 2))
   print(f"\ndevices: {jax.device_count()} x {jax.devices()[0].device_kind}; peak "
-        f"{peak / 1e9:.0f} GFLOP/s ({peak_source}); batch {_BATCH.value}\n")
-  print(f"| row | s/step | images/s | GFLOP/step | MFU |")
-  print(f"|---|---|---|---|---|")
+        f"{peak / 1e9:.0f} GFLOP/s ({peak_source}); batch {batch_size}\n")
+  print(f"| row | s/step | images/s | GFLOP/step | MFU | text tokens | peak MiB |")
+  print(f"|---|---|---|---|---|---|---|")
   for label, r in results:
     mfu = r["flops"] / r["seconds"] / peak
     flops = "—" if math.isnan(r["flops"]) else f"{r['flops'] / 1e9:.1f}"
     mfu = "—" if math.isnan(mfu) else f"{100 * mfu:.1f}%"
-    print(f"| {label} | {r['seconds']:.3f} | {r['images_per_s']:.1f} | {flops} | {mfu} |")
+    mem = r.get("peak_bytes", float("nan"))
+    mem = "—" if math.isnan(mem) else f"{mem / 2**20:.0f}"
+    print(f"| {label} | {r['seconds']:.3f} | {r['images_per_s']:.1f} | {flops} | {mfu} | "
+          f"{r.get('text_len') or '—'} | {mem} |")
+  if pipeline:
+    print(f"\n| input pipeline alone (batch {batch_size}) | images/s |\n|---|---|")
+    for label, rate in pipeline:
+      print(f"| {label} | {rate:.1f} |")
   by_label = dict(results)
   for length in (77, 256):
+    padded = by_label.get(f"LIFT online @{length} tok, padded")
+    trimmed = by_label.get(f"LIFT online @{length} tok, trimmed to bucket")
+    if padded and trimmed:
+      print(f"\nLIFT online trimmed ({trimmed['text_len']} tokens) / padded @{length}: step time "
+            f"{trimmed['seconds'] / padded['seconds']:.2f}, FLOPs "
+            f"{trimmed['flops'] / padded['flops']:.2f}")
     clip, lift = by_label.get(f"CLIP (both towers) @{length} tok"), by_label.get(f"LIFT cached @{length} tok")
     if clip and lift:
       print(f"\nLIFT cached / CLIP @{length} tokens: step time {lift['seconds'] / clip['seconds']:.2f}, "
