@@ -279,8 +279,8 @@ def test_unreachable_coordinator_is_one_line(data_dir, tmp_path):
 
 
 def test_taken_port_is_one_line(data_dir, tmp_path):
-  with socket.socket(socket.AF_INET6) as taken:
-    taken.bind(("::", 0))
+  with socket.socket() as taken:  # JAX's coordinator binds [::]:PORT, which includes IPv4
+    taken.bind(("", 0))
     taken.listen()
     port = taken.getsockname()[1]
     status, line = _check_run(

@@ -31,6 +31,7 @@ each checkpoint (orbax writes each process's shards and data-iterator state).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import socket
 import sys
@@ -113,6 +114,20 @@ def _reachable(address: str, timeout_s: float = 2.0) -> bool:
     return False
 
 
+def _port_taken(port: int) -> bool:
+  """Whether something listens on `port` here (JAX's coordinator would crash binding it)."""
+  families = [(socket.AF_INET, "")] + ([(socket.AF_INET6, "::")] if socket.has_ipv6 else [])
+  for family, host in families:
+    try:
+      with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no conflict
+        s.bind((host, port))
+    except OSError as e:
+      if e.errno == errno.EADDRINUSE:
+        return True
+  return False
+
+
 def _watchdog(launch: Launch, timeout_s: float) -> threading.Timer:
   """Exits with one line if the run has not assembled after `timeout_s` seconds."""
 
@@ -138,6 +153,9 @@ def initialize(launch: Launch | None, timeout_s: float = 300) -> None:
   if launch is None:
     return
   import jax  # pylint: disable=g-import-not-at-top
+  if launch.process_id == 0 and _port_taken(int(launch.coordinator_address.rsplit(":", 1)[1])):
+    raise DistributedError(f"could not join {launch.describe()}: port "
+                           f"{launch.coordinator_address.rsplit(':', 1)[1]} is taken on this host")
   watchdog = _watchdog(launch, timeout_s)
   watchdog.start()
   try:
@@ -147,8 +165,6 @@ def initialize(launch: Launch | None, timeout_s: float = 300) -> None:
         initialization_timeout=int(timeout_s) + _JAX_DEADLINE_MARGIN_S)
   except Exception as e:  # pylint: disable=broad-exception-caught
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    if "Failed to start RPC server" in reason:
-      reason = f"port {launch.coordinator_address.rsplit(':', 1)[1]} is taken on this host"
     raise DistributedError(f"could not join {launch.describe()}: {reason}") from e
   finally:
     watchdog.cancel()
