@@ -215,7 +215,7 @@ def pipeline_rows(batch_size: int, num_batches: int, workers=(0, 1, 2)) -> list[
     config = config_lib.load(spec)
     try:
       extras = models.input_extras(config)
-    except FileNotFoundError as e:  # the cached store is built by `python -m vlpre.embed`
+    except (FileNotFoundError, ValueError) as e:  # no complete store (`python -m vlpre.embed`)
       print(f"pipeline row '{label}' skipped: {e}")
       continue
     tokenizer = models.build_tokenizer(config) if extras.tokenize else None
