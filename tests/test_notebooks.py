@@ -24,7 +24,8 @@ from vlpre import compare
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 
-# Tiny parameters per notebook, and what its runs must have written:
+# Tiny parameters per notebook (few training images, so batches repeat and the loss can
+# fall within a few steps), and what its runs must have written:
 # run folder (under WORKDIR) → eval metrics that must be there at the end.
 TINY = {
     "clip_siglip": (
@@ -37,7 +38,7 @@ TINY = {
         {"lift-smollm2": ("retrieval_flickr8k/t2i_R@1", "zeroshot_cifar10/top1",
                           "linear_probe_cifar10/top1")}),
     "gpt4image": (
-        dict(STEPS=8, BATCH=32, TRAIN_EXAMPLES=64, PER_CLASS=1, MAX_NEW_TOKENS=24,
+        dict(STEPS=8, BATCH=32, TRAIN_EXAMPLES=32, PER_CLASS=1, MAX_NEW_TOKENS=24,
              EVAL_EXAMPLES=128, EVAL_EVERY=4),
         {"lambda0.0": ("classify/top1", "linear_probe/top1"),
          "lambda0.3": ("classify/top1", "linear_probe/top1")}),
@@ -48,7 +49,7 @@ TINY = {
                  "linear_probe_cifar10/top1", "attentive_probe_cifar10/top1",
                  "captioning_flickr8k/cider")}),
     "hive": (
-        dict(STEPS=2, BATCH=8, MODES=("hive",), TRAIN_EXAMPLES=16, EVAL_EXAMPLES=16,
+        dict(STEPS=2, BATCH=8, MODES=("hive",), TRAIN_EXAMPLES=8, EVAL_EXAMPLES=16,
              CAPTION_TOKENS=6),
         {"hive": ("captioning/cider", "linear_probe/top1", "attentive_probe/top1")}),
     "bridge": (
