@@ -1,5 +1,6 @@
 """Train/eval pipelines: shapes, bad-sample accounting, checkpoint state, host slicing."""
 import gc
+import importlib
 import io
 import json
 import logging
@@ -252,7 +253,7 @@ def test_workers_count_bad_and_restore_state(clip_tok, mixed_tar):
 
 
 def test_orbax_checkpoint_round_trip(clip_tok, mixed_tar, tmp_path):
-  ocp = pytest.importorskip("orbax.checkpoint")
+  ocp = importlib.import_module("orbax.checkpoint")
   cfg = make_cfg(train=mixed_tar[0])
   ds = data.build_train_dataset(cfg, global_batch_size=4, seed=5, tokenizer=clip_tok)
   it = iter(ds)

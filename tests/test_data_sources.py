@@ -1,4 +1,5 @@
 """Data sources: data-dir resolution, tar shard indexing/reading, TFDS (built locally)."""
+import importlib
 import io
 import json
 import os
@@ -150,7 +151,7 @@ def _make_tiny_tfds(data_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
-  pytest.importorskip("tensorflow_datasets")
+  importlib.import_module("tensorflow_datasets")
   path = str(tmp_path_factory.mktemp("tfds"))
   _make_tiny_tfds(path)
   return path
@@ -173,7 +174,7 @@ def test_tfds_source(tfds_dir):
 
 
 def test_tfds_source_not_prepared(tmp_path):
-  pytest.importorskip("tensorflow_datasets")
+  importlib.import_module("tensorflow_datasets")
   with pytest.raises(FileNotFoundError, match="not prepared"):
     sources.TfdsSource("mnist", "train", str(tmp_path))
   with pytest.raises(FileNotFoundError, match="unknown and not prepared"):

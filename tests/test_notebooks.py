@@ -11,6 +11,7 @@ cached on disk across runs ($VLPRE_NOTEBOOK_JAX_CACHE, default workdirs/jax_cach
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import math
 import os
@@ -66,7 +67,7 @@ def _build_module():
 
 
 def test_notebooks_are_built_and_stripped():
-  nbformat = pytest.importorskip("nbformat")
+  nbformat = importlib.import_module("nbformat")
   build = _build_module()
   assert sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")) == sorted(build.NOTEBOOKS) == sorted(TINY)
   for name in build.NOTEBOOKS:
@@ -84,8 +85,8 @@ def test_notebooks_are_built_and_stripped():
 
 def execute(name: str, parameters: dict, workdir: str, timeout: int = 900):
   """Runs notebooks/<name>.ipynb with `parameters` injected; returns the executed notebook."""
-  nbformat = pytest.importorskip("nbformat")
-  nbclient = pytest.importorskip("nbclient")
+  nbformat = importlib.import_module("nbformat")
+  nbclient = importlib.import_module("nbclient")
   nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
   index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", ()))
   source = "\n".join(f"{k} = {v!r}" for k, v in {**parameters, "WORKDIR": workdir}.items())
