@@ -29,6 +29,24 @@ def code(text: str, tags: tuple[str, ...] = ()):
   return cell
 
 
+def retrieval_and_zeroshot_cells():
+  """The trained run loaded back: a text→image retrieval grid, then the zero-shot matrix."""
+  return [
+    code("""
+       loaded = nbhelpers.load_run(c, run)
+       size = c.input.image_size
+       val = nbhelpers.eval_images("flickr8k/val-*.tar", EVAL_EXAMPLES, image_size=size, captions=True)
+       nbhelpers.retrieval_grid(loaded, val)
+       """),
+    md("## Zero-shot CIFAR-10: confusion matrix"),
+    code("""
+       classnames = data.load_classnames("cifar10")
+       test = nbhelpers.eval_images("cifar10/test-*.tar", EVAL_EXAMPLES, image_size=size, labels=True)
+       nbhelpers.zeroshot_confusion(loaded, test, classnames);
+       """),
+  ]
+
+
 def head(name: str, title: str, intro: str, parameters: str):
   badge = (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
            f"(https://colab.research.google.com/github/{ORG}/vlpre/blob/main/notebooks/{name}.ipynb)")
@@ -239,18 +257,7 @@ LIFT = head("lift", "LIFT: an image tower against a frozen LLM text encoder", ""
        Captions of val images embedded by the frozen LLM (the same recipe as the store),
        against the trained image tower's embeddings of the val images.
        """),
-    code("""
-       loaded = nbhelpers.load_run(c, run)
-       size = c.input.image_size
-       val = nbhelpers.eval_images("flickr8k/val-*.tar", EVAL_EXAMPLES, image_size=size, captions=True)
-       nbhelpers.retrieval_grid(loaded, val)
-       """),
-    md("## Zero-shot CIFAR-10: confusion matrix"),
-    code("""
-       classnames = data.load_classnames("cifar10")
-       test = nbhelpers.eval_images("cifar10/test-*.tar", EVAL_EXAMPLES, image_size=size, labels=True)
-       nbhelpers.zeroshot_confusion(loaded, test, classnames);
-       """),
+    *retrieval_and_zeroshot_cells(),
 ]
 
 # --------------------------------------------------------------------------- GPT4Image
@@ -402,18 +409,7 @@ LCL = head("lcl", "LCL: latent compression learning on interleaved image-text do
        A caption is read by the causal model with `<soi>` appended; its output there,
        projected, is compared with the images' latents.
        """),
-    code("""
-       loaded = nbhelpers.load_run(c, run)
-       size = c.input.image_size
-       val = nbhelpers.eval_images("flickr8k/val-*.tar", EVAL_EXAMPLES, image_size=size, captions=True)
-       nbhelpers.retrieval_grid(loaded, val)
-       """),
-    md("## Zero-shot CIFAR-10: confusion matrix"),
-    code("""
-       classnames = data.load_classnames("cifar10")
-       test = nbhelpers.eval_images("cifar10/test-*.tar", EVAL_EXAMPLES, image_size=size, labels=True)
-       nbhelpers.zeroshot_confusion(loaded, test, classnames);
-       """),
+    *retrieval_and_zeroshot_cells(),
     md("## Captions (greedy, after `<soi>` + the visual tokens + `<eoi>`)"),
     code("nbhelpers.show_captions(loaded, val, count=4, max_new_tokens=CAPTION_TOKENS);"),
 ]
