@@ -388,8 +388,8 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
       os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
       every_steps=config.checkpoint.every_steps, async_save=config.checkpoint.get("async", True))
   start = ckpt.latest_step()
-  saved = ckpt.restore_counters(start) if start is not None else {}
-  start_record, same_stream = data_position(saved, start or 0, config.batch_size,
+  counters = ckpt.restore_counters(start) if start is not None else {}
+  start_record, same_stream = data_position(counters, start or 0, config.batch_size,
                                             jax.process_count())
   position = {"data_process_count": jax.process_count(), "data_start_record": start_record}
   built_tokenizer = models.build_tokenizer(config)
@@ -412,11 +412,11 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
     abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                             state, s.state_shardings)
     state = ckpt.restore(start, abstract, data_iter if same_stream else None)
-    guard.restore(saved)
+    guard.restore(counters)
     if not same_stream:
       logging.warning("step %d was saved by %s processes, this run has %d: the input "
                       "restarts at global record %d (vlpre.train.data_position)", start,
-                      saved["data_process_count"], jax.process_count(), start_record)
+                      counters["data_process_count"], jax.process_count(), start_record)
   start = start or 0
 
   writer = metrics_lib.MetricWriter(workdir, is_main_process=jax.process_index() == 0)
