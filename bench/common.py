@@ -44,3 +44,18 @@ class Results:
         self._json.dump(self.data, f, indent=1)
       print(key, self.data[key], flush=True)
     return self.data[key]
+
+
+def metrics_at(workdir: str, step: int) -> dict:
+  """Everything a run logged at `step` (training row and evaluator results, merged)."""
+  from vlpre import metrics  # pylint: disable=g-import-not-at-top
+  return next((r for r in metrics.read_metrics(workdir) if r["step"] == step), {})
+
+
+def seconds_per_step(workdir: str) -> float:
+  """Median logged step time: unlike wall time, not inflated if the process was paused."""
+  import statistics  # pylint: disable=g-import-not-at-top
+  from vlpre import metrics  # pylint: disable=g-import-not-at-top
+  times = [r["perf/seconds_per_step"] for r in metrics.read_metrics(workdir)
+           if "perf/seconds_per_step" in r]
+  return statistics.median(times) if times else float("nan")

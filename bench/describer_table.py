@@ -63,14 +63,13 @@ def hive_config():
 
 
 def train_captioner() -> dict:
-  from vlpre import metrics, stages  # pylint: disable=g-import-not-at-top
+  from vlpre import stages  # pylint: disable=g-import-not-at-top
   config = hive_config()
   workdir = os.path.join(_OUT.value, "hive")
   start = time.time()
   stages.run(config, workdir)
   last = stages.stage_dir(workdir, len(config.stages) - 1, config.stages[-1])
-  final = {k: v for r in metrics.read_metrics(last) if r["step"] == config.stages[-1]["steps"]
-           for k, v in r.items()}
+  final = common.metrics_at(last, config.stages[-1]["steps"])
   return {"bleu4": final["captioning/bleu4"], "cider": final["captioning/cider"],
           "seconds": time.time() - start}
 

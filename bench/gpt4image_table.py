@@ -79,14 +79,6 @@ def run_one(variant: str, weight: float, seed: int, workdir: str) -> dict:
           "seconds": time.time() - start}
 
 
-def seconds_per_step(workdir: str) -> float:
-  """Median logged step time: unlike wall time, not inflated if the process was paused."""
-  from vlpre import metrics  # pylint: disable=g-import-not-at-top
-  times = [r["perf/seconds_per_step"] for r in metrics.read_metrics(workdir)
-           if "perf/seconds_per_step" in r]
-  return statistics.median(times) if times else float("nan")
-
-
 def _workdir(variant, weight, seed, steps):
   return os.path.join(_OUT.value, f"{variant}_w{weight:g}_s{seed}_n{steps}")
 
@@ -159,7 +151,7 @@ def main(argv):
   shown = [r for r in results if (r["variant"], r["weight"], r["seed"]) in wanted
            and r["steps"] == steps_of[r["variant"]]]
   for r in shown:
-    r["seconds_per_step"] = seconds_per_step(_workdir(r["variant"], r["weight"], r["seed"],
+    r["seconds_per_step"] = common.seconds_per_step(_workdir(r["variant"], r["weight"], r["seed"],
                                                       r["steps"]))
   text = table(shown, describer, config.text_encoder.name)
   with open(os.path.join(_OUT.value, "table.md"), "w", encoding="utf-8") as f:

@@ -47,15 +47,14 @@ def config_for(mode: str):
 
 
 def run_one(mode: str) -> dict:
-  from vlpre import metrics, stages  # pylint: disable=g-import-not-at-top
+  from vlpre import stages  # pylint: disable=g-import-not-at-top
   config = config_for(mode)
   workdir = os.path.join(_OUT.value, mode)
   start = time.time()
   stages.run(config, workdir)
   dirs = [stages.stage_dir(workdir, i, s) for i, s in enumerate(config.stages)]
-  first, last = metrics.read_metrics(dirs[0]), metrics.read_metrics(dirs[-1])
-  before = {k: v for r in first if r["step"] == 0 for k, v in r.items()}
-  after = {k: v for r in last if r["step"] == config.stages[-1]["steps"] for k, v in r.items()}
+  before = common.metrics_at(dirs[0], 0)
+  after = common.metrics_at(dirs[-1], config.stages[-1]["steps"])
   return {"before": before, "after": after, "seconds": time.time() - start}
 
 

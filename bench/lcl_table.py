@@ -18,7 +18,8 @@ import common  # pylint: disable=g-bad-import-order  (sets XLA_FLAGS before jax)
 
 common.use_one_device()
 
-import os  # pylint: disable=g-import-not-at-top,wrong-import-position
+import math  # pylint: disable=g-import-not-at-top,wrong-import-position
+import os
 import time
 
 from absl import app
@@ -54,15 +55,13 @@ def config_for(run: str):
 
 
 def run_one(run: str) -> dict:
-  from vlpre import metrics, train  # pylint: disable=g-import-not-at-top
+  from vlpre import train  # pylint: disable=g-import-not-at-top
   config = config_for(run)
   workdir = os.path.join(_OUT.value, run)
   start = time.time()
   train.run(config, workdir)
-  rows = metrics.read_metrics(workdir)
-  final = {k: v for r in rows if r["step"] == config.total_steps for k, v in r.items()}
-  step_times = sorted(r["perf/seconds_per_step"] for r in rows if "perf/seconds_per_step" in r)
-  final["median_step_seconds"] = step_times[len(step_times) // 2] if step_times else None
+  final = common.metrics_at(workdir, config.total_steps)
+  final["median_step_seconds"] = common.seconds_per_step(workdir)
   final["seconds"] = time.time() - start
   return final
 
@@ -80,7 +79,7 @@ def table(results: dict) -> str:
     i2t = " / ".join(_pct(r, f"retrieval_flickr8k/i2t_R@{k}") for k in (1, 5, 10))
     bleu = f"{r['captioning_flickr8k/bleu4']:.2f}" if "captioning_flickr8k/bleu4" in r else "–"
     cider = f"{r['captioning_flickr8k/cider']:.2f}" if "captioning_flickr8k/cider" in r else "–"
-    step = f"{r['median_step_seconds']:.2f}" if r.get("median_step_seconds") else "–"
+    step = f"{r['median_step_seconds']:.2f}" if r.get("median_step_seconds", math.nan) > 0 else "–"
     lines.append(f"| {NAMES[run]} | {t2i} | {i2t} | {_pct(r, 'zeroshot_cifar10/top1')} | "
                  f"{_pct(r, 'linear_probe_cifar10/top1')} | "
                  f"{_pct(r, 'attentive_probe_cifar10/top1')} | {bleu} | {cider} | {step} |")
