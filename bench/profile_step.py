@@ -10,7 +10,17 @@ is mapped to the instruction's `op_name` metadata in the compiled HLO, which nam
 the Flax module path (img/encoder/blocks/attn/...) and the transformation (`jvp(...)`
 forward, `transpose(jvp(...))` backward; neither: the optimizer update). Op times are
 summed across the runtime's threads, so they add up to more than the step's wall time
-when ops run in parallel; the shares are what compare.
+when ops run in parallel; the shares are what compare. The tracer itself slows the
+YNNPACK matmul thunks (a lone 4928×192 @ 192×768 matmul: 3.9 ms untraced, 8.5 ms traced
+on this CPU), so the trace overstates the matmuls' share.
+
+    XLA_FLAGS= python bench/profile_step.py --components
+
+times the step's pieces instead, untraced (jitted alone, min of 10 calls): each tower's
+forward and forward + backward, and one encoder block's parts (MLP, attention, layer
+norm, the whole block) at the text tower's shape; with `.bench-venv` present, open_clip's
+same pieces run in the same call (bench/openclip_step.py --components) and the table
+puts them side by side.
 """
 from __future__ import annotations
 
@@ -38,6 +48,8 @@ _TEXT_LEN = flags.DEFINE_integer("text_len", 77, "text tokens")
 _STEPS = flags.DEFINE_integer("profile_steps", 2, "traced steps (after 2 untraced ones)")
 _SET = flags.DEFINE_multi_string("set", [], "config override key=value (python literal)")
 _TOP = flags.DEFINE_integer("top", 12, "rows of the per-module table")
+_COMPONENTS = flags.DEFINE_boolean(
+    "components", False, "time the step's pieces untraced, beside open_clip's, instead of a trace")
 
 _SKIP = ("ThunkExecutor", "SlinkyThreadPool", "ParallelLoop", "Execute")
 
@@ -123,6 +135,81 @@ def profile(config, batch, steps: int) -> dict:
           "by_direction": by_direction, "by_op": by_op, "names": names}
 
 
+def min_ms(fn, *args, calls: int = 10) -> float:
+  """Minimum wall time of a jitted call over `calls` calls (after one compiling call), ms."""
+  fn = jax.jit(fn)
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(calls):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return 1e3 * min(times)
+
+
+def components(config, batch) -> dict[str, float]:
+  """ms of the CLIP step's pieces: towers forward / forward + backward (gradient of every
+  parameter, the embedding's included), and one encoder block's parts at the text
+  tower's shape [B, L, D], forward / forward + backward (parameters and input)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vlpre.models import layers  # pylint: disable=g-import-not-at-top
+  s = train.setup(config, batch)
+  model, params = s.model, s.variables()["params"]
+  image, text = jnp.asarray(batch["image"]), jnp.asarray(batch["text"])
+  mask = jnp.asarray(batch["text_mask"])
+
+  def image_sum(p):
+    return model.apply({"params": p}, image, True, method=model.embed_image)["zimg"].sum()
+
+  def text_sum(p):
+    return model.apply({"params": p}, text, mask, True, method=model.embed_text).sum()
+
+  out = {"image tower": (min_ms(image_sum, params), min_ms(jax.grad(image_sum), params)),
+         "text tower": (min_ms(text_sum, params), min_ms(jax.grad(text_sum), params))}
+  t = config.model.text
+  x = jax.random.normal(jax.random.key(0), (*text.shape, t.width))
+  parts = {"block: MLP": (layers.MlpBlock(t.mlp_dim), {"train": True}),
+           "block: causal attention": (layers.Attention(t.num_heads, causal=True), {}),
+           "block: layer norm": (layers.layer_norm(jnp.float32), {}),
+           "whole block (pre-LN, causal)": (layers.EncoderBlock(t.num_heads, t.mlp_dim,
+                                                                causal=True), {})}
+  for name, (module, kwargs) in parts.items():
+    variables = module.init(jax.random.key(1), x, **kwargs)
+
+    def forward(v, x, module=module, kwargs=kwargs):
+      y = module.apply(v, x, **kwargs)
+      return y[0] if isinstance(y, tuple) else y
+
+    def weighted_sum(v, x, forward=forward):
+      return (forward(v, x) * x).sum()
+
+    out[name] = (min_ms(forward, variables, x),
+                 min_ms(jax.grad(weighted_sum, argnums=(0, 1)), variables, x))
+  return out
+
+
+def openclip_components(batch_size: int, text_len: int) -> dict[str, tuple[float, float]]:
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  python = step_time._OPENCLIP_PYTHON.value  # pylint: disable=protected-access
+  if not os.path.exists(python):
+    print(f"no open_clip Python at {python}: open_clip column skipped (make bench-venv)")
+    return {}
+  out = subprocess.run([python, os.path.join(common.ROOT, "bench", "openclip_step.py"),
+                        "--components", f"--batch_size={batch_size}", f"--text_len={text_len}"],
+                       capture_output=True, text=True, check=True)
+  return {k: tuple(v) for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+
+
+def print_components(ours: dict, theirs: dict) -> None:
+  print("\n| piece | vlpre fwd ms | vlpre fwd+bwd ms | open_clip fwd ms | open_clip fwd+bwd ms "
+        "| fwd+bwd ratio |\n|---|---|---|---|---|---|")
+  for name, (fwd, both) in ours.items():
+    o_fwd, o_both = theirs.get(name, (float("nan"), float("nan")))
+    print(f"| {name} | {fwd:.1f} | {both:.1f} | {o_fwd:.1f} | {o_both:.1f} | "
+          f"{both / o_both:.2f} |")
+
+
 def main(argv):
   del argv
   overrides = {"batch_size": _BATCH.value}
@@ -135,6 +222,10 @@ def main(argv):
       overrides[key] = value
   config = step_time.load_config(_CONFIG.value, overrides)
   batch = step_time.synthetic_batch(config, _BATCH.value, _TEXT_LEN.value, None)
+  if _COMPONENTS.value:
+    ours = components(config, batch)
+    print_components(ours, openclip_components(_BATCH.value, _TEXT_LEN.value))
+    return
   r = profile(config, batch, _STEPS.value)
   total = r["total"]
   print(f"\n{_CONFIG.value} batch {_BATCH.value}, {_TEXT_LEN.value} tokens, overrides "
