@@ -45,12 +45,14 @@ bench: .install.stamp .bench-venv/bin/python
 	XLA_FLAGS= $(PYTHON) bench/step_time.py
 
 # Every method's tiny config on the bundled data for COMPARE_STEPS steps each (HIVE: its own
-# three stages, 3 × 100 in :tiny; its ViT starts from this comparison's LIFT run unless
+# three stages, 3 × 100 in :tiny or HIVE_STAGE_STEPS; its ViT starts from this comparison's LIFT run unless
 # HIVE_INIT= is given empty), each into $(COMPARE_DIR)/<method>, then one table and the plots
 # of them all (vlpre/compare.py). Each command resumes or skips what is done, so a rerun
 # picks up where it stopped. Bridge training's two runs are the stages 0_bridge and
 # 1_finetune of one folder, so compare reads them as one staged run.
 COMPARE_STEPS ?= 300
+# HIVE's three stages: empty = the :tiny config's 100/100/100; N or N/N/N sets them.
+HIVE_STAGE_STEPS ?=
 COMPARE_DIR ?= workdirs/compare
 HIVE_INIT ?= $(COMPARE_DIR)/lift
 COMPARE_RUN = $(PYTHON) -m vlpre.main
@@ -67,7 +69,8 @@ compare: .install.stamp
 	test -f $(INTERLEAVED)/train.jsonl || $(PYTHON) -m vlpre.data.convert --mode=interleaved \
 	    --pairs='flickr8k/train-*.tar' --out_dir=$(INTERLEAVED) --split=train
 	$(COMPARE_RUN) --config=configs/lcl.py:tiny $(COMPARE_N) --workdir=$(COMPARE_DIR)/lcl
-	$(COMPARE_RUN) --config=configs/hive.py:tiny --config.init_from.workdir=$(HIVE_INIT) \
+	$(COMPARE_RUN) --config=configs/hive.py:tiny$(if $(HIVE_STAGE_STEPS),$(COMPARE_COMMA)stage_steps=$(HIVE_STAGE_STEPS)) \
+	    --config.init_from.workdir=$(HIVE_INIT) \
 	    --workdir=$(COMPARE_DIR)/hive
 	$(COMPARE_RUN) --config=configs/bridge.py:tiny $(COMPARE_N) \
 	    --workdir=$(COMPARE_DIR)/bridge/0_bridge

@@ -11,7 +11,8 @@ Without init_from, the ViT starts from scratch. The stages (vlpre/stages.py) run
 `<workdir>/0_projectors`, `1_llm`, `2_all`; evaluators with at_start run before stage 1
 (the encoder before HIVE), the rest after stage 3.
 Options after the variant, comma-separated: mode=hive|sa, pool=<the ViT's pooling>
-(match the run the ViT comes from: LIFT's tiny tower uses mean, CLIP's cls).
+(match the run the ViT comes from: LIFT's tiny tower uses mean, CLIP's cls),
+stage_steps=N or N/N/N (the stages' steps; `make compare` sets it from HIVE_STAGE_STEPS).
 """
 import ml_collections as mlc
 
@@ -19,7 +20,8 @@ from vlpre import config_lib
 
 
 def get_config(arg=None):
-  variant, opts = config_lib.parse_arg(arg, {"mode": ("hive", "sa"), "pool": None})
+  variant, opts = config_lib.parse_arg(arg, {"mode": ("hive", "sa"), "pool": None,
+                                             "stage_steps": None})
   tiny = variant == "tiny"
   size = "tiny" if tiny else None
   c = config_lib.base(size)
@@ -39,6 +41,12 @@ def get_config(arg=None):
   c.init_from = dict(workdir="", prefixes=("img",))
   c.batch_size = 32 if tiny else 256
   steps = (100, 100, 100) if tiny else (5_000, 20_000, 20_000)
+  if "stage_steps" in opts:  # e.g. stage_steps=30 (each stage) or stage_steps=60/30/10
+    given = [int(n) if n.isdigit() else 0 for n in opts["stage_steps"].split("/")]
+    if len(given) not in (1, 3) or min(given) < 1:
+      raise ValueError(f"stage_steps must be N or N/N/N (steps of the three stages), got "
+                       f"{opts['stage_steps']!r}")
+    steps = tuple(given * 3) if len(given) == 1 else tuple(given)
   c.total_steps = sum(steps)  # the stages' steps decide; this is their sum, for reference
   c.stages = (
       dict(name="projectors", steps=steps[0], trainable=("proj_.*",),

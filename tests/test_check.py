@@ -165,3 +165,13 @@ def test_main_check_flag(data_dir):
   good = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
   assert good.returncode == 0, good.stderr
   assert good.stdout.strip() == "config OK"
+
+
+def test_hive_stage_steps_option():
+  """`configs/hive.py:tiny,stage_steps=...` (make compare's HIVE_STAGE_STEPS) sets the stages."""
+  assert [s["steps"] for s in load_config("hive", "tiny").stages] == [100, 100, 100]
+  assert [s["steps"] for s in load_config("hive", "tiny,stage_steps=30").stages] == [30, 30, 30]
+  assert [s["steps"] for s in load_config("hive", "tiny,stage_steps=60/30/10").stages] == [60, 30, 10]
+  for bad in ("30/30", "0", "x"):
+    with pytest.raises(ValueError, match="stage_steps must be N or N/N/N"):
+      load_config("hive", f"tiny,stage_steps={bad}")
