@@ -11,7 +11,9 @@ across the two), 4 steps, a checkpoint every 2:
   2. `python -m vlpre.main` in two fresh processes resumes from that checkpoint (each
      process restores its own data-iterator position) and finishes;
   3. metrics.jsonl, written by process 0 alone (one row a step), holds the losses of an
-     uninterrupted 1-process × 8-device run of the same config.
+     uninterrupted 1-process × 8-device run of the same config;
+  4. `python -m vlpre.evaluate` in two processes on the final checkpoint reports the
+     metrics a 1-process × 8-device evaluation of that checkpoint reports.
 
 The losses agree to float32 rounding (rtol 1e-5), not bit for bit: the same global
 computation reduces across devices with XLA's in-process all-reduce in one case and
@@ -57,10 +59,17 @@ def mp_config(data_dir):
   return c
 
 
-def _config_file(data_dir, tmp_path):
-  path = tmp_path / "mp_config.py"
+def eval_config(data_dir):
+  """mp_config with one evaluator, for vlpre.evaluate: retrieval on 64 Flickr8k val images."""
+  c = mp_config(data_dir)
+  c.evals = {"retrieval": helpers.tiny_clip_config(data_dir).evals["retrieval"]}
+  return c
+
+
+def _config_file(data_dir, tmp_path, function="mp_config"):
+  path = tmp_path / f"{function}.py"
   path.write_text("from tests import test_multiprocess\n\n\ndef get_config(arg=None):\n"
-                  f"  return test_multiprocess.mp_config({data_dir!r})\n")
+                  f"  return test_multiprocess.{function}({data_dir!r})\n")
   return str(path)
 
 
@@ -213,6 +222,66 @@ def test_two_processes_train_like_one_through_a_kill_and_resume(data_dir, tmp_pa
   np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
                              rtol=1e-5)
   assert len(set(want.values())) == TOTAL_STEPS  # the comparison can tell steps apart
+
+  # Phase 3: `python -m vlpre.evaluate` in 2 processes (jax.distributed from flags) on the
+  # final checkpoint reports what a 1-process × 8-device evaluation of it reports.
+  port = _free_port()
+  logs = [str(tmp_path / f"phase3.{i}.log") for i in range(PROCESSES)]
+  procs = [_start(["-m", "vlpre.evaluate", f"--config={_config_file(data_dir, tmp_path, 'eval_config')}",
+                   f"--workdir={workdir}", f"--coordinator_address=localhost:{port}",
+                   f"--num_processes={PROCESSES}", f"--process_id={i}"], _env(tmp_path), log)
+           for i, log in enumerate(logs)]
+  try:
+    status = _wait_exit(procs, logs)
+  finally:
+    _kill(procs)
+  assert status == [0] * PROCESSES, "\n".join(map(_tail, logs))
+  printed = _read(logs[0])
+  got = json.loads(printed[printed.index("\n{") + 1:printed.rindex("}") + 1])
+  assert "\n{" not in _read(logs[1])  # process 0 speaks for the run
+  from vlpre import evaluate  # pylint: disable=g-import-not-at-top
+  want = evaluate.evaluate(eval_config(data_dir), workdir)
+  assert sorted(got) == sorted(want) and any(k.startswith("retrieval/") for k in want), got
+  for key, value in want.items():
+    assert got[key] == pytest.approx(value, abs=1e-6), key
+
+
+def embed_config(data_dir, shard, cache):
+  """tests/test_lift.py's tiny LIFT, MiniLM as the frozen encoder, its store at `cache`."""
+  from tests import test_lift  # pylint: disable=g-import-not-at-top
+  c = test_lift.lift_config(data_dir, shard, encoder="minilm-l6", mode="cached")
+  c.text_cache = cache
+  return c
+
+
+def test_two_processes_build_the_store_one_process_builds(data_dir, tmp_path):
+  """`python -m vlpre.embed` in 2 processes (the encoder sharded over both): process 0
+  writes, and the store equals a 1-process × 8-device build of the same captions."""
+  from vlpre import embed  # pylint: disable=g-import-not-at-top
+  shard = helpers.small_shard(data_dir, tmp_path, num_samples=16)
+  two, one = str(tmp_path / "store2"), str(tmp_path / "store1")
+  config = tmp_path / "embed_config.py"
+  config.write_text("from tests import test_multiprocess\n\n\ndef get_config(arg=None):\n"
+                    f"  return test_multiprocess.embed_config({data_dir!r}, {shard!r}, {two!r})\n")
+  port = _free_port()
+  logs = [str(tmp_path / f"embed.{i}.log") for i in range(PROCESSES)]
+  procs = [_start(["-m", "vlpre.embed", f"--config={config}",
+                   f"--coordinator_address=localhost:{port}", f"--num_processes={PROCESSES}",
+                   f"--process_id={i}"], _env(tmp_path), log)
+           for i, log in enumerate(logs)]
+  try:
+    status = _wait_exit(procs, logs)
+  finally:
+    _kill(procs)
+  assert status == [0] * PROCESSES, "\n".join(map(_tail, logs))
+  built = embed.EmbeddingStore(two)
+  reference = embed.build_store(embed_config(data_dir, shard, one), progress=False)
+  assert len(built) == len(reference) == 16 and built.meta == reference.meta
+  for key in reference._index:  # pylint: disable=protected-access
+    for caption in range(5):
+      np.testing.assert_allclose(built.lookup(key, caption), reference.lookup(key, caption),
+                                 rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(built.mean(), reference.mean(), rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------- bad launches

@@ -1,8 +1,8 @@
 """Multi-process runs: `jax.distributed` initialised from flags, the environment or the cluster.
 
 A multi-host run is one `python -m vlpre.main` process per host (a TPU VM worker, a SLURM
-node) or per GPU, all with the same arguments. `initialize` runs in `vlpre.main` before
-any other JAX call. How the run is found, first match wins:
+node) or per GPU, all with the same arguments. `initialize` runs in `vlpre.main`,
+`vlpre.evaluate` and `vlpre.embed` (their `Flags`) before any other JAX call. How the run is found, first match wins:
 
   1. explicit: `--coordinator_address`, `--num_processes`, `--process_id`, or the
      environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
@@ -146,6 +146,35 @@ def _watchdog(launch: Launch, timeout_s: float) -> threading.Timer:
   timer = threading.Timer(timeout_s, fire)
   timer.daemon = True
   return timer
+
+
+class Flags:
+  """The multi-process flags of the vlpre commands that touch devices (vlpre.main,
+  vlpre.evaluate, vlpre.embed): `define` once in the command's module, then `initialize`
+  first thing in its main."""
+
+  def __init__(self):
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    self.coordinator = flags.DEFINE_string(
+        "coordinator_address", None, "Multi-process runs: HOST:PORT of process 0's "
+        f"coordinator (default ${ENV_ADDRESS}). See vlpre/distributed.py.")
+    self.num_processes = flags.DEFINE_integer(
+        "num_processes", None, f"Multi-process runs: how many (default ${ENV_NUM}).")
+    self.process_id = flags.DEFINE_integer(
+        "process_id", None, "Multi-process runs: this process's id in [0, num_processes) "
+        f"(default ${ENV_ID}).")
+    self.timeout_s = flags.DEFINE_float(
+        "distributed_timeout_s", 300, "Multi-process runs: seconds to wait for every process "
+        "to join before exiting with an error.")
+
+  def initialize(self) -> None:
+    """`initialize(detect(...))` from these flags; a problem is one line and exit 1."""
+    try:
+      initialize(detect(self.coordinator.value, self.num_processes.value, self.process_id.value),
+                 timeout_s=self.timeout_s.value)
+    except DistributedError as e:
+      print(f"vlpre: {e}", file=sys.stderr)
+      sys.exit(1)
 
 
 def initialize(launch: Launch | None, timeout_s: float = 300) -> None:

@@ -12,7 +12,9 @@ Store layout (`config.text_cache`): `meta.json` (the encoder settings it was bui
 with), and per shard of samples `emb-NNNNN.npy` (float32 [captions, E], memory-mapped)
 with `index-NNNNN.json` ({key: [first row, number of captions]}). Shards are written
 to a temporary name and renamed when complete, so an interrupted run resumes at the
-first missing shard.
+first missing shard. Multi-host: one process per host with the same arguments, as
+vlpre.main (vlpre/distributed.py); the encoder is sharded over every host's devices and
+process 0 writes the store, which must be a place all hosts see (gs://, a shared disk).
 """
 from __future__ import annotations
 
@@ -199,13 +201,23 @@ def build_store(config, *, split_patterns: Sequence[str] | str | None = None,
   row_sharding = sharding.batch_sharding(mesh)
   params, embed, rules = sharded_encoder(config, encoder, mesh)
   num_shards = -(-len(source) // shard_size)
-  bar = tqdm.tqdm(total=len(source), disable=not progress,
+  # Multi-process (one process per host, vlpre/distributed.py): every process runs each
+  # embedding step (the encoder is sharded over all of them); process 0 alone decides
+  # which shards are missing and writes them, so the store must be one place every host
+  # sees (a gs:// bucket, a shared file system).
+  writer = jax.process_index() == 0
+  done = np.array([(root / f"emb-{i:05d}.npy").exists() and (root / f"index-{i:05d}.json").exists()
+                   for i in range(num_shards)] if writer else [False] * num_shards, bool)
+  if jax.process_count() > 1 and num_shards:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    done = np.asarray(multihost_utils.broadcast_one_to_all(done), bool)
+  bar = tqdm.tqdm(total=len(source), disable=not progress or not writer,
                   desc="embedding " + ("descriptions" if descriptions is not None else "captions"))
   for shard in range(num_shards):
     emb_path = root / f"emb-{shard:05d}.npy"
     index_path = root / f"index-{shard:05d}.json"
     lo, hi = shard * shard_size, min((shard + 1) * shard_size, len(source))
-    if emb_path.exists() and index_path.exists():
+    if done[shard]:
       bar.update(hi - lo)
       continue
     texts, index = [], {}
@@ -230,10 +242,14 @@ def build_store(config, *, split_patterns: Sequence[str] | str | None = None,
         emb[rows] = np.asarray(out, np.float32)[:len(rows)]
     row_of = {text: i for i, text in enumerate(unique)}
     emb = emb[np.array([row_of[t] for t in texts], np.int64)].reshape(len(texts), encoder.dim)
-    storage.write_atomic(emb_path, _npy_bytes(emb))
-    storage.write_atomic(index_path, json.dumps(index))
+    if writer:
+      storage.write_atomic(emb_path, _npy_bytes(emb))
+      storage.write_atomic(index_path, json.dumps(index))
     bar.update(hi - lo)
   bar.close()
+  if not writer:  # process 0 writes the mean and meta.json; wait for them
+    _sync_processes("vlpre.embed: store complete")
+    return EmbeddingStore(directory, settings)
   total, count = np.zeros(encoder.dim, np.float64), 0
   for shard in range(num_shards):
     rows = _load_npy(root / f"emb-{shard:05d}.npy")
@@ -244,14 +260,22 @@ def build_store(config, *, split_patterns: Sequence[str] | str | None = None,
       {"settings": settings, "dim": encoder.dim, "num_shards": num_shards,
        "num_samples": len(source), "complete": True}, indent=1))
   logging.info("embedding store complete: %s (%d samples)", directory, len(source))
+  _sync_processes("vlpre.embed: store complete")
   return EmbeddingStore(directory, settings)
 
 
-_CONFIG = None
+def _sync_processes(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+_CONFIG = _DISTRIBUTED = None
 
 
 def main(argv):
   del argv
+  _DISTRIBUTED.initialize()  # before any other JAX call
   if not _CONFIG.value.get("text_encoder"):  # e.g. `make train CONFIG=configs/clip.py:tiny`
     logging.info("config has no text_encoder: no embeddings to precompute")
     return
@@ -260,6 +284,8 @@ def main(argv):
 
 if __name__ == "__main__":
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from vlpre import distributed  # pylint: disable=g-import-not-at-top
   _CONFIG = config_flags.DEFINE_config_file("config", None, "A LIFT or GPT4Image config.")
+  _DISTRIBUTED = distributed.Flags()
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -3,6 +3,9 @@
     python -m vlpre.evaluate --config=configs/clip.py:tiny --workdir=workdirs/clip_tiny
 
 Results are printed, and appended to workdir/metrics.jsonl at the checkpoint's step.
+A multi-host run starts one process per host with the same arguments, as vlpre.main
+(vlpre/distributed.py: --coordinator_address/--num_processes/--process_id, or the
+environment); process 0 prints and writes the results.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from ml_collections import config_flags
 
 from vlpre import checkpoint as checkpoint_lib
 from vlpre import data as data_lib
+from vlpre import distributed
 from vlpre import evaluators as evaluators_lib
 from vlpre import metrics as metrics_lib
 from vlpre import models
@@ -52,11 +56,14 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
   return results
 
 
-def main(argv, config_flag, workdir_flag, step_flag):
+def main(argv, config_flag, workdir_flag, step_flag, distributed_flags=None):
   del argv
+  if distributed_flags is not None:  # before any other JAX call
+    distributed_flags.initialize()
   logging.set_verbosity(logging.INFO)
   results = evaluate(config_flag.value, workdir_flag.value, step_flag.value)
-  print(json.dumps(results, indent=1, sort_keys=True))
+  if jax.process_index() == 0:
+    print(json.dumps(results, indent=1, sort_keys=True))
 
 
 if __name__ == "__main__":
@@ -64,5 +71,6 @@ if __name__ == "__main__":
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (see configs/).")
   _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of the run to evaluate.")
   _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+  _DISTRIBUTED = distributed.Flags()
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(lambda argv: main(argv, _CONFIG, _WORKDIR, _STEP))
+  app.run(lambda argv: main(argv, _CONFIG, _WORKDIR, _STEP, _DISTRIBUTED))

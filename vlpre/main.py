@@ -37,30 +37,14 @@ _REQUEUE_EXIT_CODE = flags.DEFINE_integer(
     "finished step saved): tells the scheduler to requeue. 143 = 128 + SIGTERM.")
 _VERBOSE = flags.DEFINE_bool("verbose_logs", False, "Show the INFO lines of every library "
                              "(orbax, grain, jax), not only vlpre's progress and results.")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "Multi-process runs: HOST:PORT of process 0's coordinator "
-    "(default $JAX_COORDINATOR_ADDRESS). See vlpre/distributed.py.")
-_NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "Multi-process runs: how many (default $JAX_NUM_PROCESSES).")
-_PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "Multi-process runs: this process's id in [0, num_processes) "
-    "(default $JAX_PROCESS_ID).")
-_DISTRIBUTED_TIMEOUT = flags.DEFINE_float(
-    "distributed_timeout_s", 300, "Multi-process runs: seconds to wait for every process to "
-    "join before exiting with an error.")
+_DISTRIBUTED = distributed.Flags()
 flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
   del argv
   metrics.quiet_console(verbose=_VERBOSE.value)
-  try:  # before any other JAX call
-    distributed.initialize(distributed.detect(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                              _PROCESS_ID.value),
-                           timeout_s=_DISTRIBUTED_TIMEOUT.value)
-  except distributed.DistributedError as e:
-    print(f"vlpre: {e}", file=sys.stderr)
-    sys.exit(1)
+  _DISTRIBUTED.initialize()  # before any other JAX call
   if not _CHECK.value and not _WORKDIR.value:
     raise app.UsageError("--workdir is required (except with --check)")
   problems = check.check_config(_CONFIG.value)
