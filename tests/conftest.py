@@ -1,10 +1,16 @@
 """Test set-up: 8 fake CPU devices so every sharding code path runs on a laptop."""
 import os
 
+import pathlib
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-import pathlib
+# One persistent XLA compilation cache for the run, inherited by the subprocesses the
+# tests start: the same tiny train steps and evaluators, built anew by each train.run,
+# compile once. Keyed by the program and the jax/XLA version, so it is never stale.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(
+    pathlib.Path(__file__).resolve().parents[1] / "workdirs" / "jax_cache_tests"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax
 import pytest
