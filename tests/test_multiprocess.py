@@ -135,6 +135,22 @@ def _kill(procs):
     proc.wait()
 
 
+def _run_all(tmp_path, name, argv):
+  """`python argv --coordinator_address=... --num_processes=2 --process_id=I` as each of
+  the 2 processes (jax.distributed from flags); asserts they all exit 0; their logs."""
+  port = _free_port()
+  logs = [str(tmp_path / f"{name}.{i}.log") for i in range(PROCESSES)]
+  procs = [_start([*argv, f"--coordinator_address=localhost:{port}",
+                   f"--num_processes={PROCESSES}", f"--process_id={i}"], _env(tmp_path), log)
+           for i, log in enumerate(logs)]
+  try:
+    status = _wait_exit(procs, logs)
+  finally:
+    _kill(procs)
+  assert status == [0] * PROCESSES, "\n".join(map(_tail, logs))
+  return logs
+
+
 def _keys_by_step(path):
   """{process: [keys of step 1, keys of step 2, ...]} from the phase-1 processes."""
   by_process = {}
@@ -195,17 +211,8 @@ def test_two_processes_train_like_one_through_a_kill_and_resume(data_dir, tmp_pa
     assert share[0] + share[1] == reference_keys[step], step
 
   # Phase 2: the plain entry point, jax.distributed from flags; resumes and finishes.
-  port = _free_port()
-  logs = [str(tmp_path / f"phase2.{i}.log") for i in range(PROCESSES)]
-  procs = [_start(["-m", "vlpre.main", f"--config={config}", f"--workdir={workdir}",
-                   f"--coordinator_address=localhost:{port}", f"--num_processes={PROCESSES}",
-                   f"--process_id={i}"], _env(tmp_path), log)
-           for i, log in enumerate(logs)]
-  try:
-    status = _wait_exit(procs, logs)
-  finally:
-    _kill(procs)
-  assert status == [0] * PROCESSES, "\n".join(map(_tail, logs))
+  logs = _run_all(tmp_path, "phase2", ["-m", "vlpre.main", f"--config={config}",
+                                         f"--workdir={workdir}"])
   first, other = _read(logs[0]), _read(logs[1])
   assert f"resuming from {os.path.join(workdir, 'checkpoints')} step {SAVE_EVERY}" in first
   assert f"step {TOTAL_STEPS}/{TOTAL_STEPS}" in first
@@ -225,17 +232,9 @@ def test_two_processes_train_like_one_through_a_kill_and_resume(data_dir, tmp_pa
 
   # Phase 3: `python -m vlpre.evaluate` in 2 processes (jax.distributed from flags) on the
   # final checkpoint reports what a 1-process × 8-device evaluation of it reports.
-  port = _free_port()
-  logs = [str(tmp_path / f"phase3.{i}.log") for i in range(PROCESSES)]
-  procs = [_start(["-m", "vlpre.evaluate", f"--config={_config_file(data_dir, tmp_path, 'eval_config')}",
-                   f"--workdir={workdir}", f"--coordinator_address=localhost:{port}",
-                   f"--num_processes={PROCESSES}", f"--process_id={i}"], _env(tmp_path), log)
-           for i, log in enumerate(logs)]
-  try:
-    status = _wait_exit(procs, logs)
-  finally:
-    _kill(procs)
-  assert status == [0] * PROCESSES, "\n".join(map(_tail, logs))
+  logs = _run_all(tmp_path, "phase3", [
+      "-m", "vlpre.evaluate", f"--config={_config_file(data_dir, tmp_path, 'eval_config')}",
+      f"--workdir={workdir}"])
   printed = _read(logs[0])
   got = json.loads(printed[printed.index("\n{") + 1:printed.rindex("}") + 1])
   assert "\n{" not in _read(logs[1])  # process 0 speaks for the run
@@ -263,17 +262,7 @@ def test_two_processes_build_the_store_one_process_builds(data_dir, tmp_path):
   config = tmp_path / "embed_config.py"
   config.write_text("from tests import test_multiprocess\n\n\ndef get_config(arg=None):\n"
                     f"  return test_multiprocess.embed_config({data_dir!r}, {shard!r}, {two!r})\n")
-  port = _free_port()
-  logs = [str(tmp_path / f"embed.{i}.log") for i in range(PROCESSES)]
-  procs = [_start(["-m", "vlpre.embed", f"--config={config}",
-                   f"--coordinator_address=localhost:{port}", f"--num_processes={PROCESSES}",
-                   f"--process_id={i}"], _env(tmp_path), log)
-           for i, log in enumerate(logs)]
-  try:
-    status = _wait_exit(procs, logs)
-  finally:
-    _kill(procs)
-  assert status == [0] * PROCESSES, "\n".join(map(_tail, logs))
+  _run_all(tmp_path, "embed", ["-m", "vlpre.embed", f"--config={config}"])
   built = embed.EmbeddingStore(two)
   reference = embed.build_store(embed_config(data_dir, shard, one), progress=False)
   assert len(built) == len(reference) == 16 and built.meta == reference.meta
