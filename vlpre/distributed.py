@@ -2,7 +2,8 @@
 
 A multi-host run is one `python -m vlpre.main` process per host (a TPU VM worker, a SLURM
 node) or per GPU, all with the same arguments. `initialize` runs in `vlpre.main`,
-`vlpre.evaluate` and `vlpre.embed` (their `Flags`) before any other JAX call. How the run is found, first match wins:
+`vlpre.evaluate` and `vlpre.embed` (their `Flags`) before any other JAX call. How the run
+is found, first match wins:
 
   1. explicit: `--coordinator_address`, `--num_processes`, `--process_id`, or the
      environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
@@ -150,8 +151,8 @@ def _watchdog(launch: Launch, timeout_s: float) -> threading.Timer:
 
 class Flags:
   """The multi-process flags of the vlpre commands that touch devices (vlpre.main,
-  vlpre.evaluate, vlpre.embed): `define` once in the command's module, then `initialize`
-  first thing in its main."""
+  vlpre.evaluate, vlpre.embed): construct once in the command's module (it defines the
+  absl flags), then call `initialize` first thing in its main."""
 
   def __init__(self):
     from absl import flags  # pylint: disable=g-import-not-at-top

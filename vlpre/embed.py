@@ -201,10 +201,7 @@ def build_store(config, *, split_patterns: Sequence[str] | str | None = None,
   row_sharding = sharding.batch_sharding(mesh)
   params, embed, rules = sharded_encoder(config, encoder, mesh)
   num_shards = -(-len(source) // shard_size)
-  # Multi-process (one process per host, vlpre/distributed.py): every process runs each
-  # embedding step (the encoder is sharded over all of them); process 0 alone decides
-  # which shards are missing and writes them, so the store must be one place every host
-  # sees (a gs:// bucket, a shared file system).
+  # Multi-process (module docstring): process 0 decides the missing shards and writes.
   writer = jax.process_index() == 0
   done = np.array([(root / f"emb-{i:05d}.npy").exists() and (root / f"index-{i:05d}.json").exists()
                    for i in range(num_shards)] if writer else [False] * num_shards, bool)
@@ -247,19 +244,17 @@ def build_store(config, *, split_patterns: Sequence[str] | str | None = None,
       storage.write_atomic(index_path, json.dumps(index))
     bar.update(hi - lo)
   bar.close()
-  if not writer:  # process 0 writes the mean and meta.json; wait for them
-    _sync_processes("vlpre.embed: store complete")
-    return EmbeddingStore(directory, settings)
-  total, count = np.zeros(encoder.dim, np.float64), 0
-  for shard in range(num_shards):
-    rows = _load_npy(root / f"emb-{shard:05d}.npy")
-    total += np.asarray(rows, np.float64).sum(axis=0)
-    count += len(rows)
-  storage.write_atomic(root / "mean.npy", _npy_bytes((total / max(count, 1)).astype(np.float32)))
-  storage.write_atomic(meta_path, json.dumps(
-      {"settings": settings, "dim": encoder.dim, "num_shards": num_shards,
-       "num_samples": len(source), "complete": True}, indent=1))
-  logging.info("embedding store complete: %s (%d samples)", directory, len(source))
+  if writer:  # the mean and meta.json; the other processes wait for them
+    total, count = np.zeros(encoder.dim, np.float64), 0
+    for shard in range(num_shards):
+      rows = _load_npy(root / f"emb-{shard:05d}.npy")
+      total += np.asarray(rows, np.float64).sum(axis=0)
+      count += len(rows)
+    storage.write_atomic(root / "mean.npy", _npy_bytes((total / max(count, 1)).astype(np.float32)))
+    storage.write_atomic(meta_path, json.dumps(
+        {"settings": settings, "dim": encoder.dim, "num_shards": num_shards,
+         "num_samples": len(source), "complete": True}, indent=1))
+    logging.info("embedding store complete: %s (%d samples)", directory, len(source))
   _sync_processes("vlpre.embed: store complete")
   return EmbeddingStore(directory, settings)
 
