@@ -77,7 +77,7 @@ compare: .install.stamp
 	$(COMPARE_RUN) --config=configs/bridge.py:tiny,finetune $(COMPARE_N) \
 	    --config.init_from.workdir=$(COMPARE_DIR)/bridge/0_bridge \
 	    --workdir=$(COMPARE_DIR)/bridge/1_finetune
-	$(PYTHON) -m vlpre.describe --config=configs/gpt4image.py:tiny
+	$(PYTHON) -m vlpre.methods.gpt4image.describe --config=configs/gpt4image.py:tiny
 	$(PYTHON) -m vlpre.embed --config=configs/gpt4image.py:tiny
 	$(COMPARE_RUN) --config=configs/gpt4image.py:tiny $(COMPARE_N) \
 	    --workdir=$(COMPARE_DIR)/gpt4image

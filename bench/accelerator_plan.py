@@ -31,7 +31,9 @@ from vlpre import llm as llm_lib  # noqa: E402
 from vlpre import losses as losses_lib  # noqa: E402
 from vlpre import optim  # noqa: E402
 from vlpre import train  # noqa: E402
-from vlpre.models import lift, two_tower  # noqa: E402
+from vlpre import methods  # noqa: E402
+from vlpre.methods.lift import model as lift  # noqa: E402
+from vlpre.methods.two_tower import model as two_tower  # noqa: E402
 from vlpre.text_encoders import PooledTextEncoder  # noqa: E402
 
 _CHIPS = flags.DEFINE_integer("chips", 256, "accelerator chips the global batch is split over")
@@ -99,7 +101,8 @@ def plan(label, config, model, batch, frozen_patterns):
   state = train.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=trainable,
                            opt_state=opt_state, model_state={})
   step = jax.jit(lambda s, f, b, r: train.train_step(
-      s, f, b, r, model=model, loss_fn=losses_lib.build_loss(dict(config.losses)), tx=tx,
+      s, f, b, r, model=model, loss_fn=losses_lib.build_loss(
+          dict(config.losses), methods.of(config).losses), tx=tx,
       lr_schedule=schedule))
   lowered = step.lower(state, frozen, batch, jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
   cost = lowered.cost_analysis()

@@ -126,7 +126,7 @@ def main(argv):
     f.write(text)
   print(text)
   if "a_full_bridge" in _VARIANTS.value:
-    from vlpre import analyze_outliers  # pylint: disable=g-import-not-at-top
+    from vlpre.methods.bridge import analyze_outliers  # pylint: disable=g-import-not-at-top
     vit = _VIT.value if _VIT.value and os.path.isdir(_VIT.value) else ""
     analyze_outliers.analyze(_OUT.value, num_layers=4, vit_workdir=vit,
                              bridge_workdir=os.path.join(_OUT.value, "a_full_bridge"))

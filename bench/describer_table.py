@@ -110,7 +110,7 @@ def prepare(name: str) -> None:
   """Descriptions and their embeddings for one describer (each stage a no-op once done)."""
   cfg = f"--config=configs/gpt4image.py:{_VARIANT.value}"
   sets = [f"--config.{o}" for o in describer_overrides(name)]
-  _python("-m", "vlpre.describe", cfg, *sets)
+  _python("-m", "vlpre.methods.gpt4image.describe", cfg, *sets)
   _python("-m", "vlpre.embed", cfg, *sets)
 
 

@@ -1,6 +1,6 @@
 """GPT4Image on CPU: CE-only vs CE + λ·L_text, ResNet and ViT, several seeds → a markdown table.
 
-    python -m vlpre.describe --config=configs/gpt4image.py:tiny   # once: descriptions
+    python -m vlpre.methods.gpt4image.describe --config=configs/gpt4image.py:tiny   # once: descriptions
     python -m vlpre.embed    --config=configs/gpt4image.py:tiny   # once: their embeddings
     python bench/gpt4image_table.py                              # 12 runs, then the table
 
@@ -143,7 +143,7 @@ def main(argv):
     with open(results_path, "w", encoding="utf-8") as f:
       json.dump(results, f, indent=1)
 
-  from vlpre import describe  # pylint: disable=g-import-not-at-top
+  from vlpre.methods.gpt4image import describe  # pylint: disable=g-import-not-at-top
   meta_path = os.path.join(config.describe.output_dir, "meta.json")
   with open(meta_path, encoding="utf-8") as f:
     describer = describe.describer_name(json.load(f))

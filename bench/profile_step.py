@@ -152,7 +152,7 @@ def components(config, batch) -> dict[str, float]:
   parameter, the embedding's included), and one encoder block's parts at the text
   tower's shape [B, L, D], forward / forward + backward (parameters and input)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from vlpre.models import layers  # pylint: disable=g-import-not-at-top
+  from vlpre.nn import layers  # pylint: disable=g-import-not-at-top
   s = train.setup(config, batch)
   model, params = s.model, s.variables()["params"]
   image, text = jnp.asarray(batch["image"]), jnp.asarray(batch["text"])

@@ -106,7 +106,7 @@ def caption_batch(config, batch_size: int, trim: bool) -> dict:
   import json  # pylint: disable=g-import-not-at-top
   import tarfile  # pylint: disable=g-import-not-at-top
   from vlpre.data import text_batching  # pylint: disable=g-import-not-at-top
-  from vlpre.models import lift  # pylint: disable=g-import-not-at-top
+  from vlpre.methods.lift import model as lift  # pylint: disable=g-import-not-at-top
   data_dir = config.input.get("data_dir") or os.environ.get(
       "VLPRE_DATA_DIR", os.path.join(os.path.dirname(ROOT), "shared", "data"))
   captions = []
@@ -208,17 +208,17 @@ def pipeline_rows(batch_size: int, num_batches: int, workers=(0, 1, 2)) -> list[
   """The grain input pipeline alone: images/s of the tiny configs' training input."""
   from vlpre import config_lib  # pylint: disable=g-import-not-at-top
   from vlpre import data as data_lib  # pylint: disable=g-import-not-at-top
-  from vlpre import models  # pylint: disable=g-import-not-at-top
+  from vlpre import methods  # pylint: disable=g-import-not-at-top
   out = []
   for label, spec in (("decode + augment + tokenize (CLIP)", "configs/clip.py:tiny"),
                       ("decode + augment + embedding join (LIFT cached)", "configs/lift.py:tiny")):
     config = config_lib.load(spec)
     try:
-      extras = models.input_extras(config)
+      extras = methods.input_extras(config)
     except (FileNotFoundError, ValueError) as e:  # no complete store (`python -m vlpre.embed`)
       print(f"pipeline row '{label}' skipped: {e}")
       continue
-    tokenizer = models.build_tokenizer(config) if extras.tokenize else None
+    tokenizer = methods.build_tokenizer(config) if extras.tokenize else None
     for num_workers in workers:
       config.input.num_workers = num_workers
       ds = data_lib.build_train_dataset(
@@ -272,7 +272,7 @@ def main(argv):
   for label, spec, overrides, length, kind in rows:
     config = load_config(spec, {**overrides, "batch_size": batch_size})
     if kind == "cached":
-      from vlpre.models import lift  # pylint: disable=g-import-not-at-top
+      from vlpre.methods.lift import model as lift  # pylint: disable=g-import-not-at-top
       batch = synthetic_batch(config, batch_size, length, lift.text_encoder(config).dim)
     elif kind.startswith("online"):
       batch = caption_batch(config, batch_size, trim=kind == "online_trimmed")

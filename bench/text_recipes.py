@@ -5,7 +5,7 @@
 For SmolLM2-135M-Instruct, each template runs the decoder once per batch with every
 layer's output kept (`return_all_hidden`), so all (layer, pooling, centring) choices of
 a template cost one forward pass; all-MiniLM-L6-v2 is scored with its native mean
-pooling and with CLS. Scoring: vlpre.text_score.caption_retrieval (a caption's four
+pooling and with CLS. Scoring: vlpre.methods.lift.text_score.caption_retrieval (a caption's four
 siblings are its positives). Prints a markdown table and the best SmolLM2 recipe.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from vlpre import text_encoders
-from vlpre import text_score
+from vlpre.methods.lift import text_score
 from vlpre.data import text_batching
 from vlpre.text_encoders import pooling
 

@@ -1,7 +1,7 @@
 """GPT4Image: supervised classification + λ·L_text on LLM-written descriptions (arXiv 2306.00693).
 
 Three stages, each resumable (the tiny CPU run: a narrow ResNet-18 on 32 px CIFAR-10):
-  python -m vlpre.describe --config=configs/gpt4image.py:tiny   # 1. a description per image
+  python -m vlpre.methods.gpt4image.describe --config=configs/gpt4image.py:tiny   # 1. a description per image
   python -m vlpre.embed    --config=configs/gpt4image.py:tiny   # 2. frozen text embeddings
   python -m vlpre.main     --config=configs/gpt4image.py:tiny --workdir=workdirs/gpt4image_tiny
 The CE-only baseline (no descriptions needed):

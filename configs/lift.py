@@ -11,7 +11,7 @@ Other encoder (all-MiniLM-L6-v2, mean pooled, its own recipe):
   python -m vlpre.embed --config=configs/lift.py:tiny,minilm
   python -m vlpre.main  --config=configs/lift.py:tiny,minilm --workdir=workdirs/lift_minilm
 Score the text side alone first (caption↔caption retrieval on Flickr8k val):
-  python -m vlpre.text_score --config=configs/lift.py:tiny
+  python -m vlpre.methods.lift.text_score --config=configs/lift.py:tiny
 Full size on a TPU pod / GPU node (ViT-B/16, 224 px; see the 7B preset below):
   python -m vlpre.main --config=configs/lift.py --workdir=gs://BUCKET/lift_b16
 """

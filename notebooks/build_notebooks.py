@@ -221,7 +221,7 @@ LIFT = head("lift", "LIFT: an image tower against a frozen LLM text encoder", ""
     """) + [
     md("## 1. Embed the training captions once (the frozen LLM)"),
     code("""
-       from vlpre import embed
+       from vlpre.text_encoders import store as store_lib
 
        c = config_lib.load(f"configs/lift.py:tiny,{ENCODER}")
        c.total_steps, c.batch_size = STEPS, BATCH
@@ -237,7 +237,7 @@ LIFT = head("lift", "LIFT: an image tower against a frozen LLM text encoder", ""
        del c.evals["zeroshot_imagenet_sample"]
        nbhelpers.shrink_evals(c, EVAL_EXAMPLES, EVAL_EVERY)
        print(c.text_encoder)
-       store = embed.build_store(c, batch_size=64)  # resumable; a no-op once complete
+       store = store_lib.build_store(c, batch_size=64)  # resumable; a no-op once complete
        print(f"{len(store)} images, {store.dim}-d caption embeddings in {store.directory}")
        """),
     md("## 2. Train the image tower against them"),
@@ -267,7 +267,7 @@ GPT4IMAGE = head("gpt4image", "GPT4Image: LLM-written descriptions as extra supe
     ResNet-18 at 1/8 width on 32 px CIFAR-10) with one extra loss pulling a projection of
     its feature towards a frozen text encoder's embedding of an LLM-written description
     of the image: L = CE + λ·L_text. Three stages, as the three commands of the README:
-    (1) `vlpre.describe`: SmolLM2 writes descriptions per class from the class name;
+    (1) `vlpre.methods.gpt4image.describe`: SmolLM2 writes descriptions per class from the class name;
     (2) `vlpre.embed`: all-MiniLM-L6-v2 embeds them, keyed by image;
     (3) `vlpre.train.run`, with the text loss and without it (the CE-only baseline, λ = 0).
     Evaluations: top-1 of the classifier's head and a linear probe on CIFAR-10 test.
@@ -284,7 +284,8 @@ GPT4IMAGE = head("gpt4image", "GPT4Image: LLM-written descriptions as extra supe
     """) + [
     md("## 1. Descriptions (SmolLM2, from the class names)"),
     code("""
-       from vlpre import describe, embed
+       from vlpre.methods.gpt4image import describe
+       from vlpre.text_encoders import store as store_lib
 
        def make_config(weight):
            c = config_lib.load("configs/gpt4image.py:tiny")
@@ -315,7 +316,7 @@ GPT4IMAGE = head("gpt4image", "GPT4Image: LLM-written descriptions as extra supe
     md("## 2. Their frozen text embeddings (all-MiniLM-L6-v2), keyed by image"),
     code("""
        if max(LAMBDAS) > 0:
-           store = embed.build_store(c, batch_size=64)
+           store = store_lib.build_store(c, batch_size=64)
            print(f"{len(store)} images, {store.dim}-d description embeddings")
        """),
     md("## 3. Train: CE + λ·L_text, and the CE-only baseline"),

@@ -98,15 +98,15 @@ def load_run(config, workdir: str) -> Loaded:
   (its trainable parameters over the method's initial / pretrained ones)."""
   # pylint: disable=g-import-not-at-top
   import jax
-  from vlpre import data, models, optim, stages, train
+  from vlpre import data, methods, optim, stages, train
   from vlpre.evaluators import common
   # pylint: enable=g-import-not-at-top
   if config.get("stages"):
     last = len(config.stages) - 1
     export = os.path.join(stages.stage_dir(workdir, last, config.stages[last]), "final_params")
     config = stages.stage_config(config, last, workdir)
-  tokenizer = models.build_tokenizer(config)
-  extras = models.input_extras(config)
+  tokenizer = methods.build_tokenizer(config)
+  extras = methods.input_extras(config)
   example = next(iter(data.build_train_dataset(
       config.input, global_batch_size=config.batch_size, seed=0,
       tokenizer=tokenizer if extras.tokenize else None, extra_transforms=extras.transforms,

@@ -3,7 +3,7 @@ import os
 
 import numpy as np
 
-from vlpre import analyze_outliers
+from vlpre.methods.bridge import analyze_outliers
 
 
 def test_shares_match_a_naive_count_in_every_layout():

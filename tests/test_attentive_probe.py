@@ -6,7 +6,7 @@ import pytest
 
 from vlpre import train
 from vlpre.evaluators import attentive_probe, common, linear_probe
-from vlpre.models import classifier, lift, two_tower
+from vlpre.methods.gpt4image import model as classifier, lift, two_tower
 
 from tests import helpers
 

@@ -10,7 +10,7 @@ from vlpre import config_lib
 from vlpre import llm as llm_lib
 from vlpre import train
 from vlpre.data import pipeline
-from vlpre.models import bridge
+from vlpre.methods.bridge import model as bridge
 
 from tests import helpers
 

@@ -66,8 +66,9 @@ def test_unknown_evaluator_kind():
 def test_unknown_model_name():
   c = load_config("clip", "tiny")
   c.model_name = "two_towers"
-  assert only_problem(c) == ("model_name: no model 'two_towers': expected a file "
-                             "vlpre/models/two_towers.py")
+  assert only_problem(c) == ("model_name: no method 'two_towers': expected a folder vlpre/methods/two_towers/ "
+                             "(methods: bridge, gpt4image, hive, lcl, lift, lm, two_tower) or a module "
+                             "path 'mypkg.mymethod'")
 
 
 def test_missing_eval_split():
@@ -161,7 +162,9 @@ def test_main_check_flag(data_dir):
   assert bad.returncode == 1, bad.stderr
   assert "Traceback" not in bad.stderr
   assert bad.stderr.strip().splitlines()[-1] == (
-      "model_name: no model 'two_towers': expected a file vlpre/models/two_towers.py")
+      "model_name: no method 'two_towers': expected a folder vlpre/methods/two_towers/ "
+      "(methods: bridge, gpt4image, hive, lcl, lift, lm, two_tower) or a module path "
+      "'mypkg.mymethod'")
   good = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
   assert good.returncode == 0, good.stderr
   assert good.stdout.strip() == "config OK"

@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from vlpre import checkpoint, data, metrics, models, sharding, train
+from vlpre import checkpoint, data, metrics, methods, sharding, train
 
 from tests import helpers
 
@@ -60,7 +60,7 @@ def test_a_stream_started_at_a_record_equals_the_later_batches_of_a_fresh_one(da
   on, augmentations included."""
   config = _config(data_dir, 1)
   config.input.augment, config.input.flip = "random_resized_crop", True
-  kwargs = dict(global_batch_size=8, seed=3, tokenizer=models.build_tokenizer(config),
+  kwargs = dict(global_batch_size=8, seed=3, tokenizer=methods.build_tokenizer(config),
                 process_index=1, process_count=2)
   fresh = iter(data.build_train_dataset(config.input, **kwargs))
   expected = [next(fresh) for _ in range(5)][3:]
@@ -130,4 +130,4 @@ def test_resume_under_another_process_count_starts_at_the_documented_record(
 
 def helpers_dataset(config):
   return data.build_train_dataset(config.input, global_batch_size=config.batch_size,
-                                  seed=config.seed, tokenizer=models.build_tokenizer(config))
+                                  seed=config.seed, tokenizer=methods.build_tokenizer(config))

@@ -25,9 +25,10 @@ from safetensors.torch import load_file
 import torch
 from transformers import AutoImageProcessor, AutoModel, FlaxAutoModel
 
-from vlpre import embed, export, models, train
+from vlpre import export, methods, train
+from vlpre.text_encoders import store as store_lib
 from vlpre.data import pipeline
-from vlpre.models.vit import ViT
+from vlpre.nn.vit import ViT
 
 from tests import helpers
 
@@ -99,7 +100,7 @@ def trained(data_dir, shard, cifar_shard, tmp_path_factory):
     if case not in cache:
       config = _config(data_dir, shard, cifar_shard, case)
       if case == "lift":
-        embed.build_store(config, progress=False)
+        store_lib.build_store(config, progress=False)
       base = tmp_path_factory.mktemp(case)
       workdir, out = str(base / "run"), str(base / "hf")
       train.run(config, workdir)
@@ -123,10 +124,10 @@ def _vlpre_features(config, workdir, image_BxHxWx3):
   encoded = vit.apply({"params": params[tower.prefix]}, image_BxHxWx3, method=ViT.encode,
                       all_levels=False)
   if config.model_name == "lift":
-    model = models.build_model("lift", dict(config.model, text_dim=384))
+    model = methods.build_model("lift", dict(config.model, text_dim=384))
     params["txt_mean"] = np.zeros((384,), np.float32)  # declared by the model, unused here
   else:
-    model = models.build_model(config.model_name, dict(config.model))
+    model = methods.build_model(config.model_name, dict(config.model))
   embedded = model.apply({"params": params}, image_BxHxWx3, method=type(model).embed_image)
   np.testing.assert_array_equal(embedded["pre_logits"], encoded["pooled"])
   head_BxE = (model.apply({"params": params}, image_BxHxWx3, method=type(model).classify)

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vlpre import describe, embed, losses, metrics, sharding, train
-from vlpre.models import classifier
-from vlpre.models.resnet import ResNet, batch_norm
+from vlpre.methods.gpt4image import describe, embed, losses, metrics, sharding, train
+from vlpre.text_encoders import store as store_lib
+from vlpre.methods.gpt4image import model as classifier
+from vlpre.nn.resnet import ResNet, batch_norm
 
 from tests import helpers
 
@@ -337,7 +338,7 @@ def test_two_steps_with_the_text_loss_on_8_devices(cifar_shard, tmp_path, data_d
   describe.describe(config, progress=False)
   config.text_encoder.max_len = 16
   config.text_cache = str(tmp_path / "store")
-  store = embed.build_store(config, progress=False, shard_size=10, batch_size=8)
+  store = store_lib.build_store(config, progress=False, shard_size=10, batch_size=8)
   assert len(store) == 16 and store.dim == 384
   np.testing.assert_array_equal(store.lookup(keys[0]), store.lookup(keys[1]))
   assert not np.allclose(store.lookup(keys[0]), store.lookup(keys[2]))

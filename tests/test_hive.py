@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from vlpre import config_lib, data, metrics, models, stages, train
+from vlpre import config_lib, data, metrics, methods, stages, train
 from vlpre.evaluators import captioning, common
 from vlpre.llm import generate as generate_lib
 
@@ -46,7 +46,7 @@ def shards(data_dir, tmp_path_factory):
 def _batch(config):
   return next(iter(data.build_train_dataset(
       config.input, global_batch_size=config.batch_size, seed=0,
-      tokenizer=models.build_tokenizer(config))))
+      tokenizer=methods.build_tokenizer(config))))
 
 
 def _flat(tree):
@@ -129,7 +129,7 @@ def test_stages_freeze_what_they_say_and_resume_inside_a_stage(data_dir, shards,
     np.testing.assert_array_equal(resumed[k], after[2][k], err_msg=k)
 
   # The trained captioner as GPT4Image's describer: one caption per training image.
-  from vlpre import describe  # pylint: disable=g-import-not-at-top
+  from vlpre.methods.gpt4image import describe  # pylint: disable=g-import-not-at-top
   g = config_lib.load(os.path.join(ROOT, "configs", "gpt4image.py") + ":tiny")
   g.input.train, g.input.data_dir = shards[1], data_dir
   g.describe.backend, g.describe.output_dir = "vlpre-captioner", str(tmp_path / "descriptions")

@@ -9,11 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from vlpre import data, models, train
+from vlpre import data, methods, train
 from vlpre.data import interleaved
 from vlpre.evaluators import captioning, common
 from vlpre.llm import generate as generate_lib
-from vlpre.losses import lcl as lcl_losses
+from vlpre.methods.lcl import losses as lcl_losses
 
 from tests import helpers
 
@@ -63,7 +63,7 @@ def files(data_dir, tmp_path_factory):
 def _batch(config):
   batch = next(iter(data.build_train_dataset(
       config.input, global_batch_size=config.batch_size, seed=0,
-      tokenizer=models.build_tokenizer(config))))
+      tokenizer=methods.build_tokenizer(config))))
   return {k: np.asarray(v) for k, v in batch.items() if not k.startswith("_")}
 
 
@@ -149,7 +149,7 @@ def test_soi_at_a_piece_start_is_excluded_from_the_contrastive_loss(data_dir, fi
 
 def test_zero_shot_text_is_the_soi_output_after_the_caption(scratch):
   config, s, variables, batch = scratch
-  tok = models.build_tokenizer(config)
+  tok = methods.build_tokenizer(config)
   captions = ["a dog runs on the grass .", "two children"]
   ids, mask = tok.encode_batch(captions, 16)
   z = np.asarray(s.model.apply(variables, ids, mask, method="embed_text"))

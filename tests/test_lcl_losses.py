@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vlpre import losses, sharding
-from vlpre.losses import lcl
+from vlpre import losses, methods, sharding
+from vlpre.methods.lcl import losses as lcl_losses
 
 B, M, E, L, V = 16, 3, 8, 10, 12
 
@@ -63,7 +63,7 @@ def _check_contrastive(outputs, value, metrics):
 def test_contrastive_matches_naive_reference_with_invalid_slots():
   valid = np.random.default_rng(1).random((B, M)) < 0.6
   outputs = contrastive_outputs(valid)
-  _check_contrastive(outputs, *lcl.lcl_contrastive(outputs, {}))
+  _check_contrastive(outputs, *lcl_losses.lcl_contrastive(outputs, {}))
 
 
 def test_invalid_slots_neither_count_nor_receive_gradient():
@@ -72,9 +72,9 @@ def test_invalid_slots_neither_count_nor_receive_gradient():
   garbage = {**outputs}
   for key in ("soi_embedding_BxMxE", "image_latent_BxMxE"):
     garbage[key] = np.where(valid[..., None], outputs[key], 1e4 * outputs[key][::-1])
-  np.testing.assert_allclose(float(lcl.lcl_contrastive(garbage, {})[0]),
-                             float(lcl.lcl_contrastive(outputs, {})[0]), rtol=1e-6)
-  grads = jax.grad(lambda soi, image: lcl.lcl_contrastive(
+  np.testing.assert_allclose(float(lcl_losses.lcl_contrastive(garbage, {})[0]),
+                             float(lcl_losses.lcl_contrastive(outputs, {})[0]), rtol=1e-6)
+  grads = jax.grad(lambda soi, image: lcl_losses.lcl_contrastive(
       {**outputs, "soi_embedding_BxMxE": soi, "image_latent_BxMxE": image}, {})[0], (0, 1))(
           outputs["soi_embedding_BxMxE"], outputs["image_latent_BxMxE"])
   for grad in grads:
@@ -86,10 +86,10 @@ def test_all_but_one_and_all_invalid(num_valid):
   valid = np.zeros((B, M), bool)
   valid[5, 1] = num_valid == 1
   outputs = contrastive_outputs(valid)
-  value, metrics = lcl.lcl_contrastive(outputs, {})
+  value, metrics = lcl_losses.lcl_contrastive(outputs, {})
   _check_contrastive(outputs, value, metrics)  # one image: its own only candidate, loss 0
   assert float(value) == pytest.approx(0.0, abs=1e-6)
-  grad = jax.grad(lambda soi: lcl.lcl_contrastive({**outputs, "soi_embedding_BxMxE": soi}, {})[0])(
+  grad = jax.grad(lambda soi: lcl_losses.lcl_contrastive({**outputs, "soi_embedding_BxMxE": soi}, {})[0])(
       outputs["soi_embedding_BxMxE"])
   assert np.all(np.isfinite(np.asarray(grad)))
 
@@ -111,9 +111,9 @@ def test_contrastive_sharded_with_uneven_valid_counts_sees_the_global_batch():
   placed = _sharded_over_rows(mesh, outputs)
   per_device = sorted(int(s.data.sum()) for s in placed["image_valid_BxM"].addressable_shards)
   assert per_device == [0, 1, 2, 3, 4, 5, 6, 6]
-  value, metrics = jax.jit(lambda o: lcl.lcl_contrastive(o, {}))(placed)
+  value, metrics = jax.jit(lambda o: lcl_losses.lcl_contrastive(o, {}))(placed)
   _check_contrastive(outputs, value, metrics)
-  np.testing.assert_allclose(float(value), float(lcl.lcl_contrastive(outputs, {})[0]), rtol=1e-6)
+  np.testing.assert_allclose(float(value), float(lcl_losses.lcl_contrastive(outputs, {})[0]), rtol=1e-6)
   # Negatives from one device only would give another number: the check has teeth.
   local = [naive_contrastive({k: (v[2 * d:2 * d + 2] if np.ndim(v) else v)
                               for k, v in outputs.items()}) for d in range(8)]
@@ -132,7 +132,7 @@ def generation_case(seed=0):
 
 def test_generation_matches_naive_reference():
   outputs, batch = generation_case()
-  value, metrics = lcl.lcl_generation(outputs, batch)
+  value, metrics = lcl_losses.lcl_generation(outputs, batch)
   np.testing.assert_allclose(float(value), naive_generation(
       outputs["logits_BxLxV"], batch["tokens"], batch["target_mask"]), rtol=1e-5)
   assert float(metrics["num_tokens"]) == batch["target_mask"][:, :-1].sum()
@@ -141,17 +141,17 @@ def test_generation_matches_naive_reference():
 def test_generation_sharded_equals_unsharded():
   mesh = sharding.make_mesh([("data", 2), ("fsdp", 4)])
   outputs, batch = generation_case(seed=1)
-  value = jax.jit(lcl.lcl_generation)(_sharded_over_rows(mesh, outputs),
+  value = jax.jit(lcl_losses.lcl_generation)(_sharded_over_rows(mesh, outputs),
                                       _sharded_over_rows(mesh, batch))[0]
   np.testing.assert_allclose(float(value), naive_generation(
       outputs["logits_BxLxV"], batch["tokens"], batch["target_mask"]), rtol=1e-5)
 
 
-def test_registered_and_weighted_like_every_loss():
+def test_the_method_brings_them_weighted_like_every_loss():
   outputs, batch = generation_case()
   outputs.update(contrastive_outputs(np.random.default_rng(4).random((B, M)) < 0.5))
-  total, metrics = losses.build_loss({"lcl_contrastive": 0.1, "lcl_generation": 1.0})(
-      outputs, batch)
+  total, metrics = losses.build_loss({"lcl_contrastive": 0.1, "lcl_generation": 1.0},
+                                     methods.get("lcl").losses)(outputs, batch)
   expected = 0.1 * naive_contrastive(outputs)[0] + naive_generation(
       outputs["logits_BxLxV"], batch["tokens"], batch["target_mask"])
   np.testing.assert_allclose(float(total), expected, rtol=1e-5)

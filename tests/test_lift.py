@@ -5,9 +5,10 @@ import jax
 import numpy as np
 import pytest
 
-from vlpre import embed, models, train
+from vlpre import methods, train
+from vlpre.text_encoders import store as store_lib
 from vlpre.data import pipeline
-from vlpre.models import lift
+from vlpre.methods.lift import model as lift
 
 from tests import helpers
 
@@ -37,10 +38,10 @@ def shard(data_dir, tmp_path_factory):
 
 
 def _first_batch(config):
-  extras = models.input_extras(config)
+  extras = methods.input_extras(config)
   ds = pipeline.build_train_dataset(
       config.input, global_batch_size=config.batch_size, seed=config.seed,
-      tokenizer=models.build_tokenizer(config) if extras.tokenize else None,
+      tokenizer=methods.build_tokenizer(config) if extras.tokenize else None,
       extra_transforms=extras.transforms, extra_keys=extras.keys, stream=extras.stream)
   return next(iter(ds))
 
@@ -50,7 +51,7 @@ def test_online_and_cached_modes_give_the_same_loss(data_dir, shard, tmp_path):
   cached = copy.deepcopy(online)
   cached.text_mode = "cached"
   cached.text_cache = str(tmp_path / "store")
-  store = embed.build_store(cached, progress=False, shard_size=10)
+  store = store_lib.build_store(cached, progress=False, shard_size=10)
   assert len(store) == 16 and store.meta["num_shards"] == 2
 
   online_batch, cached_batch = _first_batch(online), _first_batch(cached)
@@ -70,10 +71,10 @@ def test_online_and_cached_modes_give_the_same_loss(data_dir, shard, tmp_path):
 def test_store_refuses_other_encoder_settings(data_dir, shard, tmp_path):
   config = lift_config(data_dir, shard, encoder="minilm-l6", mode="cached")
   config.text_cache = str(tmp_path / "store")
-  embed.build_store(config, progress=False)
+  store_lib.build_store(config, progress=False)
   config.text_encoder.max_len = 32
   with pytest.raises(ValueError, match="built with"):
-    embed.EmbeddingStore(config.text_cache, embed.encoder_settings(config))
+    store_lib.EmbeddingStore(config.text_cache, store_lib.encoder_settings(config))
 
 
 def test_lift_two_steps_with_the_llm_sharded_over_8_devices(data_dir, shard, tmp_path):
@@ -97,7 +98,7 @@ def test_embed_shards_the_encoder_over_the_mesh(data_dir, shard):
   config = lift_config(data_dir, shard)
   encoder = lift.text_encoder(config)
   mesh = sharding.make_mesh(config.mesh)
-  params, apply, rules = embed.sharded_encoder(config, encoder, mesh)
+  params, apply, rules = store_lib.sharded_encoder(config, encoder, mesh)
   big = [x for x in jax.tree.leaves(params) if x.size >= config.min_fsdp_size]
   assert big and all("fsdp" in str(x.sharding.spec) for x in big)  # nothing replicated
   ids_BxL, mask_BxL = encoder.tokenizer.encode_batch(["a dog .", "two cats on a mat ."] * 4, 16)
@@ -114,7 +115,7 @@ def test_centred_targets_match_online_and_cached(data_dir, shard, tmp_path):
   online.text_cache = str(tmp_path / "store")
   cached = copy.deepcopy(online)
   cached.text_mode = "cached"
-  store = embed.build_store(cached, progress=False)
+  store = store_lib.build_store(cached, progress=False)
   rows = np.concatenate([np.load(tmp_path / "store" / f"emb-{i:05d}.npy")
                          for i in range(store.meta["num_shards"])])
   np.testing.assert_allclose(store.mean(), rows.mean(axis=0), rtol=1e-5, atol=1e-7)

@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from vlpre import models, sharding, train
+from vlpre import methods, sharding, train
 from vlpre.data import pipeline
 
 from tests import helpers
@@ -34,7 +34,7 @@ def shard(data_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_two_steps_train_smollm2_on_captions_over_8_devices(data_dir, shard, tmp_path):
   config = lm_config(data_dir, shard)
-  tokenizer = models.build_tokenizer(config)
+  tokenizer = methods.build_tokenizer(config)
   batch = next(iter(pipeline.build_train_dataset(
       config.input, global_batch_size=config.batch_size, seed=0, tokenizer=tokenizer)))
   eos = tokenizer.eos_id

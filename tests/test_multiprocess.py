@@ -39,6 +39,7 @@ import numpy as np
 import pytest
 
 from vlpre import checkpoint as checkpoint_lib
+from vlpre.text_encoders import store as store_lib
 from vlpre import distributed
 from vlpre import metrics
 from vlpre import train
@@ -263,8 +264,8 @@ def test_two_processes_build_the_store_one_process_builds(data_dir, tmp_path):
   config.write_text("from tests import test_multiprocess\n\n\ndef get_config(arg=None):\n"
                     f"  return test_multiprocess.embed_config({data_dir!r}, {shard!r}, {two!r})\n")
   _run_all(tmp_path, "embed", ["-m", "vlpre.embed", f"--config={config}"])
-  built = embed.EmbeddingStore(two)
-  reference = embed.build_store(embed_config(data_dir, shard, one), progress=False)
+  built = store_lib.EmbeddingStore(two)
+  reference = store_lib.build_store(embed_config(data_dir, shard, one), progress=False)
   assert len(built) == len(reference) == 16 and built.meta == reference.meta
   for key in reference._index:  # pylint: disable=protected-access
     for caption in range(5):

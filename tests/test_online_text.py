@@ -11,7 +11,7 @@ import pytest
 from vlpre import llm as llm_lib
 from vlpre import metrics, train
 from vlpre.data import text_batching
-from vlpre.models import lift
+from vlpre.methods.lift import model as lift
 from vlpre.text_encoders import PooledTextEncoder
 
 from tests import helpers

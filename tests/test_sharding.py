@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from vlpre import sharding
-from vlpre.models import build_model
+from vlpre.methods import build_model
 
 
 def test_mesh_fill_and_errors():

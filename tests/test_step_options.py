@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from vlpre import losses
-from vlpre.models import layers
-from vlpre.models import two_tower
+from vlpre.nn import layers
+from vlpre.methods.two_tower import model as two_tower
 
 IMPLEMENTATIONS = ("dot_product_attention", "einsum")
 

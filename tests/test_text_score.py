@@ -1,8 +1,8 @@
 """Caption↔caption retrieval: the text-side score of a frozen encoder."""
 import numpy as np
 
-from vlpre import text_score
-from vlpre.models import lift
+from vlpre.methods.lift import text_score
+from vlpre.methods.lift import model as lift
 
 from tests import helpers
 

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from vlpre import evaluate, metrics, models, train
+from vlpre import evaluate, metrics, methods, train
 
 from tests import helpers
 
@@ -76,7 +76,7 @@ def test_the_methods_stream_transform_reaches_the_pipeline(entry, tmp_path, data
   def stream(ds):
     raise _StreamSeen(type(ds).__name__)
 
-  monkeypatch.setattr(models, "input_extras", lambda config: models.InputExtras(stream=stream))
+  monkeypatch.setattr(methods, "input_extras", lambda config: methods.InputExtras(stream=stream))
   config = helpers.tiny_clip_config(data_dir, total_steps=1)
   with pytest.raises(_StreamSeen, match="SkipBad"):  # after bad records are dropped
     if entry == "train":
@@ -123,9 +123,9 @@ def checkpoint_params(workdir):
 
 
 def _dataset(config):
-  from vlpre import data, models
+  from vlpre import data, methods
   return data.build_train_dataset(config.input, global_batch_size=config.batch_size,
-                                  seed=config.seed, tokenizer=models.build_tokenizer(config))
+                                  seed=config.seed, tokenizer=methods.build_tokenizer(config))
 
 
 def test_place_pretrained_accepts_a_partial_tree_only_where_allowed():

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlpre.models import layers
-from vlpre.models.vit import ViT
+from vlpre.nn import layers
+from vlpre.nn.vit import ViT
 
 DEPTH, WIDTH, HEADS = 3, 16, 2
 

@@ -8,7 +8,7 @@ of as a traceback after minutes of model building (or, for an eval split, after 
 whole training). `python -m vlpre.main --check --config=...` prints them and exits 1
 (0 and "config OK" when clean); `vlpre.main` runs the same check before every run.
 
-What is checked: the model file (`model_name`), the loss names, the evaluators' kinds
+What is checked: the method (`model_name`), the loss names, the evaluators' kinds
 and splits (their globs match files, zero-shot class names exist), the training data
 (the glob matches and the first shard opens), the pretrained models the config names
 (installed, a local path, or a hub id allowed and pinned), the mesh against the devices
@@ -26,22 +26,12 @@ from typing import Any
 import jax
 
 from vlpre import losses as losses_lib
-from vlpre import models
+from vlpre import methods
 from vlpre import sharding
 from vlpre.data import sources
 from vlpre.data import tar_scan
 from vlpre.llm import assets
 
-# Config sections that name a pretrained model, the field holding the name, and when the
-# name is used (None: whenever the section exists). The section also holds
-# `allow_download` and `revision` for hub ids (vlpre.llm.assets.resolve).
-MODEL_FIELDS: tuple[tuple[str, str, Any], ...] = (
-    ("text_encoder", "name", None),
-    ("bridge", "llm", None),
-    ("hive", "llm", None),
-    ("llm", "name", None),
-    ("describe", "llm", lambda d: d.get("backend") == "llm-class-prompts"),
-)
 _SPLIT_FIELDS = ("data", "train_data", "test_data", "images")  # eval fields holding globs
 
 
@@ -77,24 +67,25 @@ def _defines_evaluator(kind: str, quiet: bool = False) -> bool:
     raise
 
 
-def _check_model(config) -> list[str]:
+def _method(config) -> tuple[methods.Method | None, list[str]]:
+  """The config's method, or the one-line problem of its `model_name`."""
   name = _get(config, "model_name")
   if not name:
-    return ["model_name: not set (a file vlpre/models/<name>.py)"]
+    return None, ["model_name: not set (a method folder vlpre/methods/<name>/ or a module path)"]
   try:
-    models.get_method(name)
+    return methods.get(name), []
   except ValueError as e:
-    return [f"model_name: {e}"]
-  except Exception as e:  # pylint: disable=broad-except  (the file itself fails to import)
-    return [f"model_name: vlpre/models/{name}.py fails to import: {type(e).__name__}: {e}"]
-  return []
+    return None, [f"model_name: {e}"]
+  except Exception as e:  # pylint: disable=broad-except  (the method's code fails to import)
+    return None, [f"model_name: method {name!r} fails to import: {type(e).__name__}: {e}"]
 
 
-def _check_losses(config) -> list[str]:
+def _check_losses(config, method: methods.Method | None) -> list[str]:
   weights = dict(_get(config, "losses", {}))
-  known = ", ".join(sorted(losses_lib.LOSSES))
+  available = losses_lib.available(method.losses if method else None)
+  known = ", ".join(sorted(available))
   problems = [f"losses: unknown loss {name!r}; known: {known}"
-              for name in weights if name not in losses_lib.LOSSES]
+              for name in weights if name not in available]
   if not any(weights.values()):
     problems.append("losses: empty or all zero; give at least one loss a weight")
   return problems
@@ -188,17 +179,18 @@ def _check_train_data(config) -> list[str]:
   return problems
 
 
-def _check_assets(config) -> list[str]:
+def _check_assets(config, method: methods.Method | None) -> list[str]:
+  """Every pretrained model the method's descriptor says its config names (`pretrained`)."""
   problems = []
-  for section, field, used in MODEL_FIELDS:
-    cfg = _get(config, section)
-    name = _get(cfg, field) if cfg is not None else None
-    if not name or (used is not None and not used(cfg)):
+  for spec in method.pretrained if method else ():
+    cfg = _get(config, spec.section)
+    name = _get(cfg, spec.field) if cfg is not None else None
+    if not name or (spec.used is not None and not spec.used(cfg)):
       continue
     problem = assets.name_problem(str(name), allow_download=bool(_get(cfg, "allow_download", False)),
-                                  revision=_get(cfg, "revision"), where=section)
+                                  revision=_get(cfg, "revision"), where=spec.section)
     if problem:
-      problems.append(f"{section}.{field}: {problem}")
+      problems.append(f"{spec.section}.{spec.field}: {problem}")
   return problems
 
 
@@ -226,8 +218,10 @@ def _check_init_from(config) -> list[str]:
 
 
 def _check_one(config, devices: Sequence[Any]) -> list[str]:
-  return (_check_model(config) + _check_losses(config) + _check_evals(config)
-          + _check_train_data(config) + _check_assets(config) + _check_mesh(config, devices))
+  method, problems = _method(config)
+  return (problems + _check_losses(config, method) + _check_evals(config)
+          + _check_train_data(config) + _check_assets(config, method)
+          + _check_mesh(config, devices))
 
 
 def check_config(config, *, devices: Sequence[Any] | None = None) -> list[str]:

@@ -24,14 +24,14 @@ from vlpre import data as data_lib
 from vlpre import distributed
 from vlpre import evaluators as evaluators_lib
 from vlpre import metrics as metrics_lib
-from vlpre import models
+from vlpre import methods
 from vlpre import train
 
 
 def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
   """Restores `step` (default: latest) of `workdir` and runs every `config.evals` entry."""
-  tokenizer = models.build_tokenizer(config)
-  extras = models.input_extras(config)
+  tokenizer = methods.build_tokenizer(config)
+  extras = methods.input_extras(config)
   dataset = data_lib.build_train_dataset(
       config.input, global_batch_size=config.batch_size, seed=config.seed,
       tokenizer=tokenizer if extras.tokenize else None, extra_transforms=extras.transforms,

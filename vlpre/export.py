@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-from typing import Any, Callable
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -40,11 +40,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlpre import methods
 from vlpre import storage
 from vlpre.data import transforms
-from vlpre.models import layers
-from vlpre.models.two_tower import vit_from_config
-from vlpre.models.vit import ViT, sincos_2d
+from vlpre.nn import layers
+from vlpre.nn.vit import ViT, sincos_2d, vit_from_config
 
 HIDDEN_ACT = "gelu_pytorch_tanh"  # layers.MlpBlock's nn.gelu defaults to the tanh approximation
 # ViT fields the export maps, and those that do not change what inference computes
@@ -153,41 +153,17 @@ def _siglip(tower: dict, vit: ViT, common: dict, grid: int):
   return config, state
 
 
-@dataclasses.dataclass(frozen=True)
-class Tower:
-  """Where a method keeps its ViT: the parameter subtree, the ViT options as the method's
-  own setup builds them from config.model, and its head on the pooled feature: torch
-  Linear name → vlpre Dense, and what the head computes (for the README)."""
-  prefix: str
-  options: Callable[[dict], dict]
-  head: dict[str, str]
-  formula: str
-
-
-TOWERS = {
-    "two_tower": Tower("img", lambda m: dict(m["image"]), {"proj": "img_head"},
-                       "embedding_BxE = proj(pooled_BxD), a torch Linear without bias "
-                       "(L2-normalise it to score against texts)"),
-    "lift": Tower("img", lambda m: {**m["image"], "pool": "mean"},
-                  {"fc1": "head_in", "fc2": "head_out"},
-                  "embedding_BxE = fc2(gelu_tanh(fc1(pooled_BxD))), torch Linear layers and "
-                  "GELU's tanh approximation (L2-normalise it to score against texts)"),
-    "classifier": Tower("vit", lambda m: {"pool": "cls", **(m.get("vit") or {})},
-                        {"classifier": "head"},
-                        "logits_BxC = classifier(pooled_BxD), a torch Linear"),
-}
-
-
-def tower_of(config) -> tuple[Tower, ViT]:
-  """The method's Tower and its (unbound) ViT; a one-line error for what HF cannot express."""
-  if config.model_name not in TOWERS:
+def tower_of(config) -> tuple[methods.ExportTower, ViT]:
+  """The method's export tower (its descriptor's `export_tower`) and its (unbound) ViT; a
+  one-line error for what HF cannot express."""
+  tower = methods.of(config).export_tower
+  if tower is None:
+    exportable = sorted(m.name for m in methods.all_methods() if m.export_tower)
     raise ValueError(f"vlpre.export: method '{config.model_name}' has no exportable image tower "
-                     f"(exportable: {sorted(TOWERS)})")
+                     f"(exportable: {exportable})")
   model = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
-  if config.model_name == "classifier" and model.get("backbone", "resnet18") != "vit":
-    raise ValueError(f"vlpre.export: backbone '{model.get('backbone', 'resnet18')}' is not a ViT; "
-                     "only the classifier's ViT backbone is exported")
-  tower = TOWERS[config.model_name]
+  if problem := tower.problem(model):
+    raise ValueError(f"vlpre.export: {problem}")
   vit = vit_from_config(tower.options(model), jnp.float32)
   unmapped = [(f.name, getattr(vit, f.name)) for f in dataclasses.fields(ViT)
               if f.name not in (*MAPPED, *INFERENCE_NEUTRAL, "parent", "name")

@@ -39,7 +39,7 @@ import optax
 from vlpre import checkpoint as checkpoint_lib
 from vlpre import losses as losses_lib
 from vlpre import metrics as metrics_lib
-from vlpre import models
+from vlpre import methods
 from vlpre import optim
 from vlpre import sharding
 from vlpre import storage
@@ -107,7 +107,7 @@ class Setup:
   config: Any
   mesh: jax.sharding.Mesh
   rules: tuple
-  built: models.Built
+  built: methods.Built
   state: TrainState
   state_shardings: TrainState
   frozen: Any
@@ -156,7 +156,7 @@ def setup(config, example_batch: dict, *, mesh=None) -> Setup:
   """Builds the mesh, the model, and the sharded train state (never materialised unsharded)."""
   mesh = mesh or sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.get("sharding_rules"))
-  built = models.build(config)
+  built = methods.build(config)
   model = built.model
   batch_sh = sharding.batch_sharding(mesh)
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -215,7 +215,8 @@ def setup(config, example_batch: dict, *, mesh=None) -> Setup:
                f"{sum(x.size for x in jax.tree.leaves(frozen)):,}")
   return Setup(config=config, mesh=mesh, rules=rules, built=built, state=state,
                state_shardings=state_sh, frozen=frozen, frozen_shardings=frozen_sh, tx=tx,
-               lr_schedule=lr_schedule, loss_fn=losses_lib.build_loss(dict(config.losses)),
+               lr_schedule=lr_schedule,
+               loss_fn=losses_lib.build_loss(dict(config.losses), methods.of(config).losses),
                batch_sharding=batch_sh)
 
 
@@ -392,8 +393,8 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
   start_record, same_stream = data_position(counters, start or 0, config.batch_size,
                                             jax.process_count())
   position = {"data_process_count": jax.process_count(), "data_start_record": start_record}
-  built_tokenizer = models.build_tokenizer(config)
-  extras = models.input_extras(config)
+  built_tokenizer = methods.build_tokenizer(config)
+  extras = methods.input_extras(config)
   dataset = data_lib.build_train_dataset(
       config.input, global_batch_size=config.batch_size, seed=config.seed,
       tokenizer=built_tokenizer if extras.tokenize else None,

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from vlpre.models import layers
+from vlpre.nn import layers
 
 # width, depth, mlp_dim, heads (the ViT paper / big_vision presets).
 PRESETS = {
@@ -129,3 +129,10 @@ class ViT(nn.Module):
     else:
       out["pooled"] = None
     return out
+
+
+def vit_from_config(image: dict[str, Any], dtype, name="img") -> ViT:
+  kwargs = dict(image)
+  if "variant" in kwargs:
+    kwargs = {**decode_variant(kwargs.pop("variant")), **kwargs}
+  return ViT(dtype=dtype, name=name, **kwargs)

@@ -1,6 +1,6 @@
 """Per-layer share of outlier weights (|w| > threshold): language- vs vision-trained blocks.
 
-    python -m vlpre.analyze_outliers --out=workdirs/outliers \
+    python -m vlpre.methods.bridge.analyze_outliers --out=workdirs/outliers \
         [--llm=smollm2-135m] [--num_layers=4] \
         [--bridge_workdir=workdirs/bridge_tiny] [--vit_workdir=workdirs/clip_tiny]
 

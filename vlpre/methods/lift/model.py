@@ -8,7 +8,6 @@ cache joined to the batch by the input pipeline (`text_mode="cached"`, batch has
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -16,9 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlpre import losses
-from vlpre import models
-from vlpre.models import layers
-from vlpre.models.two_tower import vit_from_config
+from vlpre import methods
+from vlpre.data import text_batching
+from vlpre.text_encoders import store as store_lib
+from vlpre.nn import layers
+from vlpre.nn.vit import vit_from_config
 
 
 class Model(nn.Module):
@@ -84,28 +85,7 @@ class Model(nn.Module):
     return out
 
 
-@functools.lru_cache(maxsize=4)
-def _load_encoder(name: str, max_len: int, dtype: str, pooling: str | None, normalize: bool,
-                  template: str, layer: int, scan: bool = True):
-  from vlpre import text_encoders  # pylint: disable=g-import-not-at-top
-  return text_encoders.load_text_encoder(name, max_len=max_len, dtype=jnp.dtype(dtype),
-                                         pooling=pooling, normalize=normalize,
-                                         template=template, layer=layer, scan=scan)
-
-
-def text_encoder(config):
-  """The frozen encoder named by `config.text_encoder` (loaded once per process).
-
-  `text_encoder.scan` (default True) scans the decoder's layers; False unrolls them
-  (one parameter subtree per layer; XLA's cost analysis then counts every layer).
-  """
-  t = config.text_encoder
-  return _load_encoder(t.name, t.max_len, t.get("dtype", "float32"), t.get("pooling") or None,
-                       t.get("normalize", True), t.get("template", "{text}"), t.get("layer", -1),
-                       bool(t.get("scan", True)))
-
-
-def input_extras(config) -> models.InputExtras:
+def input_extras(config) -> methods.InputExtras:
   """Cached mode joins each sample's caption embedding from the store by key.
 
   Online mode trims each batch's token padding to a length bucket (the frozen LLM runs
@@ -115,34 +95,32 @@ def input_extras(config) -> models.InputExtras:
   """
   if config.text_mode == "online":
     if not config.text_encoder.get("trim_padding", True):
-      return models.InputExtras()
-    from vlpre.data import text_batching  # pylint: disable=g-import-not-at-top
+      return methods.InputExtras()
     buckets = config.text_encoder.get("length_buckets") or None
-    return models.InputExtras(batch_transform=text_batching.TrimTextPadding(
+    return methods.InputExtras(batch_transform=text_batching.TrimTextPadding(
         tuple(buckets) if buckets else None))
   if config.text_mode != "cached":
     raise ValueError(f"text_mode must be 'online' or 'cached', got '{config.text_mode}'")
-  from vlpre import embed  # pylint: disable=g-import-not-at-top
-  store = embed.EmbeddingStore(embed.cache_dir(config), embed.encoder_settings(config))
-  return models.InputExtras(transforms=(embed.LookupEmbedding(store),), keys=("txt_emb",),
+  store = store_lib.EmbeddingStore(store_lib.cache_dir(config), store_lib.encoder_settings(config))
+  return methods.InputExtras(transforms=(store_lib.LookupEmbedding(store),), keys=("txt_emb",),
                             tokenize=False)
 
 
-def build(config) -> models.Built:
-  encoder = text_encoder(config)
+def build(config) -> methods.Built:
+  encoder = store_lib.text_encoder(config)
   center = bool(config.text_encoder.get("center", False))
   model = Model(txt_encoder=encoder.module, text_dim=encoder.dim,
                 text_max_len=config.text_encoder.max_len, center_text=center,
                 dtype=jnp.dtype(config.get("dtype", "float32")), **config.model)
   pretrained = {"txt_encoder": encoder.params}
   if center:  # the mean of the training captions' embeddings, from the store.
-    from vlpre import embed  # pylint: disable=g-import-not-at-top
-    store = embed.EmbeddingStore(embed.cache_dir(config), embed.encoder_settings(config))
+    store = store_lib.EmbeddingStore(store_lib.cache_dir(config),
+                                     store_lib.encoder_settings(config))
     pretrained["txt_mean"] = store.mean()
   # vlpre's decoder names its weights' axes itself; BERT's come from regex rules.
-  return models.Built(model, pretrained=pretrained,
+  return methods.Built(model, pretrained=pretrained,
                       logical_axes={"txt_encoder": encoder.logical_axes()})
 
 
 def build_tokenizer(config):
-  return text_encoder(config).tokenizer
+  return store_lib.text_encoder(config).tokenizer

@@ -30,10 +30,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlpre import models
-from vlpre.models import layers
-from vlpre.models.resnet import RESNET_STAGES, ResNet, batch_norm
-from vlpre.models.two_tower import vit_from_config
+from vlpre import methods
+from vlpre.text_encoders import store
+from vlpre.nn import layers
+from vlpre.nn.resnet import RESNET_STAGES, ResNet, batch_norm
+from vlpre.nn.vit import vit_from_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,24 +224,22 @@ def text_loss_enabled(config) -> bool:
 
 
 def _store(config):
-  from vlpre import embed  # pylint: disable=g-import-not-at-top
-  return embed.EmbeddingStore(embed.cache_dir(config), embed.encoder_settings(config))
+  return store.EmbeddingStore(store.cache_dir(config), store.encoder_settings(config))
 
 
-def input_extras(config) -> models.InputExtras:
+def input_extras(config) -> methods.InputExtras:
   """Joins each image's description embedding (`txt_emb`) by key, when the text loss is on."""
   if not text_loss_enabled(config):
-    return models.InputExtras(tokenize=False)
-  from vlpre import embed  # pylint: disable=g-import-not-at-top
-  return models.InputExtras(transforms=(embed.LookupEmbedding(_store(config)),),
+    return methods.InputExtras(tokenize=False)
+  return methods.InputExtras(transforms=(store.LookupEmbedding(_store(config)),),
                             keys=("txt_emb",), tokenize=False)
 
 
-def build(config) -> models.Built:
+def build(config) -> methods.Built:
   """The classifier; its projector's width is the embedding store's (0 for the baseline)."""
   text_dim = _store(config).dim if text_loss_enabled(config) else 0
   kwargs = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
-  return models.Built(Model(text_dim=text_dim, dtype=jnp.dtype(config.get("dtype", "float32")),
+  return methods.Built(Model(text_dim=text_dim, dtype=jnp.dtype(config.get("dtype", "float32")),
                             **kwargs))
 
 

@@ -1,7 +1,7 @@
 """Scores a frozen text encoder alone, before any image training: caption↔caption retrieval.
 
-    python -m vlpre.text_score --config=configs/lift.py:tiny
-    python -m vlpre.text_score --config=configs/lift.py:tiny --config.text_encoder.name=minilm-l6
+    python -m vlpre.methods.lift.text_score --config=configs/lift.py:tiny
+    python -m vlpre.methods.lift.text_score --config=configs/lift.py:tiny --config.text_encoder.name=minilm-l6
 
 Every caption of Flickr8k val queries all the others; the captions of the same image are
 its positives (4 per query). R@k is the share of queries with a positive among their k
@@ -61,7 +61,7 @@ def caption_retrieval(embeddings_NxE: np.ndarray, owner_N: np.ndarray, ks=(1, 5)
 def score(config, *, pattern: str = "flickr8k/val-*.tar", max_images: int = 0,
           batch_size: int = 128) -> dict[str, float]:
   """R@1/R@5 of `config.text_encoder` (as LIFT would use it), plus the mean-centred scores."""
-  from vlpre.models import lift  # pylint: disable=g-import-not-at-top
+  from vlpre.methods.lift import model as lift  # pylint: disable=g-import-not-at-top
   texts, owner = split_captions(pattern, config.input.get("data_dir"), max_images,
                                config.input.get("caption_field", "captions"))
   encoder = lift.text_encoder(config)

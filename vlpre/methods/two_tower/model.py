@@ -7,16 +7,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from vlpre.models import layers
-from vlpre.models.text import TextTransformer
-from vlpre.models.vit import ViT, decode_variant
-
-
-def vit_from_config(image: dict[str, Any], dtype, name="img") -> ViT:
-  kwargs = dict(image)
-  if "variant" in kwargs:
-    kwargs = {**decode_variant(kwargs.pop("variant")), **kwargs}
-  return ViT(dtype=dtype, name=name, **kwargs)
+from vlpre.nn import layers
+from vlpre.nn.text import TextTransformer
+from vlpre.nn.vit import vit_from_config
 
 
 class Model(nn.Module):

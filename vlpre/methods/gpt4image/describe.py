@@ -1,6 +1,6 @@
 """GPT4Image stage 1: a text description for every training image.
 
-    python -m vlpre.describe --config=configs/gpt4image.py:tiny
+    python -m vlpre.methods.gpt4image.describe --config=configs/gpt4image.py:tiny
     python -m vlpre.embed    --config=configs/gpt4image.py:tiny    # stage 2: embed them
     python -m vlpre.main     --config=configs/gpt4image.py:tiny --workdir=...   # stage 3
 
@@ -40,6 +40,7 @@ from absl import logging
 import tqdm
 
 from vlpre import storage
+from vlpre.text_encoders import store
 
 BACKENDS = ("precomputed", "llm-class-prompts", "vlpre-captioner")
 
@@ -96,10 +97,6 @@ def describer_settings(config) -> dict[str, Any]:
   return settings
 
 
-def descriptions_file(config) -> str:
-  return os.path.join(config.describe.output_dir, "descriptions.jsonl")
-
-
 def describer_name(meta: dict[str, Any]) -> str:
   """A one-line name of the describer for tables and logs."""
   s = meta["settings"]
@@ -112,39 +109,6 @@ def describer_name(meta: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------ reading
-
-
-def read_descriptions(path: str) -> dict[str, list[str]]:
-  """key → [descriptions] from a JSONL of {"key", "description"} (a key may repeat).
-
-  Raises ValueError naming the line for non-UTF-8 bytes, malformed JSON, a missing
-  field or an empty description.
-  """
-  out: dict[str, list[str]] = {}
-  problems = []
-  with storage.path(path, what="descriptions").open("rb") as f:
-    for number, raw in enumerate(f, start=1):
-      if not raw.strip():
-        continue
-      try:
-        row = json.loads(raw.decode("utf-8"))
-      except UnicodeDecodeError as e:
-        problems.append(f"line {number}: not UTF-8 ({e})")
-        continue
-      except json.JSONDecodeError as e:
-        problems.append(f"line {number}: not JSON ({e})")
-        continue
-      row = row if isinstance(row, dict) else {}
-      key, text = row.get("key"), row.get("description")
-      if not isinstance(key, str) or not key:
-        problems.append(f"line {number}: no string 'key'")
-      elif not isinstance(text, str) or not text.strip():
-        problems.append(f"line {number} (key {key!r}): empty or missing 'description'")
-      else:
-        out.setdefault(key, []).append(text.strip())
-  if problems:
-    raise ValueError(f"{path}: {len(problems)} bad lines, e.g. " + "; ".join(problems[:5]))
-  return out
 
 
 def check_coverage(descriptions: dict[str, list[str]], keys: Sequence[str], path: str) -> None:
@@ -269,7 +233,7 @@ def describe(config, *, progress: bool = True) -> str:
   settings = describer_settings(config)
   out_dir = config.describe.output_dir
   meta_path = os.path.join(out_dir, "meta.json")
-  path = descriptions_file(config)
+  path = store.descriptions_file(config)
   if storage.path(meta_path).exists():  # written last: it exists only for a complete output
     old = json.loads(storage.path(meta_path).read_text(encoding="utf-8"))
     if old["settings"] != settings:
@@ -283,7 +247,7 @@ def describe(config, *, progress: bool = True) -> str:
   extra: dict[str, Any] = {}
   if settings["backend"] == "precomputed":
     source = config.describe.precomputed
-    table = read_descriptions(source)
+    table = store.read_descriptions(source)
     check_coverage(table, keys, source)
     rows = [(k, text) for k in keys for text in table[k]]
   elif settings["backend"] == "vlpre-captioner":
@@ -316,16 +280,16 @@ def caption_images(config, *, progress: bool = True) -> dict[str, str]:
   """
   # pylint: disable=g-import-not-at-top
   import jax
-  from vlpre import config_lib, data, models, optim, stages, train
+  from vlpre import config_lib, data, methods, optim, stages, train
   from vlpre.evaluators import captioning, common
   # pylint: enable=g-import-not-at-top
   cap = config.describe.captioner
   cap_config = cap["config"]
   cap_config = config_lib.load(cap_config) if isinstance(cap_config, str) else cap_config
-  extras = models.input_extras(cap_config)
+  extras = methods.input_extras(cap_config)
   example = next(iter(data.build_train_dataset(
       cap_config.input, global_batch_size=cap_config.batch_size, seed=0,
-      tokenizer=models.build_tokenizer(cap_config) if extras.tokenize else None,
+      tokenizer=methods.build_tokenizer(cap_config) if extras.tokenize else None,
       extra_transforms=extras.transforms, extra_keys=extras.keys, stream=extras.stream)))
   s = train.setup(cap_config, example)
   params = jax.device_get(s.variables(s.state))["params"]

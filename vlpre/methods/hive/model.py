@@ -32,10 +32,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vlpre import llm as llm_lib
-from vlpre import models
+from vlpre import methods
 from vlpre.llm import rope
-from vlpre.models import layers
-from vlpre.models.two_tower import vit_from_config
+from vlpre.nn import layers
+from vlpre.nn.vit import vit_from_config
 
 
 class Projector(nn.Module):
@@ -178,14 +178,14 @@ def load_llm(config) -> llm_lib.LLM:
                       max_len=config.input.max_text_len, append_eos=True)
 
 
-def build(config) -> models.Built:
+def build(config) -> methods.Built:
   smollm = load_llm(config)
   bos = config.hive.get("bos_id", -1)
   model = Model(llm=smollm.module, image=dict(config.model.image),
                 pairs=tuple(tuple(p) for p in config.hive.pairs), mode=config.hive.mode,
                 bos_id=int(smollm.hf_config.bos_token_id if bos < 0 else bos),
                 dtype=jnp.dtype(config.get("dtype", "float32")))
-  return models.Built(model, pretrained={"llm": smollm.params}, llm=smollm)
+  return methods.Built(model, pretrained={"llm": smollm.params}, llm=smollm)
 
 
 def build_tokenizer(config) -> Any:

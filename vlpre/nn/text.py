@@ -6,7 +6,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vlpre.models import layers
+from vlpre.nn import layers
 
 
 class TextTransformer(nn.Module):

@@ -14,7 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vlpre.models import layers
+from vlpre.nn import layers
 
 # Residual blocks per stage (He et al. 2016).
 RESNET_STAGES = {

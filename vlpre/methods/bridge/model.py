@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlpre import llm as llm_lib
-from vlpre import models
+from vlpre import methods
 from vlpre.data import transforms
-from vlpre.models import layers
+from vlpre.nn import layers
 
 
 class Model(nn.Module):
@@ -120,7 +120,7 @@ class RandomLabels(grain.transforms.Map):
     return record
 
 
-def build(config) -> models.Built:
+def build(config) -> methods.Built:
   b = config.bridge
   smollm = llm_lib.load(b.llm, num_layers=b.get("num_layers") or None,
                         causal=bool(b.get("causal", True)),
@@ -132,16 +132,16 @@ def build(config) -> models.Built:
                 pooling=config.model.get("pooling", "last"),
                 dtype=jnp.dtype(config.get("dtype", "float32")))
   pretrained = {"llm": smollm.params} if b.get("pretrained", True) else None
-  return models.Built(model, pretrained=pretrained)
+  return methods.Built(model, pretrained=pretrained)
 
 
-def input_extras(config) -> models.InputExtras:
+def input_extras(config) -> methods.InputExtras:
   """Random labels (ratio > 0): replaces the data's labels, or adds them to captioned data."""
   ratio = float(config.bridge.get("random_label_ratio", 0.0))
   if ratio <= 0:
-    return models.InputExtras(tokenize=False)
+    return methods.InputExtras(tokenize=False)
   labelled = bool(config.input.get("label", False))
-  return models.InputExtras(
+  return methods.InputExtras(
       transforms=(RandomLabels(ratio, config.model.num_classes, config.seed),),
       keys=() if labelled else ("label",), tokenize=False)
 

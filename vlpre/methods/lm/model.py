@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vlpre import llm as llm_lib
-from vlpre import models
+from vlpre import methods
 
 
 class Model(nn.Module):
@@ -40,9 +40,9 @@ def load_llm(config) -> llm_lib.LLM:
                       max_len=config.input.max_text_len)
 
 
-def build(config) -> models.Built:
+def build(config) -> methods.Built:
   llm = load_llm(config)
-  return models.Built(Model(llm=llm.module), pretrained={"llm": llm.params})
+  return methods.Built(Model(llm=llm.module), pretrained={"llm": llm.params})
 
 
 def build_tokenizer(config) -> Any:

@@ -40,10 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlpre import llm as llm_lib
-from vlpre import models
+from vlpre import methods
 from vlpre.losses import l2_normalize
-from vlpre.models import layers
-from vlpre.models.two_tower import vit_from_config
+from vlpre.nn import layers
+from vlpre.nn.vit import vit_from_config
 
 
 class Model(nn.Module):
@@ -262,7 +262,7 @@ def _wrapper_ids(tokenizer) -> tuple[int, ...]:
   return tuple(sorted({int(i) for i in ids if i is not None}))
 
 
-def build(config) -> models.Built:
+def build(config) -> methods.Built:
   from vlpre.data import interleaved  # pylint: disable=g-import-not-at-top  (grain: data side)
   c, dtype = config.lcl, jnp.dtype(config.get("dtype", "float32"))
   tokenizer = build_tokenizer(config)
@@ -281,7 +281,7 @@ def build(config) -> models.Built:
     pretrained = None
   model = Model(llm=decoder, image=dict(config.model.image), image_token_ids=token_ids,
                 wrapper_ids=_wrapper_ids(tokenizer), embed_dim=int(c.embed_dim), dtype=dtype)
-  return models.Built(model, pretrained=pretrained, llm=llm)
+  return methods.Built(model, pretrained=pretrained, llm=llm)
 
 
 def build_tokenizer(config) -> Any:
