@@ -6,7 +6,9 @@ import pytest
 
 from vlpre import train
 from vlpre.evaluators import attentive_probe, common, linear_probe
-from vlpre.methods.gpt4image import model as classifier, lift, two_tower
+from vlpre.methods.gpt4image import model as classifier
+from vlpre.methods.lift import model as lift
+from vlpre.methods.two_tower import model as two_tower
 
 from tests import helpers
 

@@ -26,9 +26,9 @@ import torch
 from transformers import AutoImageProcessor, AutoModel, FlaxAutoModel
 
 from vlpre import export, methods, train
-from vlpre.text_encoders import store as store_lib
 from vlpre.data import pipeline
 from vlpre.nn.vit import ViT
+from vlpre.text_encoders import store as store_lib
 
 from tests import helpers
 

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vlpre.methods.gpt4image import describe, embed, losses, metrics, sharding, train
-from vlpre.text_encoders import store as store_lib
+from vlpre import losses, metrics, sharding, train
+from vlpre.methods.gpt4image import describe
 from vlpre.methods.gpt4image import model as classifier
 from vlpre.nn.resnet import ResNet, batch_norm
+from vlpre.text_encoders import store as store_lib
 
 from tests import helpers
 

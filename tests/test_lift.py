@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from vlpre import methods, train
-from vlpre.text_encoders import store as store_lib
 from vlpre.data import pipeline
 from vlpre.methods.lift import model as lift
+from vlpre.text_encoders import store as store_lib
 
 from tests import helpers
 

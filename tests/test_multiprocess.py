@@ -39,10 +39,10 @@ import numpy as np
 import pytest
 
 from vlpre import checkpoint as checkpoint_lib
-from vlpre.text_encoders import store as store_lib
 from vlpre import distributed
 from vlpre import metrics
 from vlpre import train
+from vlpre.text_encoders import store as store_lib
 
 from tests import helpers
 
@@ -257,7 +257,6 @@ def embed_config(data_dir, shard, cache):
 def test_two_processes_build_the_store_one_process_builds(data_dir, tmp_path):
   """`python -m vlpre.embed` in 2 processes (the encoder sharded over both): process 0
   writes, and the store equals a 1-process × 8-device build of the same captions."""
-  from vlpre import embed  # pylint: disable=g-import-not-at-top
   shard = helpers.small_shard(data_dir, tmp_path, num_samples=16)
   two, one = str(tmp_path / "store2"), str(tmp_path / "store1")
   config = tmp_path / "embed_config.py"

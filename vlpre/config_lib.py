@@ -5,6 +5,9 @@ overrides what its method changes.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections as mlc
 
 
@@ -89,8 +92,6 @@ def standard_evals(arg: str | None, every_steps: int = 0, *, text: bool = True) 
 
 def load(spec: str) -> mlc.ConfigDict:
   """A config from "path/to/config.py[:arg]", as `--config=` reads it (outside absl flags)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"config file {path!r} not found")

@@ -39,7 +39,9 @@ import sys
 import threading
 from typing import Mapping
 
+from absl import flags
 from absl import logging
+import jax
 
 ENV_ADDRESS, ENV_NUM, ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 # JAX's own connection deadline is this much later than the watchdog's, so that the
@@ -155,7 +157,6 @@ class Flags:
   absl flags), then call `initialize` first thing in its main."""
 
   def __init__(self):
-    from absl import flags  # pylint: disable=g-import-not-at-top
     self.coordinator = flags.DEFINE_string(
         "coordinator_address", None, "Multi-process runs: HOST:PORT of process 0's "
         f"coordinator (default ${ENV_ADDRESS}). See vlpre/distributed.py.")
@@ -182,7 +183,6 @@ def initialize(launch: Launch | None, timeout_s: float = 300) -> None:
   """`jax.distributed.initialize` for `launch` (from `detect`); nothing for None."""
   if launch is None:
     return
-  import jax  # pylint: disable=g-import-not-at-top
   if launch.process_id == 0 and _port_taken(int(launch.coordinator_address.rsplit(":", 1)[1])):
     raise DistributedError(f"could not join {launch.describe()}: port "
                            f"{launch.coordinator_address.rsplit(':', 1)[1]} is taken on this host")

@@ -4,9 +4,9 @@
 
 DIR gets `config.json` + `model.safetensors` (the ViT: `AutoModel.from_pretrained(DIR)`),
 `preprocessor_config.json` (vlpre's eval preprocessing as a CLIPImageProcessor),
-`head.safetensors` (the method's head on the pooled feature: CLIP/SigLIP's projection,
-LIFT's MLP, the classifier's linear layer) and a README.md saying where the pooled feature
-is and what the head computes.
+`head.safetensors` (the method's head on the pooled feature, as its descriptor's
+`export_tower` maps it: a projection, an MLP, a classifier's linear layer) and a README.md
+saying where the pooled feature is and what the head computes.
 
 vlpre's ViT (pre-LN blocks, a final LayerNorm over every token) maps onto a transformers
 class chosen by its pooling:
@@ -38,7 +38,10 @@ from absl import logging
 from etils import epath
 import jax
 import jax.numpy as jnp
+from ml_collections import config_flags
 import numpy as np
+import orbax.checkpoint as ocp
+from safetensors.numpy import save_file
 
 from vlpre import methods
 from vlpre import storage
@@ -111,7 +114,7 @@ def _embeddings(tower: dict, vit: ViT, grid: int) -> tuple[dict, np.ndarray]:
 
 
 def _dinov2(tower: dict, vit: ViT, common: dict, grid: int):
-  from transformers import Dinov2Config  # pylint: disable=g-import-not-at-top
+  from transformers import Dinov2Config  # pylint: disable=g-import-not-at-top  (heavy: export only)
   config = Dinov2Config(**common, mlp_ratio=vit.mlp_dim // vit.width, qkv_bias=True,
                         layerscale_value=1.0, use_swiglu_ffn=False, use_mask_token=False,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
@@ -131,7 +134,7 @@ def _dinov2(tower: dict, vit: ViT, common: dict, grid: int):
 
 
 def _siglip(tower: dict, vit: ViT, common: dict, grid: int):
-  from transformers import SiglipVisionConfig  # pylint: disable=g-import-not-at-top
+  from transformers import SiglipVisionConfig  # pylint: disable=g-import-not-at-top  (heavy: export only)
   config = SiglipVisionConfig(**common, intermediate_size=vit.mlp_dim, attention_dropout=0.0,
                               vision_use_head=vit.pool == "map",
                               architectures=["SiglipVisionModel"])
@@ -186,7 +189,6 @@ def restore_params(workdir: str, names: tuple[str, ...]) -> dict[str, Any]:
   (orbax's fallback sharding): without a target orbax rebuilds the saving topology, so a
   pod's (or 8 fake devices') checkpoint would not restore on a 1-device laptop.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = storage.path(workdir, what="workdir") / "checkpoints"
   if not directory.is_dir():
     raise FileNotFoundError(f"vlpre.export: no checkpoint in {directory}")
@@ -236,8 +238,7 @@ def export(config, workdir: str, out: str) -> Any:
 
 def _write_export(config, workdir, out, tower, vit, params, hf_config, state, image_size):
   """The files of `export` in the local directory `out`."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top  (heavy: export only)
   os.makedirs(out, exist_ok=True)
   hf_config.save_pretrained(out)
   save_file({k: np.ascontiguousarray(v) for k, v in state.items()},
@@ -291,7 +292,6 @@ def main(argv, config_flag, workdir_flag, out_flag):
 
 if __name__ == "__main__":
   # Flags are defined here, not at import, as in vlpre.evaluate.
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file of the run (configs/).")
   _WORKDIR = flags.DEFINE_string("workdir", None, "The run: its latest checkpoint is exported.")
   _OUT = flags.DEFINE_string("out", None, "Output folder of the Hugging Face checkpoint.")

@@ -72,7 +72,7 @@ class MetricWriter:
         if self._file.tell() and not _ends_with_newline(self.path):
           self._file.write("\n")  # a line cut off by a kill stays alone on its line
       if tensorboard:
-        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top  (optional: TensorBoard output only)
         storage.use_epath_for_tensorboard()
         self._tb = SummaryWriter(os.fspath(directory / "tensorboard"))
 

@@ -36,7 +36,7 @@ _EMBEDDING_NAMES = ("embed_tokens", "patch_embed", "pos_embedding", "cls", "toke
 
 
 def scale_by_layer_decay(decay: float) -> optax.GradientTransformation:
-  """Layer-wise lr decay (BEiT / MAE fine-tuning, bridge training): a block at depth i of
+  """Layer-wise lr decay (BEiT / MAE fine-tuning of a pretrained backbone): a block at depth i of
   L gets its update scaled by decay^(L − i); embeddings (patch / token / position) by
   decay^(L + 1); what follows the blocks (final norm, heads) by 1. Stacked (scanned)
   weights get one factor per block along their leading axis. L counts the blocks among

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+from jax.experimental import mesh_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -72,7 +73,6 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | N
       sizes.append(1)
   device_grid = np.asarray(devices).reshape(sizes)
   try:  # Topology-aware placement where the platform supports it (TPU, GPU).
-    from jax.experimental import mesh_utils
     device_grid = mesh_utils.create_device_mesh(sizes, devices=devices)
   except Exception:  # pylint: disable=broad-except
     pass

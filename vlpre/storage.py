@@ -83,7 +83,7 @@ class _EpathEventFiles:
 def use_epath_for_tensorboard() -> None:
   """Routes tensorboardX's `gs://` event files through epath (its own writer needs
   google-cloud-storage)."""
-  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top  (optional: TensorBoard output only)
   for scheme in SCHEMES:
     record_writer.register_writer_factory(scheme.split(":")[0], _EpathEventFiles())
 

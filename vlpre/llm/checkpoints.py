@@ -18,6 +18,7 @@ from typing import Any
 from flax import core as flax_core
 from flax import serialization
 from flax import traverse_util
+import flax.linen as nn
 import ml_dtypes
 import numpy as np
 from tokenizers import AddedToken
@@ -25,6 +26,8 @@ from tokenizers import decoders
 from tokenizers import models
 from tokenizers import pre_tokenizers
 from tokenizers import Tokenizer
+
+from vlpre import sharding
 
 StateDict = dict[str, np.ndarray]
 
@@ -300,7 +303,6 @@ def _hf_name(flax_path: tuple[str, ...], layer: int | None = None) -> tuple[str,
 
 def _layers_of(flax_path: tuple[str, ...], shape: tuple[int, ...]) -> list[int] | None:
   """The checkpoint layers a stacked parameter group holds (None: one layer, a rename)."""
-  from vlpre import sharding  # pylint: disable=g-import-not-at-top
   layers = sharding.block_indices(flax_path[:1], shape)
   return layers if isinstance(layers, list) else None
 
@@ -322,7 +324,6 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], param_shapes: Any
     KeyError: a parameter the module needs is missing from the checkpoint.
     ValueError: a shape disagrees.
   """
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   # Old BERT checkpoints name LayerNorm parameters gamma/beta.
   state = {re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k)): v
            for k, v in state_dict.items()}

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import jax.numpy as jnp
 
+from vlpre.data import tokenizers
+
 if TYPE_CHECKING:
   import grain
 
@@ -155,9 +157,6 @@ def _default_input_extras(config) -> InputExtras:
 def _default_build_tokenizer(config):
   if not config.get("tokenizer"):
     return None
-  # Imported here: vlpre.data imports grain and the whole input stack, which a method
-  # descriptor (and anything that only resolves one) does not need.
-  from vlpre.data import tokenizers  # pylint: disable=g-import-not-at-top
   kwargs = dict(config.tokenizer)
   return tokenizers.get_tokenizer(kwargs.pop("name"), **kwargs)
 

@@ -27,7 +27,9 @@ from absl import flags
 import numpy as np
 from flax import traverse_util
 
+from vlpre import llm as llm_lib
 from vlpre import sharding
+from vlpre import train
 
 
 def block_outlier_shares(params: Mapping[str, Any], threshold: float = 1.0) -> list[float]:
@@ -54,13 +56,11 @@ def block_outlier_shares(params: Mapping[str, Any], threshold: float = 1.0) -> l
 
 
 def _latest_params(workdir: str, prefix: str) -> Any:
-  from vlpre import train  # pylint: disable=g-import-not-at-top
   return train.load_from_workdir(workdir, [prefix])[prefix]
 
 
 def analyze(out_dir: str, *, llm: str = "smollm2-135m", num_layers: int = 0,
             bridge_workdir: str = "", vit_workdir: str = "", threshold: float = 1.0) -> dict:
-  from vlpre import llm as llm_lib  # pylint: disable=g-import-not-at-top
   rows: dict[str, list[float]] = {}
   pretrained = llm_lib.load(llm, num_layers=num_layers or None, tokens=False, lm_head=False)
   rows[f"{llm} (pretrained)"] = block_outlier_shares(pretrained.params, threshold)
@@ -79,9 +79,9 @@ def analyze(out_dir: str, *, llm: str = "smollm2-135m", num_layers: int = 0,
     lines.append(f"| {b} | " + " | ".join(cells) + " |")
   with open(os.path.join(out_dir, "outliers.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib  # pylint: disable=g-import-not-at-top  (optional: plots only)
   matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top  (optional: plots only)
   fig, ax = plt.subplots(figsize=(6, 3.5))
   for name, shares in rows.items():
     ax.plot(range(len(shares)), [100 * s for s in shares], marker="o", label=name)

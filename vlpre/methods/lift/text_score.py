@@ -18,10 +18,13 @@ from collections.abc import Sequence
 from absl import app
 from absl import flags
 from absl import logging
+from ml_collections import config_flags
 import numpy as np
 
 from vlpre.data import sources
 from vlpre.data import transforms
+from vlpre.evaluators import common
+from vlpre.methods.lift import model as lift
 
 
 def split_captions(pattern: str | Sequence[str], data_dir: str | None = None,
@@ -43,7 +46,6 @@ def split_captions(pattern: str | Sequence[str], data_dir: str | None = None,
 def caption_retrieval(embeddings_NxE: np.ndarray, owner_N: np.ndarray, ks=(1, 5),
                       center: bool = False) -> dict[str, float]:
   """Caption→caption R@k: a query's own row excluded, same-owner rows are positives."""
-  from vlpre.evaluators import common  # pylint: disable=g-import-not-at-top
   z = np.asarray(embeddings_NxE, np.float64)
   if center:
     z = z - z.mean(axis=0, keepdims=True)
@@ -61,7 +63,6 @@ def caption_retrieval(embeddings_NxE: np.ndarray, owner_N: np.ndarray, ks=(1, 5)
 def score(config, *, pattern: str = "flickr8k/val-*.tar", max_images: int = 0,
           batch_size: int = 128) -> dict[str, float]:
   """R@1/R@5 of `config.text_encoder` (as LIFT would use it), plus the mean-centred scores."""
-  from vlpre.methods.lift import model as lift  # pylint: disable=g-import-not-at-top
   texts, owner = split_captions(pattern, config.input.get("data_dir"), max_images,
                                config.input.get("caption_field", "captions"))
   encoder = lift.text_encoder(config)
@@ -87,7 +88,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   _CONFIG = config_flags.DEFINE_config_file("config", None, "A LIFT config (its text_encoder).")
   flags.mark_flags_as_required(["config"])
   app.run(main)
