@@ -306,7 +306,7 @@ GPT4IMAGE = head("gpt4image", "GPT4Image: LLM-written descriptions as extra supe
        configs = {w: make_config(w) for w in LAMBDAS}
        c = configs[max(LAMBDAS)]
        path = describe.describe(c)  # a rerun with the same settings is a no-op
-       descriptions = describe.read_descriptions(path)
+       descriptions = store_lib.read_descriptions(path)
        classnames = data.load_classnames("cifar10")
        keys, labels = describe.training_samples(c)
        for label in range(3):
