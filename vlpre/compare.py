@@ -241,8 +241,8 @@ def _fill(word: str, values: dict[str, str], options: dict[str, str]) -> str:
       return f",{name}={options[name]}" if name in options else ""
     if kind is None and default is None and name in values:
       return values[name]
-    raise ValueError(f"unknown placeholder {match.group(0)} in {word!r}; known: "
-                     f"{', '.join('{%s}' % v for v in values)}, {{opt:NAME[=DEFAULT]}}, {{arg:NAME}}")
+    known = ", ".join([*(f"{{{v}}}" for v in values), "{opt:NAME[=DEFAULT]}", "{arg:NAME}"])
+    raise ValueError(f"unknown placeholder {match.group(0)} in {word!r}; known: {known}")
   return _PLACEHOLDER.sub(replace, word)
 
 
@@ -333,7 +333,7 @@ if __name__ == "__main__":
                              "workdirs sit in; with --run: workdirs/compare, the runs' root)")
   _RUN = flags.DEFINE_bool("run", False, "run every method's comparison runs first "
                            "(vlpre.methods.Method.compare) and compare those")
-  _STEPS = flags.DEFINE_integer("steps", 300, "with --run: the training steps of each run ({steps})")
+  _STEPS = flags.DEFINE_integer("steps", 300, "with --run: each run's training steps ({steps})")
   _OPTION = flags.DEFINE_multi_string("option", [], "with --run: METHOD.NAME=VALUE for a "
                                       "method's {opt:NAME} / {arg:NAME}, e.g. hive.stage_steps=30")
   _DRY_RUN = flags.DEFINE_bool("dry_run", False, "with --run: print the commands, run none")
