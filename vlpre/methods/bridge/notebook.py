@@ -29,6 +29,14 @@ EVAL_EXAMPLES = 2000  # test images per evaluation (the probe trains on twice as
 WORKDIR = "workdirs/notebooks/bridge"
 """
 
+# tests/test_notebooks.py runs the notebook with TINY injected after the parameters cell,
+# then checks each run folder of TINY_EXPECTS (under WORKDIR) logged those eval metrics,
+# and that the loss fell in each (or in the folders of TINY_LEARNS, where given).
+TINY = dict(STEPS=4, FT_STEPS=6, BATCH=32, TRAIN_EXAMPLES=64, EVAL_EXAMPLES=128)
+TINY_EXPECTS = {"bridge": ("linear_probe/top1", "classify/top1")}
+# Stage 1 trains on random labels, so only the fine-tuning's loss must fall.
+TINY_LEARNS = ("bridge/1_finetune",)
+
 
 def cells(nb) -> list:
   return [

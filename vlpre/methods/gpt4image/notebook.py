@@ -31,6 +31,14 @@ EVAL_EVERY = 50        # evaluate every N steps (and at the end)
 WORKDIR = "workdirs/notebooks/gpt4image"
 """
 
+# tests/test_notebooks.py runs the notebook with TINY injected after the parameters cell,
+# then checks each run folder of TINY_EXPECTS (under WORKDIR) logged those eval metrics,
+# and that the loss fell in each (or in the folders of TINY_LEARNS, where given).
+TINY = dict(STEPS=8, BATCH=32, TRAIN_EXAMPLES=32, PER_CLASS=1, MAX_NEW_TOKENS=24,
+            EVAL_EXAMPLES=128, EVAL_EVERY=4)
+TINY_EXPECTS = {"lambda0.0": ("classify/top1", "linear_probe/top1"),
+                "lambda0.3": ("classify/top1", "linear_probe/top1")}
+
 
 def cells(nb) -> list:
   return [

@@ -30,6 +30,13 @@ CAPTION_TOKENS = 24    # longest generated caption
 WORKDIR = "workdirs/notebooks/hive"
 """
 
+# tests/test_notebooks.py runs the notebook with TINY injected after the parameters cell,
+# then checks each run folder of TINY_EXPECTS (under WORKDIR) logged those eval metrics,
+# and that the loss fell in each (or in the folders of TINY_LEARNS, where given).
+TINY = dict(STEPS=2, BATCH=8, MODES=("hive",), TRAIN_EXAMPLES=8, EVAL_EXAMPLES=16,
+            CAPTION_TOKENS=6)
+TINY_EXPECTS = {"hive": ("captioning/cider", "linear_probe/top1", "attentive_probe/top1")}
+
 
 def cells(nb) -> list:
   return [

@@ -30,6 +30,15 @@ CAPTION_TOKENS = 24   # longest generated caption
 WORKDIR = "workdirs/notebooks/lcl"
 """
 
+# tests/test_notebooks.py runs the notebook with TINY injected after the parameters cell,
+# then checks each run folder of TINY_EXPECTS (under WORKDIR) logged those eval metrics,
+# and that the loss fell in each (or in the folders of TINY_LEARNS, where given).
+TINY = dict(STEPS=6, BATCH=8, TRAIN_EXAMPLES=48, DEPTH=2, EVAL_EXAMPLES=32, EVAL_EVERY=3,
+            CAPTION_TOKENS=6)
+TINY_EXPECTS = {"lcl": ("retrieval_flickr8k/t2i_R@1", "zeroshot_cifar10/top1",
+                        "linear_probe_cifar10/top1", "attentive_probe_cifar10/top1",
+                        "captioning_flickr8k/cider")}
+
 
 def cells(nb) -> list:
   return [

@@ -31,6 +31,13 @@ EVAL_EVERY = 100      # evaluate every N steps (and at the end); 0: at the end o
 WORKDIR = "workdirs/notebooks/lift"
 """
 
+# tests/test_notebooks.py runs the notebook with TINY injected after the parameters cell,
+# then checks each run folder of TINY_EXPECTS (under WORKDIR) logged those eval metrics,
+# and that the loss fell in each (or in the folders of TINY_LEARNS, where given).
+TINY = dict(STEPS=6, BATCH=16, TRAIN_EXAMPLES=32, DEPTH=2, EVAL_EXAMPLES=32, EVAL_EVERY=0)
+TINY_EXPECTS = {"lift-smollm2": ("retrieval_flickr8k/t2i_R@1", "zeroshot_cifar10/top1",
+                                 "linear_probe_cifar10/top1")}
+
 
 def cells(nb) -> list:
   return [

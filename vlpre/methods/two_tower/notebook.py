@@ -29,6 +29,15 @@ METHODS = ("clip", "siglip")
 WORKDIR = "workdirs/notebooks/clip_siglip"
 """
 
+# tests/test_notebooks.py runs the notebook with TINY injected after the parameters cell,
+# then checks each run folder of TINY_EXPECTS (under WORKDIR) logged those eval metrics,
+# and that the loss fell in each (or in the folders of TINY_LEARNS, where given).
+TINY = dict(STEPS=6, BATCH=16, TRAIN_EXAMPLES=32, DEPTH=2, EVAL_EXAMPLES=64, EVAL_EVERY=3)
+TINY_EXPECTS = {
+    "clip": ("retrieval_flickr8k/t2i_R@1", "zeroshot_cifar10/top1", "linear_probe_cifar10/top1"),
+    "siglip": ("retrieval_flickr8k/t2i_R@1", "zeroshot_cifar10/top1", "linear_probe_cifar10/top1"),
+}
+
 
 def cells(nb) -> list:
   return [
