@@ -4,10 +4,17 @@ one (`METHOD.notebook`, the file stem), from that method's folder.
     python notebooks/build_notebooks.py        # rewrites notebooks/*.ipynb
 
 Every notebook has the same head (badge, parameters, install, data, set-up; `head` below),
-then its method's cells: vlpre/methods/<name>/notebook.py gives the head's TITLE, INTRO
-and PARAMETERS and `cells(nb)`, made with HELPERS below. tests/test_notebooks.py checks
-the committed files equal this output, runs each notebook with tiny parameters, and checks
-what the runs wrote.
+then its method's cells. vlpre/methods/<name>/notebook.py holds that method's part, as text
+(it imports nothing, so vlpre needs no Jupyter packages):
+  TITLE, INTRO, PARAMETERS   the head's title, introduction and parameters cell
+  cells(nb)                  the cells after the head, made with HELPERS below (nb.md,
+                             nb.code, nb.retrieval_and_zeroshot_cells())
+  TINY, TINY_EXPECTS         for tests/test_notebooks.py, which runs the notebook with TINY
+                             injected after the parameters cell, then checks each run folder
+                             of TINY_EXPECTS (under WORKDIR) logged those eval metrics and
+                             that its loss fell (TINY_LEARNS, where given: the folders whose
+                             loss must fall instead)
+tests/test_notebooks.py also checks the committed files equal this output.
 """
 from __future__ import annotations
 

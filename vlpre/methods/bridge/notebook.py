@@ -1,11 +1,4 @@
-"""Bridge training's Colab notebook, notebooks/bridge.ipynb, which
-notebooks/build_notebooks.py writes.
-
-TITLE, INTRO and PARAMETERS fill the head every notebook shares (badge, parameters, install,
-data, set-up); `cells(nb)` makes the cells after it with the builder's helpers: `nb.md`,
-`nb.code` and `nb.retrieval_and_zeroshot_cells()`. Text only, it imports nothing: vlpre
-needs no Jupyter packages for it.
-"""
+"""Bridge training's notebook, notebooks/bridge.ipynb: its part (notebooks/build_notebooks.py)."""
 
 TITLE = "Bridge training: pretrained LLM blocks as a vision backbone"
 
@@ -29,9 +22,6 @@ EVAL_EXAMPLES = 2000  # test images per evaluation (the probe trains on twice as
 WORKDIR = "workdirs/notebooks/bridge"
 """
 
-# tests/test_notebooks.py runs the notebook with TINY injected after the parameters cell,
-# then checks each run folder of TINY_EXPECTS (under WORKDIR) logged those eval metrics,
-# and that the loss fell in each (or in the folders of TINY_LEARNS, where given).
 TINY = dict(STEPS=4, FT_STEPS=6, BATCH=32, TRAIN_EXAMPLES=64, EVAL_EXAMPLES=128)
 TINY_EXPECTS = {"bridge": ("linear_probe/top1", "classify/top1")}
 # Stage 1 trains on random labels, so only the fine-tuning's loss must fall.

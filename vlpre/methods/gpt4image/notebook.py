@@ -1,10 +1,4 @@
-"""GPT4Image's Colab notebook, notebooks/gpt4image.ipynb (notebooks/build_notebooks.py writes it).
-
-TITLE, INTRO and PARAMETERS fill the head every notebook shares (badge, parameters, install,
-data, set-up); `cells(nb)` makes the cells after it with the builder's helpers: `nb.md`,
-`nb.code` and `nb.retrieval_and_zeroshot_cells()`. Text only, it imports nothing: vlpre
-needs no Jupyter packages for it.
-"""
+"""GPT4Image's notebook, notebooks/gpt4image.ipynb: its part (notebooks/build_notebooks.py)."""
 
 TITLE = "GPT4Image: LLM-written descriptions as extra supervision"
 
@@ -31,9 +25,6 @@ EVAL_EVERY = 50        # evaluate every N steps (and at the end)
 WORKDIR = "workdirs/notebooks/gpt4image"
 """
 
-# tests/test_notebooks.py runs the notebook with TINY injected after the parameters cell,
-# then checks each run folder of TINY_EXPECTS (under WORKDIR) logged those eval metrics,
-# and that the loss fell in each (or in the folders of TINY_LEARNS, where given).
 TINY = dict(STEPS=8, BATCH=32, TRAIN_EXAMPLES=32, PER_CLASS=1, MAX_NEW_TOKENS=24,
             EVAL_EXAMPLES=128, EVAL_EVERY=4)
 TINY_EXPECTS = {"lambda0.0": ("classify/top1", "linear_probe/top1"),

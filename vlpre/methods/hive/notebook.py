@@ -1,10 +1,4 @@
-"""HIVE's Colab notebook, notebooks/hive.ipynb (notebooks/build_notebooks.py writes it).
-
-TITLE, INTRO and PARAMETERS fill the head every notebook shares (badge, parameters, install,
-data, set-up); `cells(nb)` makes the cells after it with the builder's helpers: `nb.md`,
-`nb.code` and `nb.retrieval_and_zeroshot_cells()`. Text only, it imports nothing: vlpre
-needs no Jupyter packages for it.
-"""
+"""HIVE's notebook, notebooks/hive.ipynb: its part (notebooks/build_notebooks.py)."""
 
 TITLE = "HIVE: a ViT trained inside a captioner (hierarchical cross-attention)"
 
@@ -30,9 +24,6 @@ CAPTION_TOKENS = 24    # longest generated caption
 WORKDIR = "workdirs/notebooks/hive"
 """
 
-# tests/test_notebooks.py runs the notebook with TINY injected after the parameters cell,
-# then checks each run folder of TINY_EXPECTS (under WORKDIR) logged those eval metrics,
-# and that the loss fell in each (or in the folders of TINY_LEARNS, where given).
 TINY = dict(STEPS=2, BATCH=8, MODES=("hive",), TRAIN_EXAMPLES=8, EVAL_EXAMPLES=16,
             CAPTION_TOKENS=6)
 TINY_EXPECTS = {"hive": ("captioning/cider", "linear_probe/top1", "attentive_probe/top1")}

@@ -1,10 +1,4 @@
-"""LCL's Colab notebook, notebooks/lcl.ipynb (notebooks/build_notebooks.py writes it).
-
-TITLE, INTRO and PARAMETERS fill the head every notebook shares (badge, parameters, install,
-data, set-up); `cells(nb)` makes the cells after it with the builder's helpers: `nb.md`,
-`nb.code` and `nb.retrieval_and_zeroshot_cells()`. Text only, it imports nothing: vlpre
-needs no Jupyter packages for it.
-"""
+"""LCL's notebook, notebooks/lcl.ipynb: its part (notebooks/build_notebooks.py)."""
 
 TITLE = "LCL: latent compression learning on interleaved image-text documents"
 
@@ -30,9 +24,6 @@ CAPTION_TOKENS = 24   # longest generated caption
 WORKDIR = "workdirs/notebooks/lcl"
 """
 
-# tests/test_notebooks.py runs the notebook with TINY injected after the parameters cell,
-# then checks each run folder of TINY_EXPECTS (under WORKDIR) logged those eval metrics,
-# and that the loss fell in each (or in the folders of TINY_LEARNS, where given).
 TINY = dict(STEPS=6, BATCH=8, TRAIN_EXAMPLES=48, DEPTH=2, EVAL_EXAMPLES=32, EVAL_EVERY=3,
             CAPTION_TOKENS=6)
 TINY_EXPECTS = {"lcl": ("retrieval_flickr8k/t2i_R@1", "zeroshot_cifar10/top1",

@@ -1,10 +1,4 @@
-"""LIFT's Colab notebook, notebooks/lift.ipynb (notebooks/build_notebooks.py writes it).
-
-TITLE, INTRO and PARAMETERS fill the head every notebook shares (badge, parameters, install,
-data, set-up); `cells(nb)` makes the cells after it with the builder's helpers: `nb.md`,
-`nb.code` and `nb.retrieval_and_zeroshot_cells()`. Text only, it imports nothing: vlpre
-needs no Jupyter packages for it.
-"""
+"""LIFT's notebook, notebooks/lift.ipynb: its part (notebooks/build_notebooks.py)."""
 
 TITLE = "LIFT: an image tower against a frozen LLM text encoder"
 
@@ -31,9 +25,6 @@ EVAL_EVERY = 100      # evaluate every N steps (and at the end); 0: at the end o
 WORKDIR = "workdirs/notebooks/lift"
 """
 
-# tests/test_notebooks.py runs the notebook with TINY injected after the parameters cell,
-# then checks each run folder of TINY_EXPECTS (under WORKDIR) logged those eval metrics,
-# and that the loss fell in each (or in the folders of TINY_LEARNS, where given).
 TINY = dict(STEPS=6, BATCH=16, TRAIN_EXAMPLES=32, DEPTH=2, EVAL_EXAMPLES=32, EVAL_EVERY=0)
 TINY_EXPECTS = {"lift-smollm2": ("retrieval_flickr8k/t2i_R@1", "zeroshot_cifar10/top1",
                                  "linear_probe_cifar10/top1")}

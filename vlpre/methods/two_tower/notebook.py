@@ -1,11 +1,4 @@
-"""CLIP and SigLIP's Colab notebook, notebooks/clip_siglip.ipynb, which
-notebooks/build_notebooks.py writes.
-
-TITLE, INTRO and PARAMETERS fill the head every notebook shares (badge, parameters, install,
-data, set-up); `cells(nb)` makes the cells after it with the builder's helpers: `nb.md`,
-`nb.code` and `nb.retrieval_and_zeroshot_cells()`. Text only, it imports nothing: vlpre
-needs no Jupyter packages for it.
-"""
+"""CLIP and SigLIP's notebook, notebooks/clip_siglip.ipynb: its part (notebooks/build_notebooks.py)."""
 
 TITLE = "CLIP and SigLIP on Flickr8k"
 
@@ -29,9 +22,6 @@ METHODS = ("clip", "siglip")
 WORKDIR = "workdirs/notebooks/clip_siglip"
 """
 
-# tests/test_notebooks.py runs the notebook with TINY injected after the parameters cell,
-# then checks each run folder of TINY_EXPECTS (under WORKDIR) logged those eval metrics,
-# and that the loss fell in each (or in the folders of TINY_LEARNS, where given).
 TINY = dict(STEPS=6, BATCH=16, TRAIN_EXAMPLES=32, DEPTH=2, EVAL_EXAMPLES=64, EVAL_EVERY=3)
 TINY_EXPECTS = {
     "clip": ("retrieval_flickr8k/t2i_R@1", "zeroshot_cifar10/top1", "linear_probe_cifar10/top1"),
