@@ -44,43 +44,20 @@ bench-venv: .bench-venv/bin/python
 bench: .install.stamp .bench-venv/bin/python
 	XLA_FLAGS= $(PYTHON) bench/step_time.py
 
-# Every method's tiny config on the bundled data for COMPARE_STEPS steps each (HIVE: its own
-# three stages, 3 × 100 in :tiny or HIVE_STAGE_STEPS; its ViT starts from this comparison's LIFT run unless
-# HIVE_INIT= is given empty), each into $(COMPARE_DIR)/<method>, then one table and the plots
-# of them all (vlpre/compare.py). Each command resumes or skips what is done, so a rerun
-# picks up where it stopped. Bridge training's two runs are the stages 0_bridge and
-# 1_finetune of one folder, so compare reads them as one staged run.
+# Every method's comparison runs (each vlpre/methods/<name>/__init__.py's `compare=`: its
+# tiny config on the bundled data for COMPARE_STEPS steps), each into $(COMPARE_DIR)/<folder>,
+# then one table and the plots of them all (vlpre/compare.py --run). Each command resumes or
+# skips what is done, so a rerun picks up where it stopped. HIVE runs its own three stages:
+# 3 × 100 in :tiny, or HIVE_STAGE_STEPS (N or N/N/N); its ViT starts from this comparison's
+# LIFT run unless HIVE_INIT is given (empty: from scratch). COMPARE_OPTIONS passes any other
+# METHOD.NAME=VALUE (space-separated); `make compare COMPARE_DRY_RUN=1` prints the commands.
 COMPARE_STEPS ?= 300
-# HIVE's three stages: empty = the :tiny config's 100/100/100; N or N/N/N sets them.
-HIVE_STAGE_STEPS ?=
 COMPARE_DIR ?= workdirs/compare
-HIVE_INIT ?= $(COMPARE_DIR)/lift
-COMPARE_RUN = $(PYTHON) -m vlpre.main
-COMPARE_N = --config.total_steps=$(COMPARE_STEPS)
-INTERLEAVED = workdirs/data/flickr8k_interleaved
-COMPARE_COMMA := ,
-COMPARE_WORKDIRS = $(addprefix $(COMPARE_DIR)/,clip siglip lift lcl hive bridge gpt4image)
+HIVE_STAGE_STEPS ?=
+COMPARE_OPTIONS ?=
+COMPARE_ALL_OPTIONS = $(COMPARE_OPTIONS) $(if $(HIVE_STAGE_STEPS),hive.stage_steps=$(HIVE_STAGE_STEPS)) \
+    $(if $(filter undefined,$(origin HIVE_INIT)),,hive.init=$(HIVE_INIT))
 .PHONY: compare
 compare: .install.stamp
-	$(COMPARE_RUN) --config=configs/clip.py:tiny $(COMPARE_N) --workdir=$(COMPARE_DIR)/clip
-	$(COMPARE_RUN) --config=configs/siglip.py:tiny $(COMPARE_N) --workdir=$(COMPARE_DIR)/siglip
-	$(PYTHON) -m vlpre.embed --config=configs/lift.py:tiny
-	$(COMPARE_RUN) --config=configs/lift.py:tiny $(COMPARE_N) --workdir=$(COMPARE_DIR)/lift
-	test -f $(INTERLEAVED)/train.jsonl || $(PYTHON) -m vlpre.data.convert --mode=interleaved \
-	    --pairs='flickr8k/train-*.tar' --out_dir=$(INTERLEAVED) --split=train
-	$(COMPARE_RUN) --config=configs/lcl.py:tiny $(COMPARE_N) --workdir=$(COMPARE_DIR)/lcl
-	$(COMPARE_RUN) --config=configs/hive.py:tiny$(if $(HIVE_STAGE_STEPS),$(COMPARE_COMMA)stage_steps=$(HIVE_STAGE_STEPS)) \
-	    --config.init_from.workdir=$(HIVE_INIT) \
-	    --workdir=$(COMPARE_DIR)/hive
-	$(COMPARE_RUN) --config=configs/bridge.py:tiny $(COMPARE_N) \
-	    --workdir=$(COMPARE_DIR)/bridge/0_bridge
-	$(COMPARE_RUN) --config=configs/bridge.py:tiny,finetune $(COMPARE_N) \
-	    --config.init_from.workdir=$(COMPARE_DIR)/bridge/0_bridge \
-	    --workdir=$(COMPARE_DIR)/bridge/1_finetune
-	$(PYTHON) -m vlpre.methods.gpt4image.describe --config=configs/gpt4image.py:tiny
-	$(PYTHON) -m vlpre.embed --config=configs/gpt4image.py:tiny
-	$(COMPARE_RUN) --config=configs/gpt4image.py:tiny $(COMPARE_N) \
-	    --workdir=$(COMPARE_DIR)/gpt4image
-	$(PYTHON) -m vlpre.compare --out=$(COMPARE_DIR) \
-	    --names=CLIP,SigLIP,LIFT,LCL,HIVE,bridge,GPT4Image \
-	    --workdirs=$(subst $() ,$(COMPARE_COMMA),$(COMPARE_WORKDIRS))
+	$(PYTHON) -m vlpre.compare --run --steps=$(COMPARE_STEPS) --out=$(COMPARE_DIR) \
+	    $(addprefix --option=,$(COMPARE_ALL_OPTIONS)) $(if $(COMPARE_DRY_RUN),--dry_run)

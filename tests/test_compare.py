@@ -1,15 +1,18 @@
 """vlpre.compare on synthetic metrics.jsonl files: a plain run, a staged run, a run missing
 a metric. Lines are written the way train.run writes them: training lines carry "loss",
-each evaluator's results come in a line of their own (at step 0 when `at_start`)."""
+each evaluator's results come in a line of their own (at step 0 when `at_start`). Then
+`--run`'s plan (make compare): every method's CompareRuns, placeholders and options filled."""
 import csv
 import json
 import os
+import shlex
 import subprocess
 import sys
 
 import pytest
 
 from vlpre import compare
+from vlpre import methods
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -104,3 +107,66 @@ def test_command_line_defaults_to_the_runs_folder(runs):
   assert "| clip | 20 |" in result.stdout
   assert os.path.isfile(os.path.join(out, "compare.csv"))
   assert os.path.isfile(os.path.join(out, "loss.png"))
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "vlpre.compare", *args], capture_output=True,
+                        text=True, check=False, cwd=ROOT)
+
+
+def test_run_plan_has_every_method_in_order_with_placeholders_filled(tmp_path):
+  root = str(tmp_path / "cmp")
+  expected = sorted(((run, m.name) for m in methods.all_methods() for run in m.compare),
+                    key=lambda pair: pair[0].order)
+  assert len({name for _, name in expected}) >= 2, "discovery found (almost) no method's runs"
+  result = _cli("--run", "--dry_run", "--steps=7", f"--out={root}")
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert lines == [shlex.join([sys.executable, "-m", *command])
+                   for run in compare.plan(7, root) for command in run.commands]
+  planned = compare.plan(7, root)
+  assert [(r.title, r.workdir) for r in planned] == [(run.title, f"{root}/{run.folder}")
+                                                     for run, _ in expected]
+  assert [len(r.commands) for r in planned] == [len(run.commands) for run, _ in expected]
+  words = [w for r in planned for c in r.commands for w in c]
+  assert not [w for w in words if "{" in w], "placeholders left unfilled"
+  assert f"--workdir={root}/clip" in words and "--config.total_steps=7" in words
+  hive = next(r for r in planned if r.workdir == f"{root}/hive")
+  # Without options: the :tiny stages, the ViT from this comparison's LIFT run.
+  assert hive.commands == (("vlpre.main", "--config=configs/hive.py:tiny",
+                            f"--config.init_from.workdir={root}/lift", f"--workdir={root}/hive"),)
+
+
+def test_run_options_reach_their_method(tmp_path):
+  root = str(tmp_path)
+  planned = compare.plan(7, root, ["hive.stage_steps=30", "hive.init="])
+  hive = next(r for r in planned if r.workdir == f"{root}/hive")
+  assert hive.commands == (("vlpre.main", "--config=configs/hive.py:tiny,stage_steps=30",
+                            "--config.init_from.workdir=", f"--workdir={root}/hive"),)
+  others = [r for r in compare.plan(7, root) if r.workdir != f"{root}/hive"]
+  assert others == [r for r in planned if r.workdir != f"{root}/hive"]
+
+
+def test_run_option_errors_are_one_line():
+  with pytest.raises(ValueError, match="no method 'nosuch'"):
+    compare.plan(7, "x", ["nosuch.stage_steps=30"])
+  with pytest.raises(ValueError, match=r"hive has no option 'steps' \(its options: init, stage_"):
+    compare.plan(7, "x", ["hive.steps=30"])
+  with pytest.raises(ValueError, match="expected METHOD.NAME=VALUE"):
+    compare.plan(7, "x", ["stage_steps=30"])
+  result = _cli("--run", "--dry_run", "--option=nosuch.stage_steps=30")
+  assert result.returncode != 0 and result.stdout == ""
+  assert result.stderr.strip().splitlines() == [
+      "vlpre.compare: --option=nosuch.stage_steps=30: no method 'nosuch' with comparison runs "
+      f"(methods: {', '.join(sorted(m.name for m in methods.all_methods() if m.compare))})"]
+
+
+def test_placeholders():
+  values = {"steps": "7", "root": "r", "dir": "r/x"}
+  fill = compare._fill  # pylint: disable=protected-access
+  assert fill("a{steps}{dir}{opt:v}{opt:w={root}/y}{arg:s}", values, {}) == "a7r/xr/y"
+  given = {"v": "1", "w": "", "s": "3"}
+  assert fill("{opt:v}{opt:w={root}/y}c:t{arg:s}", values, given) == "1c:t,s=3"
+  for bad in ("{nope}", "{arg:s=1}", "{steps=1}"):
+    with pytest.raises(ValueError, match="unknown placeholder"):
+      fill(bad, values, {})

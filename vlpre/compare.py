@@ -3,6 +3,17 @@
     python -m vlpre.compare --workdirs=workdirs/compare/clip,workdirs/compare/lift \
         [--names=CLIP,LIFT] [--out=workdirs/compare]
 
+`make compare` is the other form: every method's comparison runs (each method folder's
+`METHOD.compare`, vlpre.methods.CompareRun), in their `order`, each command run as
+`python -m ...` (each resumes or skips what is done, so a rerun picks up where it
+stopped), then the table of them all, written into --out:
+
+    python -m vlpre.compare --run --steps=300 --out=workdirs/compare \
+        [--option=hive.stage_steps=30] [--option=hive.init=] [--dry_run]
+
+`--option=METHOD.NAME=VALUE` fills that method's `{opt:NAME...}` / `{arg:NAME}`
+placeholders; `--dry_run` prints the commands, one per line, shell-quoted, and runs none.
+
 Writes into --out (default: the folder the workdirs sit in) and prints compare.md:
   compare.md, compare.csv  one row per run: `steps` (the last training step), `loss` (the
                            last training loss), `train_time_s`, then the LAST value of
@@ -39,9 +50,14 @@ import json
 import math
 import os
 import re
+import shlex
+import subprocess
+import sys
+from typing import Sequence
 
 from matplotlib.figure import Figure  # no pyplot: Agg renders the PNGs, no global backend
 
+from vlpre import methods
 from vlpre import metrics as metrics_lib
 
 _STAGE_DIR = re.compile(r"(\d+)_.+")
@@ -202,9 +218,109 @@ def compare(workdirs: list[str], names: list[str] | None = None,
   return text
 
 
-def main(argv, workdirs, names, out) -> None:
+# `{steps}` / `{root}` / `{dir}`, `{opt:NAME}` / `{opt:NAME=DEFAULT}` (DEFAULT may hold the
+# first three), `{arg:NAME}`: the grammar of methods.CompareRun's docstring.
+_PLACEHOLDER = re.compile(r"\{(?:(opt|arg):)?(\w+)(?:=((?:[^{}]|\{\w+\})*))?\}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedRun:
+  """A CompareRun with its placeholders filled: what `--run` executes and then compares."""
+  title: str
+  workdir: str
+  commands: tuple[tuple[str, ...], ...]  # argv words after `python -m`
+
+
+def _fill(word: str, values: dict[str, str], options: dict[str, str]) -> str:
+  """`word` with its placeholders filled (methods.CompareRun's docstring)."""
+  def replace(match: re.Match) -> str:
+    kind, name, default = match.groups()
+    if kind == "opt":
+      return options[name] if name in options else _fill(default or "", values, {})
+    if kind == "arg" and default is None:
+      return f",{name}={options[name]}" if name in options else ""
+    if kind is None and default is None and name in values:
+      return values[name]
+    known = ", ".join([*(f"{{{v}}}" for v in values), "{opt:NAME[=DEFAULT]}", "{arg:NAME}"])
+    raise ValueError(f"unknown placeholder {match.group(0)} in {word!r}; known: {known}")
+  return _PLACEHOLDER.sub(replace, word)
+
+
+def _option_names(method: methods.Method) -> set[str]:
+  """The names of a method's `{opt:NAME...}` / `{arg:NAME}` placeholders."""
+  return {m.group(2) for run in method.compare for command in run.commands for word in command
+          for m in _PLACEHOLDER.finditer(word) if m.group(1)}
+
+
+def _parse_options(options: Sequence[str], runs_of: dict[str, methods.Method]
+                   ) -> dict[str, dict[str, str]]:
+  """["hive.stage_steps=30", ...] → {"hive": {"stage_steps": "30"}}; unknown ones: ValueError."""
+  parsed: dict[str, dict[str, str]] = {}
+  for option in options:
+    key, has_value, value = option.partition("=")
+    method, _, name = key.partition(".")
+    if not has_value or not name:
+      raise ValueError(f"--option={option}: expected METHOD.NAME=VALUE, e.g. hive.stage_steps=30")
+    if method not in runs_of:
+      raise ValueError(f"--option={option}: no method {method!r} with comparison runs "
+                       f"(methods: {', '.join(sorted(runs_of))})")
+    known = _option_names(runs_of[method])
+    if name not in known:
+      raise ValueError(f"--option={option}: {method} has no option {name!r} "
+                       f"(its options: {', '.join(sorted(known)) or 'none'})")
+    parsed.setdefault(method, {})[name] = value
+  return parsed
+
+
+def plan(steps: int, root: str, options: Sequence[str] = ()) -> list[PlannedRun]:
+  """Every method's comparison runs in their `order`, placeholders filled."""
+  runs_of = {m.name: m for m in methods.all_methods() if m.compare}
+  given = _parse_options(options, runs_of)
+  runs = sorted(((run, name) for name, method in runs_of.items() for run in method.compare),
+                key=lambda pair: pair[0].order)
+  planned = []
+  for run, name in runs:
+    values = {"steps": str(steps), "root": root, "dir": f"{root}/{run.folder}"}
+    commands = tuple(tuple(_fill(word, values, given.get(name, {})) for word in command)
+                     for command in run.commands)
+    planned.append(PlannedRun(run.title, values["dir"], commands))
+  return planned
+
+
+def run_all(planned: Sequence[PlannedRun], out_dir: str) -> str:
+  """Runs every command of the plan in order, then compares the runs; the markdown."""
+  for run in planned:
+    for command in run.commands:
+      argv = [sys.executable, "-m", *command]
+      print(shlex.join(argv), flush=True)
+      result = subprocess.run(argv, check=False)
+      if result.returncode:
+        raise RuntimeError(f"{run.title}: exit status {result.returncode} of {shlex.join(argv)}")
+  return compare([r.workdir for r in planned], [r.title for r in planned], out_dir)
+
+
+def main(argv, workdirs, names, out, run, steps, option, dry_run) -> None:
+  """The command line (module docstring); errors in a plan are one line on stderr."""
   del argv
-  print(compare(workdirs.value, names.value or None, out.value or None), end="")
+  if not run.value:
+    if not workdirs.value:
+      sys.exit("vlpre.compare: give --workdirs (runs to compare) or --run (every method's runs)")
+    print(compare(workdirs.value, names.value or None, out.value or None), end="")
+    return
+  root = out.value or "workdirs/compare"
+  try:
+    planned = plan(steps.value, root, option.value or ())
+  except ValueError as e:
+    sys.exit(f"vlpre.compare: {e}")
+  if dry_run.value:
+    for run_ in planned:
+      for command in run_.commands:
+        print(shlex.join([sys.executable, "-m", *command]))
+    return
+  try:
+    print(run_all(planned, root), end="")
+  except RuntimeError as e:
+    sys.exit(f"vlpre.compare: {e}")
 
 
 if __name__ == "__main__":
@@ -214,6 +330,11 @@ if __name__ == "__main__":
   _WORKDIRS = flags.DEFINE_list("workdirs", None, "runs to compare (plain or staged workdirs)")
   _NAMES = flags.DEFINE_list("names", [], "one name per run (default: each workdir's folder)")
   _OUT = flags.DEFINE_string("out", "", "where the table and PNGs go (default: the folder the "
-                             "workdirs sit in)")
-  flags.mark_flag_as_required("workdirs")
-  app.run(lambda argv: main(argv, _WORKDIRS, _NAMES, _OUT))
+                             "workdirs sit in; with --run: workdirs/compare, the runs' root)")
+  _RUN = flags.DEFINE_bool("run", False, "run every method's comparison runs first "
+                           "(vlpre.methods.Method.compare) and compare those")
+  _STEPS = flags.DEFINE_integer("steps", 300, "with --run: each run's training steps ({steps})")
+  _OPTION = flags.DEFINE_multi_string("option", [], "with --run: METHOD.NAME=VALUE for a "
+                                      "method's {opt:NAME} / {arg:NAME}, e.g. hive.stage_steps=30")
+  _DRY_RUN = flags.DEFINE_bool("dry_run", False, "with --run: print the commands, run none")
+  app.run(lambda argv: main(argv, _WORKDIRS, _NAMES, _OUT, _RUN, _STEPS, _OPTION, _DRY_RUN))

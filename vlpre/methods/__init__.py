@@ -100,8 +100,13 @@ class ExportTower:
 class CompareRun:
   """One run of `make compare` (vlpre.compare --run): its title in the table, its folder
   under the comparison's root, and the commands that produce it, in order. Each command
-  is a tuple of argv words after `python -m`; `{steps}`, `{root}` and `{dir}` (= root/folder)
-  are filled in, and `{opt:NAME}` / `{opt:NAME=DEFAULT}` take a `--option=NAME=VALUE`."""
+  is a tuple of argv words after `python -m`, in which these are filled in:
+    {steps} {root} {dir}   --steps, --out (the comparison's root), root/folder
+    {opt:NAME=DEFAULT}     the value of `--option=<method name>.NAME=VALUE`, else DEFAULT
+                           (which may hold {steps} {root} {dir}; `{opt:NAME}`: else empty)
+    {arg:NAME}             `,NAME=VALUE` when that option is given, else nothing: one more
+                           option of a config argument, `--config=configs/x.py:tiny{arg:NAME}`
+  A method's options are the NAMEs its commands use; `--option` with any other is an error."""
   title: str
   folder: str
   commands: tuple[tuple[str, ...], ...]

@@ -13,7 +13,7 @@ METHOD = methods.Method(
     # Its ViT starts from the comparison's LIFT run (`--option=hive.init=` empty: from
     # scratch); `--option=hive.stage_steps=N|N/N/N` shortens its three stages.
     compare=(methods.CompareRun("HIVE", "hive", (
-        ("vlpre.main", "--config=configs/hive.py:tiny{opt:stage_steps}",
+        ("vlpre.main", "--config=configs/hive.py:tiny{arg:stage_steps}",
          "--config.init_from.workdir={opt:init={root}/lift}", "--workdir={dir}"),), order=4),),
     notebook="hive",
 )
