@@ -1,7 +1,7 @@
 """Runs side by side: one table of every evaluation (markdown + CSV) and PNG curves.
 
-    python -m vlpre.compare --workdirs=workdirs/compare/clip,workdirs/compare/lift \
-        [--names=CLIP,LIFT] [--out=workdirs/compare]
+    python -m vlpre.compare --workdirs=workdirs/compare/run_a,workdirs/compare/run_b \
+        [--names=A,B] [--out=workdirs/compare]
 
 `make compare` is the other form: every method's comparison runs (each method folder's
 `METHOD.compare`, vlpre.methods.CompareRun), in their `order`, each command run as
@@ -9,7 +9,7 @@
 stopped), then the table of them all, written into --out:
 
     python -m vlpre.compare --run --steps=300 --out=workdirs/compare \
-        [--option=hive.stage_steps=30] [--option=hive.init=] [--dry_run]
+        [--option=METHOD.NAME=VALUE ...] [--dry_run]
 
 `--option=METHOD.NAME=VALUE` fills that method's `{opt:NAME...}` / `{arg:NAME}`
 placeholders; `--dry_run` prints the commands, one per line, shell-quoted, and runs none.
@@ -254,13 +254,13 @@ def _option_names(method: methods.Method) -> set[str]:
 
 def _parse_options(options: Sequence[str], runs_of: dict[str, methods.Method]
                    ) -> dict[str, dict[str, str]]:
-  """["hive.stage_steps=30", ...] → {"hive": {"stage_steps": "30"}}; unknown ones: ValueError."""
+  """["m.stage_steps=30", ...] → {"m": {"stage_steps": "30"}} for a method m; unknown ones: ValueError."""
   parsed: dict[str, dict[str, str]] = {}
   for option in options:
     key, has_value, value = option.partition("=")
     method, _, name = key.partition(".")
     if not has_value or not name:
-      raise ValueError(f"--option={option}: expected METHOD.NAME=VALUE, e.g. hive.stage_steps=30")
+      raise ValueError(f"--option={option}: expected METHOD.NAME=VALUE, e.g. <method>.stage_steps=30")
     if method not in runs_of:
       raise ValueError(f"--option={option}: no method {method!r} with comparison runs "
                        f"(methods: {', '.join(sorted(runs_of))})")
@@ -335,6 +335,6 @@ if __name__ == "__main__":
                            "(vlpre.methods.Method.compare) and compare those")
   _STEPS = flags.DEFINE_integer("steps", 300, "with --run: each run's training steps ({steps})")
   _OPTION = flags.DEFINE_multi_string("option", [], "with --run: METHOD.NAME=VALUE for a "
-                                      "method's {opt:NAME} / {arg:NAME}, e.g. hive.stage_steps=30")
+                                      "method's {opt:NAME} / {arg:NAME}")
   _DRY_RUN = flags.DEFINE_bool("dry_run", False, "with --run: print the commands, run none")
   app.run(lambda argv: main(argv, _WORKDIRS, _NAMES, _OUT, _RUN, _STEPS, _OPTION, _DRY_RUN))
