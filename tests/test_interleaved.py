@@ -360,15 +360,27 @@ def test_missing_and_bad_images_are_dropped_and_counted(mmc4_docs, tmp_path, cli
   assert num_bad == 2 and num_dropped >= sum(dropped.values())
 
 
-def test_convert_cli_writes_the_recipe(flickr_docs, data_dir, tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  result = subprocess.run(
+def _convert_interleaved(data_dir, out_dir, *extra):
+  return subprocess.run(
       [sys.executable, "-m", "vlpre.data.convert", "--mode=interleaved",
-       "--pairs=flickr8k/val-*.tar", f"--data_dir={data_dir}", f"--out_dir={tmp_path}",
-       "--split=val"],
-      capture_output=True, text=True, env=env, timeout=120,
+       "--pairs=flickr8k/val-*.tar", f"--data_dir={data_dir}", f"--out_dir={out_dir}",
+       "--split=val", *extra],
+      capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120,
       cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_convert_cli_writes_the_recipe(flickr_docs, data_dir, tmp_path):
+  result = _convert_interleaved(data_dir, tmp_path)
   assert result.returncode == 0, result.stderr
   path, stats = flickr_docs
   assert f"wrote {stats['documents']} documents of 1000 images" in result.stdout
   assert (tmp_path / "val.jsonl").read_bytes() == open(path, "rb").read()
+
+
+def test_convert_cli_skip_existing_leaves_the_file(data_dir, tmp_path):
+  out = tmp_path / "val.jsonl"
+  out.write_text("kept\n")
+  result = _convert_interleaved(data_dir, tmp_path, "--skip_existing")
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.splitlines() == [f"{out} exists; skipping (--skip_existing)"]
+  assert out.read_text() == "kept\n"
