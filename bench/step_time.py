@@ -223,7 +223,8 @@ def pipeline_rows(batch_size: int, num_batches: int, workers=(0, 1, 2)) -> list[
       config.input.num_workers = num_workers
       ds = data_lib.build_train_dataset(
           config.input, global_batch_size=batch_size, seed=0, tokenizer=tokenizer,
-          extra_transforms=extras.transforms, extra_keys=extras.keys, stream=extras.stream)
+          extra_transforms=extras.transforms, extra_keys=extras.keys, stream=extras.stream,
+          records=extras.records)
       it = iter(ds)
       next(it)  # worker start-up and the first batch are not timed
       start = time.perf_counter()

@@ -28,7 +28,7 @@ import os
 import ml_collections as mlc
 
 from vlpre import config_lib
-from vlpre.data import interleaved
+from vlpre.methods.lcl import data as lcl_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCUMENTS = os.path.join(REPO, "workdirs", "data", "flickr8k_interleaved", "train.jsonl")
@@ -43,7 +43,7 @@ def get_config(arg=None):
   size = "tiny" if tiny else None
   c = config_lib.base(size)
   image_size, patch = (64, 16) if tiny else (224, 16)
-  c.input = interleaved.input_config(
+  c.input = lcl_data.input_config(
       documents=DOCUMENTS,            # the convert recipe's output (see the docstring)
       images="flickr8k/train-*.tar",  # where the documents' image keys resolve
       paired="flickr8k/train-*.tar",  # image-caption pairs, wrapped as 2-element documents

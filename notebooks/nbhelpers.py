@@ -110,7 +110,7 @@ def load_run(config, workdir: str) -> Loaded:
   example = next(iter(data.build_train_dataset(
       config.input, global_batch_size=config.batch_size, seed=0,
       tokenizer=tokenizer if extras.tokenize else None, extra_transforms=extras.transforms,
-      extra_keys=extras.keys, stream=extras.stream)))
+      extra_keys=extras.keys, stream=extras.stream, records=extras.records)))
   s = train.setup(config, example)
   variables = jax.device_get(s.variables(s.state))
   if config.get("init_from") and config.init_from.get("params"):  # a staged run

@@ -9,7 +9,7 @@ import pytest
 from vlpre import config_lib
 from vlpre import llm as llm_lib
 from vlpre import train
-from vlpre.data import pipeline
+from vlpre.data import train_input
 from vlpre.methods.bridge import model as bridge
 
 from tests import helpers
@@ -71,12 +71,12 @@ def test_random_labels_in_the_pipeline_are_exact_across_resume(data_dir, shard):
   extras = bridge.input_extras(config)
 
   def dataset():
-    return pipeline.build_train_dataset(config.input, global_batch_size=8, seed=0, tokenizer=None,
+    return train_input.build_train_dataset(config.input, global_batch_size=8, seed=0, tokenizer=None,
                                         extra_transforms=extras.transforms, extra_keys=extras.keys)
 
   it = iter(dataset())
   first = next(it)
-  true_labels = next(iter(pipeline.build_train_dataset(
+  true_labels = next(iter(train_input.build_train_dataset(
       config.input, global_batch_size=8, seed=0, tokenizer=None)))["label"]
   assert (first["label"] != true_labels).all()  # ratio 1.0 on labelled CIFAR-10
   state = it.get_state()
@@ -106,7 +106,7 @@ def test_llm_blocks_take_patch_embeddings_causal_or_bidirectional():
 @pytest.mark.slow
 def test_two_steps_partial_bridge_on_8_devices(data_dir, shard, tmp_path):
   config = bridge_config(data_dir, shard)
-  batch = next(iter(pipeline.build_train_dataset(
+  batch = next(iter(train_input.build_train_dataset(
       config.input, global_batch_size=config.batch_size, seed=0, tokenizer=None,
       extra_transforms=bridge.input_extras(config).transforms)))
   s = train.setup(config, batch)

@@ -91,6 +91,16 @@ def test_unreadable_train_data(tmp_path):
   assert line.startswith("input.train: ") and "bad tar header at byte 0" in line
 
 
+def test_other_data_kinds_need_a_method_that_builds_its_records():
+  c = load_config("clip", "tiny")
+  c.input.kind = "interleaved"
+  assert only_problem(c).startswith(
+      "input.kind: unknown data kind 'interleaved'; use 'tar' or 'tfds' (method ")
+  lcl = load_config("lcl", "tiny")  # LCL builds its records: the kind is fine, its fields checked
+  lcl.input.documents = "nowhere/*.jsonl"
+  assert only_problem(lcl).startswith("input.documents: ")
+
+
 def test_batch_not_divisible():
   c = load_config("clip", "tiny")
   c.batch_size = 30

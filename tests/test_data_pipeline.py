@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from vlpre import data
-from vlpre.data import pipeline
+from vlpre.data import records as records_lib
 
 from tests import helpers
 
@@ -117,7 +117,7 @@ def test_bad_samples_skipped_and_counted(mixed_tar, clip_tok, caplog):
 
 def test_skip_bad_gives_up_on_all_bad_data(tmp_path):
   src = grain.MapDataset.source([{"__key__": str(i), "_bad": "broken"} for i in range(3)]).repeat()
-  it = iter(pipeline.SkipBad(src.to_iter_dataset(), max_consecutive_bad=50))
+  it = iter(records_lib.SkipBad(src.to_iter_dataset(), max_consecutive_bad=50))
   with pytest.raises(RuntimeError, match="50 bad samples in a row"):
     next(it)
 
@@ -125,7 +125,7 @@ def test_skip_bad_gives_up_on_all_bad_data(tmp_path):
 def test_skip_bad_state_is_exact():
   records = [{"__key__": str(i), "v": i} if i % 3 else {"__key__": str(i), "_bad": "x"}
              for i in range(20)]
-  ds = pipeline.SkipBad(grain.MapDataset.source(records).to_iter_dataset())
+  ds = records_lib.SkipBad(grain.MapDataset.source(records).to_iter_dataset())
   it = iter(ds)
   take(it, 2)
   state = it.get_state()
@@ -200,10 +200,10 @@ def test_hosts_share_every_global_batch_disjointly(clip_tok, data_dir):
 def test_host_share_of_an_uneven_dataset():
   """HostShare's index map on a finite dataset: whole global batches only, none read twice."""
   ds = grain.MapDataset.range(22)  # 2 global batches of 8 (6 left over)
-  shares = [list(pipeline.HostShare(ds, process_index=p, process_count=2, host_batch=4))
+  shares = [list(records_lib.HostShare(ds, process_index=p, process_count=2, host_batch=4))
             for p in range(2)]
   assert shares == [[0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]]
-  assert list(pipeline.HostShare(ds, process_index=1, process_count=2, host_batch=4)[1::4]) == [5, 13]
+  assert list(records_lib.HostShare(ds, process_index=1, process_count=2, host_batch=4)[1::4]) == [5, 13]
 
 
 # ------------------------------------------------------------------------ checkpointing

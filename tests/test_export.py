@@ -26,7 +26,7 @@ import torch
 from transformers import AutoImageProcessor, AutoModel, FlaxAutoModel
 
 from vlpre import export, methods, train
-from vlpre.data import pipeline
+from vlpre.data import eval_input
 from vlpre.nn.vit import ViT
 from vlpre.text_encoders import store as store_lib
 
@@ -80,7 +80,7 @@ def cifar_shard(data_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def images(data_dir):
   """8 Flickr8k val images through vlpre's eval preprocessing, and their raw JPEG bytes."""
-  batch = next(pipeline.iterate_eval("flickr8k/val-*.tar", image_size=IMAGE, resize_size=RESIZE,
+  batch = next(eval_input.iterate_eval("flickr8k/val-*.tar", image_size=IMAGE, resize_size=RESIZE,
                                      batch_size=8, data_dir=data_dir, max_examples=8))
   raw = {}
   with tarfile.open(os.path.join(data_dir, "flickr8k", "val-00000.tar")) as tar:

@@ -1,4 +1,5 @@
-"""Interleaved documents: readers, the Flickr recipe, packing into rows, exact resume."""
+"""Interleaved documents: readers, the Flickr recipe (and its CLI), and LCL's records built
+from them (vlpre/methods/lcl/data.py): packing into rows, exact resume."""
 import io
 import json
 import os
@@ -14,7 +15,7 @@ from PIL import Image
 from vlpre import data
 from vlpre.data import documents
 from vlpre.data import interleaved as I
-from vlpre.data import pipeline
+from vlpre.methods.lcl import data as lcl_data
 
 V = 49408  # CLIP BPE vocab: placeholder V, <soi> V + 1, <eoi> V + 2
 PLACEHOLDER, SOI, EOI = V, V + 1, V + 2
@@ -45,7 +46,7 @@ def take(it, n):
 
 
 def make_cfg(data_dir, **overrides):
-  cfg = I.input_config(data_dir=data_dir, images="flickr8k/val-*.tar", image_size=16,
+  cfg = lcl_data.input_config(data_dir=data_dir, images="flickr8k/val-*.tar", image_size=16,
                        resize_size=18, context_len=64, max_images=3, visual_tokens=P,
                        prefetch_buffer_size=0)
   cfg.update(overrides)
@@ -162,7 +163,7 @@ def test_tokenize_and_split_at_element_boundaries(clip_tok):
                          (I.TEXT, long_text), (I.IMAGE, 2), (I.IMAGE, 3), (I.IMAGE, 4),
                          (I.TEXT, "The end.")]}
   L, M = 24, 2
-  doc = I.TokenizeDocument(clip_tok, context_len=L, visual_tokens=P,
+  doc = lcl_data.TokenizeDocument(clip_tok, context_len=L, visual_tokens=P,
                            image_token_ids=(PLACEHOLDER, SOI, EOI)).map(record)
   tokens, starts = doc["tokens"], doc["element_starts"]
   assert tokens[-1] == EOT and doc["is_text"][-1]  # the end token; no start token
@@ -173,7 +174,7 @@ def test_tokenize_and_split_at_element_boundaries(clip_tok):
     assert list(tokens[s:s + P + 2]) == [SOI] + [PLACEHOLDER] * P + [EOI]
   np.testing.assert_array_equal(doc["is_text"], tokens < V)
 
-  pieces = I.SplitDocument(L, M).flat_map({**doc, "_num_bad": 3})
+  pieces = lcl_data.SplitDocument(L, M).flat_map({**doc, "_num_bad": 3})
   assert np.concatenate([p["tokens"] for p in pieces]).tolist() == tokens.tolist()
   assert [p["__key__"] for p in pieces] == [f"d#{i}" for i in range(len(pieces))]
   assert [p["_num_bad"] for p in pieces] == [3] + [0] * (len(pieces) - 1)
@@ -199,8 +200,8 @@ def test_llm_tokenizer_spaces_and_eos():
   tok = TextTokenizer(backend, pad_id=eos, eos_id=eos)
   record = {"__key__": "d", "_num_dropped_images": 0, "images": np.zeros((1, 2, 2, 3), np.float32),
             "elements": [(I.TEXT, "hello"), (I.TEXT, "world"), (I.IMAGE, 0), (I.TEXT, "world")]}
-  doc = I.TokenizeDocument(tok, context_len=32, visual_tokens=P,
-                           image_token_ids=I.image_token_ids({}, tok)).map(record)
+  doc = lcl_data.TokenizeDocument(tok, context_len=32, visual_tokens=P,
+                           image_token_ids=lcl_data.image_token_ids({}, tok)).map(record)
   encode = lambda text: backend.encode(text, add_special_tokens=False).ids
   world, space_world = encode("world"), encode(" world")
   assert space_world != world
@@ -248,7 +249,8 @@ def rows_of(batches):
 def test_packed_rows_rebuild_the_documents(flickr_docs, data_dir, clip_tok):
   cfg = make_cfg(data_dir, documents=flickr_docs[0])
   L, M = cfg.context_len, cfg.max_images
-  ds = data.build_train_dataset(cfg, global_batch_size=4, seed=0, tokenizer=clip_tok)
+  ds = data.build_train_dataset(cfg, global_batch_size=4, seed=0, tokenizer=clip_tok,
+                                records=lcl_data.train_records)
   batches = take(iter(ds), 6)
   assert batches[0]["tokens"].shape == (4, L) and batches[0]["images"].shape == (4, M, 16, 16, 3)
   assert batches[0]["visual_positions"].shape == (4, M, P)
@@ -266,7 +268,7 @@ def test_packed_rows_rebuild_the_documents(flickr_docs, data_dir, clip_tok):
       in_row = row["image_present"] & (seg[row["soi_positions"]] == s)
       pieces[key] = (row["tokens"][seg == s], row["images"][in_row])
   # The same documents, straight from the record stream (same seed: same crops).
-  records, _ = I.train_records(cfg, seed=0, tokenizer=clip_tok, host_batch=4)
+  records, _ = lcl_data.train_records(cfg, seed=0, tokenizer=clip_tok, host_batch=4)
   complete = 0
   for i in range(40):
     doc = records[i]
@@ -283,7 +285,8 @@ def test_packed_rows_rebuild_the_documents(flickr_docs, data_dir, clip_tok):
 def test_exact_resume_with_paired_mix(flickr_docs, data_dir, clip_tok):
   cfg = make_cfg(data_dir, documents=flickr_docs[0], paired="flickr8k/val-*.tar", mix=0.5,
                  prefetch_buffer_size=2, max_images=2, context_len=32)
-  ds = data.build_train_dataset(cfg, global_batch_size=4, seed=7, tokenizer=clip_tok)
+  ds = data.build_train_dataset(cfg, global_batch_size=4, seed=7, tokenizer=clip_tok,
+                                records=lcl_data.train_records)
   it = iter(ds)
   first = take(it, 3)
   keys = [k for b in first for row in b["_key"] for k in row]
@@ -334,8 +337,8 @@ def test_missing_and_bad_images_are_dropped_and_counted(mmc4_docs, tmp_path, cli
   cfg = make_cfg(None, documents=str(tmp_path / "docs.jsonl"), images=str(tmp_path / "*.tar"),
                  shuffle=False, context_len=48, max_images=2)
   # Rows before batching: each document's count rides on its first piece.
-  records, stream = I.train_records(cfg, seed=0, tokenizer=clip_tok, host_batch=4)
-  rows = iter(stream(pipeline.SkipBad(records.to_iter_dataset())))
+  records, stream = lcl_data.train_records(cfg, seed=0, tokenizer=clip_tok, host_batch=4)
+  rows = iter(stream(data.SkipBad(records.to_iter_dataset())))
   counts = {}
   while len(counts) < len(docs):
     row = next(rows)
@@ -346,7 +349,8 @@ def test_missing_and_bad_images_are_dropped_and_counted(mmc4_docs, tmp_path, cli
   assert counts == dropped
   # Batches: the counts summed; the two broken documents in _num_bad (on the next good
   # document, the second epoch's first).
-  it = iter(data.build_train_dataset(cfg, global_batch_size=4, seed=0, tokenizer=clip_tok))
+  it = iter(data.build_train_dataset(cfg, global_batch_size=4, seed=0, tokenizer=clip_tok,
+                                     records=lcl_data.train_records))
   num_bad, num_dropped, firsts = 0, 0, 0
   while firsts < 2:
     batch = next(it)
@@ -356,15 +360,27 @@ def test_missing_and_bad_images_are_dropped_and_counted(mmc4_docs, tmp_path, cli
   assert num_bad == 2 and num_dropped >= sum(dropped.values())
 
 
-def test_convert_cli_writes_the_recipe(flickr_docs, data_dir, tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  result = subprocess.run(
+def _convert_interleaved(data_dir, out_dir, *extra):
+  return subprocess.run(
       [sys.executable, "-m", "vlpre.data.convert", "--mode=interleaved",
-       "--pairs=flickr8k/val-*.tar", f"--data_dir={data_dir}", f"--out_dir={tmp_path}",
-       "--split=val"],
-      capture_output=True, text=True, env=env, timeout=120,
+       "--pairs=flickr8k/val-*.tar", f"--data_dir={data_dir}", f"--out_dir={out_dir}",
+       "--split=val", *extra],
+      capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120,
       cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_convert_cli_writes_the_recipe(flickr_docs, data_dir, tmp_path):
+  result = _convert_interleaved(data_dir, tmp_path)
   assert result.returncode == 0, result.stderr
   path, stats = flickr_docs
   assert f"wrote {stats['documents']} documents of 1000 images" in result.stdout
   assert (tmp_path / "val.jsonl").read_bytes() == open(path, "rb").read()
+
+
+def test_convert_cli_skip_existing_leaves_the_file(data_dir, tmp_path):
+  out = tmp_path / "val.jsonl"
+  out.write_text("kept\n")
+  result = _convert_interleaved(data_dir, tmp_path, "--skip_existing")
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.splitlines() == [f"{out} exists; skipping (--skip_existing)"]
+  assert out.read_text() == "kept\n"

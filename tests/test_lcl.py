@@ -63,7 +63,7 @@ def files(data_dir, tmp_path_factory):
 def _batch(config):
   batch = next(iter(data.build_train_dataset(
       config.input, global_batch_size=config.batch_size, seed=0,
-      tokenizer=methods.build_tokenizer(config))))
+      tokenizer=methods.build_tokenizer(config), records=methods.input_extras(config).records)))
   return {k: np.asarray(v) for k, v in batch.items() if not k.startswith("_")}
 
 

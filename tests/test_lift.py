@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vlpre import methods, train
-from vlpre.data import pipeline
+from vlpre.data import train_input
 from vlpre.methods.lift import model as lift
 from vlpre.text_encoders import store as store_lib
 
@@ -39,7 +39,7 @@ def shard(data_dir, tmp_path_factory):
 
 def _first_batch(config):
   extras = methods.input_extras(config)
-  ds = pipeline.build_train_dataset(
+  ds = train_input.build_train_dataset(
       config.input, global_batch_size=config.batch_size, seed=config.seed,
       tokenizer=methods.build_tokenizer(config) if extras.tokenize else None,
       extra_transforms=extras.transforms, extra_keys=extras.keys, stream=extras.stream)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from vlpre import methods, sharding, train
-from vlpre.data import pipeline
+from vlpre.data import train_input
 
 from tests import helpers
 
@@ -35,7 +35,7 @@ def shard(data_dir, tmp_path_factory):
 def test_two_steps_train_smollm2_on_captions_over_8_devices(data_dir, shard, tmp_path):
   config = lm_config(data_dir, shard)
   tokenizer = methods.build_tokenizer(config)
-  batch = next(iter(pipeline.build_train_dataset(
+  batch = next(iter(train_input.build_train_dataset(
       config.input, global_batch_size=config.batch_size, seed=0, tokenizer=tokenizer)))
   eos = tokenizer.eos_id
   lengths = batch["text_mask"].sum(axis=1)

@@ -7,7 +7,7 @@ across the two), 4 steps, a checkpoint every 2:
 
   1. both processes run to the checkpoint of step 2 and are killed (kill -9) there;
      each process's batch keys are recorded: disjoint, and together, in order, the
-     1-process run's global batch of the same step (vlpre.data.pipeline.HostShare);
+     1-process run's global batch of the same step (vlpre.data.records.HostShare);
   2. `python -m vlpre.main` in two fresh processes resumes from that checkpoint (each
      process restores its own data-iterator position) and finishes;
   3. metrics.jsonl, written by process 0 alone (one row a step), holds the losses of an

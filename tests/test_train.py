@@ -66,19 +66,27 @@ def test_batch_must_divide_the_data_parallel_devices(tmp_path, data_dir):
     train.run(config, str(tmp_path))
 
 
-class _StreamSeen(Exception):
+class _HookSeen(Exception):
   pass
 
 
+@pytest.mark.parametrize("hook", ["stream", "records"])
 @pytest.mark.parametrize("entry", ["train", "evaluate"])
-def test_the_methods_stream_transform_reaches_the_pipeline(entry, tmp_path, data_dir, monkeypatch):
-  """InputExtras.stream is handed to build_train_dataset by both entry points."""
+def test_the_methods_input_hooks_reach_the_pipeline(entry, hook, tmp_path, data_dir, monkeypatch):
+  """InputExtras.stream and .records are handed to build_train_dataset by both entry points."""
   def stream(ds):
-    raise _StreamSeen(type(ds).__name__)
+    raise _HookSeen(type(ds).__name__)
 
-  monkeypatch.setattr(methods, "input_extras", lambda config: methods.InputExtras(stream=stream))
+  def records(cfg, **host):
+    raise _HookSeen(", ".join(sorted(host)))
+
+  extras = methods.InputExtras(stream=stream) if hook == "stream" else methods.InputExtras(
+      records=records)
+  monkeypatch.setattr(methods, "input_extras", lambda config: extras)
   config = helpers.tiny_clip_config(data_dir, total_steps=1)
-  with pytest.raises(_StreamSeen, match="SkipBad"):  # after bad records are dropped
+  # The stream comes after bad records are dropped; records get this host's share.
+  match = "SkipBad" if hook == "stream" else "host_batch, process_count, process_index, seed"
+  with pytest.raises(_HookSeen, match=match):
     if entry == "train":
       train.run(config, str(tmp_path))
     else:

@@ -28,6 +28,8 @@ import jax
 from vlpre import losses as losses_lib
 from vlpre import methods
 from vlpre import sharding
+from vlpre.data import eval_input
+from vlpre.data import records
 from vlpre.data import sources
 from vlpre.data import tar_scan
 from vlpre.llm import assets
@@ -125,19 +127,18 @@ def _check_evals(config) -> list[str]:
 def _eval_split_problem(field: str, cfg: Any) -> list[str]:
   """An eval split in another format opens (`data.open_eval_split`: a folder's shard
   headers, a TFDS builder's metadata)."""
-  from vlpre.data import pipeline  # pylint: disable=g-import-not-at-top
-  if _get(cfg, "format") not in pipeline.EVAL_FORMATS:
+  if _get(cfg, "format") not in eval_input.EVAL_FORMATS:
     return [f"{field}.format: unknown eval format {_get(cfg, 'format')!r}; use one of "
-            f"{', '.join(pipeline.EVAL_FORMATS)}"]
+            f"{', '.join(eval_input.EVAL_FORMATS)}"]
   try:
-    pipeline.open_eval_split(cfg)
+    eval_input.open_eval_split(cfg)
   except Exception as e:  # pylint: disable=broad-except  (TFDS raises many types)
     return [f"{field}.data: {e}".splitlines()[0]]
   return []
 
 
 def _classnames_problem(field: str, folder: str, data_dir: str | None) -> str | None:
-  """Zero-shot class names: `<data_dir>/<folder>/classnames.json` (pipeline.load_classnames)."""
+  """Zero-shot class names: `<data_dir>/<folder>/classnames.json` (eval_input.load_classnames)."""
   try:
     path = os.path.join(sources.resolve_data_dir(data_dir), folder, "classnames.json")
   except FileNotFoundError as e:
@@ -145,26 +146,29 @@ def _classnames_problem(field: str, folder: str, data_dir: str | None) -> str | 
   return None if os.path.isfile(path) else f"{field}: {path} does not exist"
 
 
-def _check_train_data(config) -> list[str]:
+def _check_train_data(config, method: methods.Method | None) -> list[str]:
   cfg = _get(config, "input")
   if cfg is None:
     return ["input: not set"]
   kind = _get(cfg, "kind", "tar")
   data_dir = _get(cfg, "data_dir")
   if kind == "tfds":
-    from vlpre.data import pipeline  # pylint: disable=g-import-not-at-top
     try:
-      pipeline.make_source(cfg)
+      records.make_source(cfg)
     except Exception as e:  # pylint: disable=broad-except  (TFDS raises many types)
       return [f"input: TFDS dataset {_get(cfg, 'tfds_name')!r}: {e}".splitlines()[0]]
     return []
-  if kind == "interleaved":
+  if kind == "tar":
+    fields = ["train"]
+  elif method is None:  # whether the method reads this kind is unknown; _method said why
+    return []
+  elif problem := _records_problem(kind, config, method):
+    return [problem]
+  elif kind == "interleaved":
     mix = float(_get(cfg, "mix", 0.0))
     fields = (["documents"] if mix < 1 else []) + (["paired"] if mix > 0 else [])
-  elif kind == "tar":
-    fields = ["train"]
-  else:
-    return [f"input.kind: unknown data kind {kind!r}; use 'tar', 'tfds' or 'interleaved'"]
+  else:  # read by the method's own records, whose fields are its business
+    return []
   problems = []
   for field in fields:
     problem, files = _split_problem(f"input.{field}", _get(cfg, field), data_dir)
@@ -177,6 +181,20 @@ def _check_train_data(config) -> list[str]:
     elif not os.access(files[0], os.R_OK):
       problems.append(f"input.{field}: {files[0]} is not readable")
   return problems
+
+
+def _records_problem(kind: str, config, method: methods.Method) -> str | None:
+  """Why `method` does not read data of `kind` (neither tar nor tfds): only a method that
+  builds its training records itself (`InputExtras.records`) does."""
+  try:
+    extras = method.input_extras(config)
+  except Exception as e:  # pylint: disable=broad-except  (the method's own code)
+    return (f"input.kind: {kind!r} needs the method's records, but its input_extras fails: "
+            f"{type(e).__name__}: {e}").splitlines()[0]
+  if extras.records is None:
+    return (f"input.kind: unknown data kind {kind!r}; use 'tar' or 'tfds' (method "
+            f"{method.name!r} builds no records of its own: InputExtras.records)")
+  return None
 
 
 def _check_assets(config, method: methods.Method | None) -> list[str]:
@@ -220,7 +238,7 @@ def _check_init_from(config) -> list[str]:
 def _check_one(config, devices: Sequence[Any]) -> list[str]:
   method, problems = _method(config)
   return (problems + _check_losses(config, method) + _check_evals(config)
-          + _check_train_data(config) + _check_assets(config, method)
+          + _check_train_data(config, method) + _check_assets(config, method)
           + _check_mesh(config, devices))
 
 

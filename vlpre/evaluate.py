@@ -35,7 +35,7 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
   dataset = data_lib.build_train_dataset(
       config.input, global_batch_size=config.batch_size, seed=config.seed,
       tokenizer=tokenizer if extras.tokenize else None, extra_transforms=extras.transforms,
-      extra_keys=extras.keys, stream=extras.stream)
+      extra_keys=extras.keys, stream=extras.stream, records=extras.records)
   s = train.setup(config, next(iter(dataset)))  # one batch fixes the input shapes for init
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   step = step if step is not None else ckpt.latest_step()

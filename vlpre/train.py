@@ -400,7 +400,7 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
       tokenizer=built_tokenizer if extras.tokenize else None,
       process_index=jax.process_index(), process_count=jax.process_count(),
       extra_transforms=extras.transforms, extra_keys=extras.keys, stream=extras.stream,
-      start_record=start_record)
+      records=extras.records, start_record=start_record)
   data_iter = iter(dataset)
   example = next(iter(dataset))
   s = setup(config, example,

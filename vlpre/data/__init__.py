@@ -1,19 +1,17 @@
-"""vlpre input pipelines: sources, tokenizers, typed grain transforms, train/eval pipelines."""
+"""vlpre input pipelines: sources and host record streams (records), tokenizers, typed grain
+transforms, the training input (train_input) and eval splits (eval_input)."""
 from vlpre.data.documents import ImageStore
 from vlpre.data.documents import JsonlSource
 from vlpre.data.documents import read_document
+from vlpre.data.eval_input import EVAL_FORMATS
+from vlpre.data.eval_input import EvalBatches
+from vlpre.data.eval_input import EvalSplit
+from vlpre.data.eval_input import iterate_eval
+from vlpre.data.eval_input import load_classnames
+from vlpre.data.eval_input import open_eval_split
 from vlpre.data.interleaved import build_flickr_interleaved
-from vlpre.data.pipeline import EVAL_FORMATS
-from vlpre.data.pipeline import EvalBatches
-from vlpre.data.pipeline import EvalSplit
-from vlpre.data.pipeline import HostBatch
-from vlpre.data.pipeline import SkipBad
-from vlpre.data.pipeline import build_train_dataset
-from vlpre.data.pipeline import iterate_eval
-from vlpre.data.pipeline import load_classnames
-from vlpre.data.pipeline import make_source
-from vlpre.data.pipeline import open_eval_split
-from vlpre.data.pipeline import train_transforms
+from vlpre.data.records import SkipBad
+from vlpre.data.records import make_source
 from vlpre.data.sources import ClipBenchmarkSource
 from vlpre.data.sources import TarShardSource
 from vlpre.data.sources import TfdsSource
@@ -22,6 +20,9 @@ from vlpre.data.tokenizers import ClipBpeTokenizer
 from vlpre.data.tokenizers import Tokenizer
 from vlpre.data.tokenizers import get_tokenizer
 from vlpre.data.tokenizers import register_tokenizer
+from vlpre.data.train_input import HostBatch
+from vlpre.data.train_input import build_train_dataset
+from vlpre.data.train_input import train_transforms
 from vlpre.data.transforms import CLIP_MEAN
 from vlpre.data.transforms import CLIP_STD
 from vlpre.data.transforms import DecodeImage

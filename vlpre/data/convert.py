@@ -24,6 +24,7 @@ Usage:
   #     image-caption shards, 2-4 consecutive images per document, each followed by one
   #     of its captions (vlpre.data.interleaved.build_flickr_interleaved); the images
   #     stay in the shards: train with input.documents=<that file>, input.images=--pairs
+  #     (--skip_existing: leave an existing <out_dir>/<split>.jsonl as it is)
   python -m vlpre.data.convert --mode=interleaved --pairs='flickr8k/train-*.tar' \
       --out_dir=workdirs/data/flickr8k_interleaved --split=train
 """
@@ -417,6 +418,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer("doc_min_images", 2, "(interleaved) fewest images per document.")
   flags.DEFINE_integer("doc_max_images", 4, "(interleaved) most images per document.")
   flags.DEFINE_integer("seed", 0, "(interleaved) seed of the group sizes and captions.")
+  flags.DEFINE_bool("skip_existing", False, "(interleaved) if <out_dir>/<split>.jsonl "
+                    "exists, say so and exit 0 without rebuilding it.")
 
 
 def main(argv: list[str]) -> None:
@@ -425,6 +428,9 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("--mode and --out_dir are required")
   if FLAGS.mode == "interleaved":
     path = os.path.join(FLAGS.out_dir, f"{FLAGS.split}.jsonl")
+    if FLAGS.skip_existing and os.path.exists(path):
+      print(f"{path} exists; skipping (--skip_existing)")
+      return
     counts = interleaved.build_flickr_interleaved(
         FLAGS.data_dir, path, pattern=FLAGS.pairs, min_images=FLAGS.doc_min_images,
         max_images=FLAGS.doc_max_images, seed=FLAGS.seed)

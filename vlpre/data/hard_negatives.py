@@ -45,7 +45,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
-from vlpre.data import pipeline
+from vlpre.data import eval_input
 from vlpre.data import transforms as T
 
 # Singular -> plural. Replacing keeps the number; swapping needs two of one number.
@@ -171,8 +171,8 @@ def write(entries: dict[str, dict[str, dict]], out_dir: str) -> list[str]:
 def main(argv: list[str]) -> None:
   del argv
   f = flags.FLAGS
-  split = pipeline.open_eval_split(dict(format=f.format, data=f.data, split=f.split,
-                                        data_dir=f.data_dir), captions=True)
+  split = eval_input.open_eval_split(dict(format=f.format, data=f.data, split=f.split,
+                                          data_dir=f.data_dir), captions=True)
   entries = build(split.source, per_image=f.per_image, seed=f.seed)
   for path in write(entries, f.out_dir):
     rule = os.path.basename(path)[:-len(".json")]
@@ -182,7 +182,7 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
   flags.DEFINE_string("data", None, "The captioned split: a shard glob (relative to the data "
                       "dir), a clip_benchmark folder or a TFDS name (see --format).")
-  flags.DEFINE_enum("format", "vlpre", list(pipeline.EVAL_FORMATS), "The split's format.")
+  flags.DEFINE_enum("format", "vlpre", list(eval_input.EVAL_FORMATS), "The split's format.")
   flags.DEFINE_string("split", "test", "clip_benchmark shard folder or TFDS split.")
   flags.DEFINE_string("data_dir", None, "Data dir for relative paths (default: vlpre's).")
   flags.DEFINE_string("out_dir", None, "Where swap.json and replace.json go.")

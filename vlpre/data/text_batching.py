@@ -6,7 +6,7 @@ padding to a multiple of `multiple` gives the same embeddings (right padding is 
 and a causal decoder never attends to later positions) at a fraction of the FLOPs, with
 at most max_len / multiple distinct shapes to compile.
 
-`TrimTextPadding` does the same for training batches (online LIFT: the frozen LLM in
+`TrimTextPadding` does the same for training batches (a frozen LLM in
 the step): each batch's token columns are cut to the smallest of a few bucket lengths
 (`length_buckets`) that holds its longest row, so the step compiles once per bucket.
 """

@@ -6,7 +6,7 @@ the types are checked and each step can be unit-tested alone.
 Bad records: a transform that cannot process a record (corrupt image, caption that is
 not UTF-8, ...) sets `record["_bad"] = "<reason>"` and returns it instead of raising, and
 every transform passes a record carrying "_bad" through untouched. `SkipBad`
-(vlpre.data.pipeline) then drops and counts them, so one broken sample in a billion
+(vlpre.data.records) then drops and counts them, so one broken sample in a billion
 neither kills a run nor vanishes silently.
 
 Transforms never mutate their input: they return a shallow copy, so a record cached or

@@ -71,6 +71,12 @@ class InputExtras:
   # trainer before the batch goes to devices, e.g. trimming token padding to a length
   # bucket (vlpre.data.text_batching.TrimTextPadding). None: batches go as they come.
   batch_transform: Callable[[dict], dict] | None = None
+  # The method builds the training record stream itself, in place of the source that
+  # `config.input` names and the per-example transforms (e.g. interleaved documents,
+  # tokenized): `records(config.input, *, seed, tokenizer, process_index, process_count,
+  # host_batch) -> (this host's records as a grain.MapDataset, a stream transform or
+  # None)`, applied before `stream`. None: image-caption (or labelled) samples.
+  records: Callable[..., tuple[grain.MapDataset, Callable | None]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

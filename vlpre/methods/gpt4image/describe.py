@@ -290,7 +290,8 @@ def caption_images(config, *, progress: bool = True) -> dict[str, str]:
   example = next(iter(data.build_train_dataset(
       cap_config.input, global_batch_size=cap_config.batch_size, seed=0,
       tokenizer=methods.build_tokenizer(cap_config) if extras.tokenize else None,
-      extra_transforms=extras.transforms, extra_keys=extras.keys, stream=extras.stream)))
+      extra_transforms=extras.transforms, extra_keys=extras.keys, stream=extras.stream,
+      records=extras.records)))
   s = train.setup(cap_config, example)
   params = jax.device_get(s.variables(s.state))["params"]
   if cap_config.get("stages"):

@@ -12,6 +12,7 @@ METHOD = methods.Method(
     Model=model.Model,
     build=model.build,
     build_tokenizer=model.build_tokenizer,
+    input_extras=model.input_extras,
     losses=losses.LOSSES,
     pretrained=(methods.PretrainedField("lcl", "llm"),),
     compare=(methods.CompareRun("LCL", "lcl", (

@@ -1,7 +1,7 @@
 """LCL: Latent Compression Learning on interleaved image-text data (arXiv 2406.07543).
 
 A ViT trained from scratch and a causal model read packed interleaved rows
-(vlpre/data/interleaved.py: text tokens, and per image `<soi>` + P placeholders + `<eoi>`).
+(data.py beside this file: text tokens, and per image `<soi>` + P placeholders + `<eoi>`).
 The ViT (pool="map", no CLS) gives each image slot
   - a global latent: the attention pool's one learnable query (layers.MapHead) →
     `img_proj` → image_latent_BxMxE, L_con's image side;
@@ -42,6 +42,7 @@ import numpy as np
 from vlpre import llm as llm_lib
 from vlpre import methods
 from vlpre.losses import l2_normalize
+from vlpre.methods.lcl import data as lcl_data
 from vlpre.nn import layers
 from vlpre.nn.vit import vit_from_config
 
@@ -263,10 +264,9 @@ def _wrapper_ids(tokenizer) -> tuple[int, ...]:
 
 
 def build(config) -> methods.Built:
-  from vlpre.data import interleaved  # pylint: disable=g-import-not-at-top  (grain: data side)
   c, dtype = config.lcl, jnp.dtype(config.get("dtype", "float32"))
   tokenizer = build_tokenizer(config)
-  token_ids = tuple(int(i) for i in interleaved.image_token_ids(config.input, tokenizer))
+  token_ids = tuple(int(i) for i in lcl_data.image_token_ids(config.input, tokenizer))
   if c.llm:
     llm = load_llm(config)
     decoder, pretrained = llm.module, {"llm": llm.params}
@@ -282,6 +282,13 @@ def build(config) -> methods.Built:
   model = Model(llm=decoder, image=dict(config.model.image), image_token_ids=token_ids,
                 wrapper_ids=_wrapper_ids(tokenizer), embed_dim=int(c.embed_dim), dtype=dtype)
   return methods.Built(model, pretrained=pretrained, llm=llm)
+
+
+def input_extras(config) -> methods.InputExtras:
+  """Interleaved documents (and pairs wrapped as documents), tokenized and packed into rows
+  by the method itself (data.py)."""
+  del config
+  return methods.InputExtras(records=lcl_data.train_records)
 
 
 def build_tokenizer(config) -> Any:
