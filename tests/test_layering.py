@@ -12,9 +12,8 @@ ROOT = PACKAGE.parent
 
 # Optional or heavy dependencies a function may import where it needs them: a run that
 # never reaches that function never pays for (or needs) the import.
-LAZY_OK = ("torch", "transformers", "matplotlib", "tensorflow", "tensorflow_datasets",
-           "open_clip", "pycocoevalcap", "safetensors.torch", "gguf", "huggingface_hub",
-           "nbformat", "nbclient", "jax.experimental.topologies", "PIL", "tqdm")
+LAZY_OK = ("torch", "transformers", "matplotlib", "tensorflow_datasets", "tensorboardX",
+           "huggingface_hub", "gguf")
 
 # The method-agnostic core: no method is named here, not even in a comment.
 CORE = ("train.py", "stages.py", "checkpoint.py", "sharding.py", "optim.py", "metrics.py",

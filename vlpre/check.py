@@ -17,17 +17,19 @@ stage's own config. Nothing is built, loaded or downloaded.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 import importlib.util
 import os
 import pkgutil
-from collections.abc import Sequence
 from typing import Any
 
 import jax
 
+from vlpre import evaluators
 from vlpre import losses as losses_lib
 from vlpre import methods
 from vlpre import sharding
+from vlpre import stages
 from vlpre.data import eval_input
 from vlpre.data import records
 from vlpre.data import sources
@@ -52,7 +54,6 @@ def _evaluator_problem(kind: str) -> str | None:
       return None
   except Exception as e:  # pylint: disable=broad-except  (the file itself fails to import)
     return f"vlpre/evaluators/{kind}.py fails to import: {type(e).__name__}: {e}"
-  import vlpre.evaluators as evaluators  # pylint: disable=g-import-not-at-top
   kinds = [m.name for m in pkgutil.iter_modules(evaluators.__path__) if _defines_evaluator(m.name, True)]
   return f"no evaluator kind {kind!r} (vlpre/evaluators/{kind}.py); kinds: {', '.join(sorted(kinds))}"
 
@@ -252,7 +253,6 @@ def check_config(config, *, devices: Sequence[Any] | None = None) -> list[str]:
   devices = list(jax.devices() if devices is None else devices)
   problems = _check_one(config, devices) + _check_init_from(config)
   for index, stage in enumerate(_get(config, "stages", ())):
-    from vlpre import stages  # pylint: disable=g-import-not-at-top  (imports the trainer)
     label = f"stages[{index}] ({_get(stage, 'name', index)})"
     try:
       stage_config = stages.stage_config(config, index, workdir="")

@@ -11,6 +11,7 @@ import time
 from typing import Any, Mapping
 
 from absl import logging
+from tensorboardX import SummaryWriter
 import tqdm
 
 from vlpre import storage
@@ -72,7 +73,6 @@ class MetricWriter:
         if self._file.tell() and not _ends_with_newline(self.path):
           self._file.write("\n")  # a line cut off by a kill stays alone on its line
       if tensorboard:
-        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top  (optional: TensorBoard output only)
         storage.use_epath_for_tensorboard()
         self._tb = SummaryWriter(os.fspath(directory / "tensorboard"))
 

@@ -17,6 +17,7 @@ import os
 from typing import Any
 
 from etils import epath
+from tensorboardX import record_writer
 
 SCHEMES = ("gs://",)  # what orbax's TensorStore drivers write, besides local paths
 
@@ -83,7 +84,6 @@ class _EpathEventFiles:
 def use_epath_for_tensorboard() -> None:
   """Routes tensorboardX's `gs://` event files through epath (its own writer needs
   google-cloud-storage)."""
-  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top  (optional: TensorBoard output only)
   for scheme in SCHEMES:
     record_writer.register_writer_factory(scheme.split(":")[0], _EpathEventFiles())
 

@@ -29,17 +29,22 @@ import time
 from typing import Any, Callable
 
 from absl import logging
+from flax import traverse_util
 import flax
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 
 from vlpre import checkpoint as checkpoint_lib
+from vlpre import data as data_lib
+from vlpre import evaluators as evaluators_lib
 from vlpre import losses as losses_lib
-from vlpre import metrics as metrics_lib
 from vlpre import methods
+from vlpre import metrics as metrics_lib
 from vlpre import optim
 from vlpre import sharding
 from vlpre import storage
@@ -222,7 +227,6 @@ def setup(config, example_batch: dict, *, mesh=None) -> Setup:
 
 def load_from_workdir(workdir: str, prefixes) -> dict[str, Any]:
   """Top-level parameter subtrees (e.g. "img") from another vlpre run's latest checkpoint."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = storage.path(workdir, what="init_from.workdir") / "checkpoints"
   with ocp.CheckpointManager(directory, item_handlers={"state": ocp.StandardCheckpointHandler()}) as m:
     step = m.latest_step()
@@ -239,7 +243,6 @@ def load_from_workdir(workdir: str, prefixes) -> dict[str, Any]:
 
 def export_params(path: str, params: Any) -> None:
   """Writes a full parameter tree (trainable and frozen) where `load_params` reads it."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(storage.path(path, what="export_params_to"), params)
     checkpointer.wait_until_finished()
@@ -247,7 +250,6 @@ def export_params(path: str, params: Any) -> None:
 
 def load_params(path: str) -> dict[str, Any]:
   """A tree written by `export_params`, as host numpy arrays."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   path = storage.path(path, what="init_from.params")
   if not path.is_dir():
     raise FileNotFoundError(f"init_from.params: no exported parameters at {path}")
@@ -262,7 +264,6 @@ def place_pretrained(params: dict, pretrained: dict[str, Any], shardings: dict,
   Every weight under a placed prefix must be given, except under the prefixes in
   `partial_ok` (subtrees already holding pretrained weights, which a partial tree updates).
   """
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
   flat = traverse_util.flatten_dict(params, sep="/")
   flat_sh = traverse_util.flatten_dict(shardings, sep="/")
   for prefix, tree in pretrained.items():
@@ -336,7 +337,6 @@ def _without_results(evals: list, step: int, workdir: str) -> list:
       pass
   missing = np.array([not any(k.startswith(e.name + "/") for k in keys) for e in evals])
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     missing = multihost_utils.broadcast_one_to_all(missing)
   return [e for e, m in zip(evals, missing) if m]
 
@@ -377,8 +377,6 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
   (default all). A checkpoint resumes under any mesh and process count: the state is
   restored into this run's shardings, the input as `data_position` says.
   """
-  from vlpre import data as data_lib  # pylint: disable=g-import-not-at-top
-  from vlpre import evaluators as evaluators_lib  # pylint: disable=g-import-not-at-top
 
   storage.path(workdir, what="workdir").mkdir(parents=True, exist_ok=True)
   _STOP.clear()

@@ -348,7 +348,7 @@ class TfdsSource:
     self._len = len(self._source)
 
   def _open(self) -> Any:
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy: TFDS sources only)
     name, data_dir = self._name, self._data_dir
     try:
       if os.path.isfile(os.path.join(os.path.expanduser(name), "dataset_info.json")):

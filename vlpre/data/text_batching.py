@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 
@@ -86,8 +88,6 @@ class TrimTextPadding:
       return batch
     mask_BxL = np.asarray(batch[self.mask_key])
     length = bucket_length(used_columns(mask_BxL), self.buckets_for(mask_BxL.shape[1]))
-    import jax  # pylint: disable=g-import-not-at-top
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       length = int(np.max(multihost_utils.process_allgather(np.int32(length))))
     return {k: (np.asarray(v)[:, :length] if k in self.keys else v) for k, v in batch.items()}
