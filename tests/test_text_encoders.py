@@ -2,7 +2,7 @@
 
 References are built independently of vlpre's loaders: SmolLM2 through transformers' own
 GGUF reader (`load_gguf_checkpoint`: its dequantisation, q/k un-permutation and config)
-into `LlamaForCausalLM`; MiniLM as `BertModel.from_pretrained` on the packaged folder.
+into `LlamaForCausalLM`. MiniLM's parity with `BertModel` is tests/test_bert.py.
 """
 import dataclasses
 import functools
@@ -147,33 +147,7 @@ def test_smollm2_config_from_gguf(smollm2, smollm2_torch):
   assert ours.eos_token_id == ours.pad_token_id == SMOLLM2_EOS
 
 
-# ------------------------------------------------------------------- (2) MiniLM parity
-
-
-def test_minilm_matches_pytorch_and_sentence_transformers_recipe(minilm, minilm_folder):
-  from transformers import BertModel
-  ids_BxL, mask_BxL = minilm.tokenizer.encode_batch(CAPTIONS, MAX_LEN)
-  reference = BertModel.from_pretrained(minilm_folder, attn_implementation="eager").eval()
-  ids_t, mask_t = torch.from_numpy(ids_BxL).long(), torch.from_numpy(mask_BxL).long()
-  with torch.no_grad():
-    hidden_t = reference(input_ids=ids_t, attention_mask=mask_t,
-                         token_type_ids=torch.zeros_like(ids_t)).last_hidden_state
-    # sentence-transformers' Pooling(mean) + Normalize modules.
-    weights = mask_t.unsqueeze(-1).float()
-    pooled_t = (hidden_t * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-    reference_BxD = torch.nn.functional.normalize(pooled_t, p=2, dim=1).numpy()
-
-  valid = mask_BxL.astype(bool)
-  error = relative_error(hidden_states(minilm, ids_BxL, mask_BxL)[valid],
-                         hidden_t.numpy()[valid])
-  print(f"MiniLM Flax vs PyTorch relative error: {error:.2e}")
-  assert error <= 1e-4
-  embedding_BxD = np.asarray(minilm.module.apply({"params": minilm.params}, ids_BxL, mask_BxL))
-  assert embedding_BxD.shape == (len(CAPTIONS), minilm.dim) == (5, 384)
-  assert relative_error(embedding_BxD, reference_BxD) <= 1e-4
-  # Captions about dogs are closer to each other than to the painted-girl caption.
-  similarity = embedding_BxD @ embedding_BxD.T
-  assert similarity[0, 3] > similarity[0, 2]
+# ---------------------------------------- (2) MiniLM (parity: tests/test_bert.py)
 
 
 def test_minilm_tokenizer_matches_transformers(minilm, minilm_folder):
@@ -443,8 +417,18 @@ def test_local_folder_with_flax_weights(minilm, minilm_folder, tmp_path):
   for filename in ("config.json", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "vocab.txt"):
     shutil.copy(os.path.join(minilm_folder, filename), tmp_path)
+  # The layout transformers 4.x's FlaxBertModel saved: module paths as in PyTorch, Linear
+  # weights as `kernel` [in, out], embeddings as `embedding`, LayerNorm weights as `scale`.
+  state = checkpoints.read_safetensors(os.path.join(minilm_folder, "model.safetensors"))
+  flax_tree = {}
+  for name, value in state.items():
+    *path, leaf = name.split(".")
+    if leaf == "weight":
+      leaf, value = (("embedding", value) if path[-1].endswith("embeddings") else
+                     ("scale", value) if path[-1] == "LayerNorm" else ("kernel", value.T))
+    flax_tree[(*path, leaf)] = value
   with open(tmp_path / "flax_model.msgpack", "wb") as f:
-    f.write(flax.serialization.msgpack_serialize(minilm.params["backbone"]))
+    f.write(flax.serialization.msgpack_serialize(flax.traverse_util.unflatten_dict(flax_tree)))
   folder_encoder = load_text_encoder(str(tmp_path), max_len=MAX_LEN)
   jax.tree.map(np.testing.assert_array_equal, folder_encoder.params, minilm.params)
   assert folder_encoder.pooling == "mean" and folder_encoder.dim == 384
@@ -517,11 +501,6 @@ def test_param_logical_axes(smollm2, minilm):
   assert layer["mlp"]["down_proj"]["kernel"] == ("layers", "mlp", "embed")
   assert layer["input_layernorm"]["scale"] == ("layers", "norm")
   assert axes["norm"]["scale"] == ("norm",)
-  bert = minilm.logical_axes()["backbone"]["encoder"]["layer"]["0"]
-  assert bert["attention"]["self"]["query"]["kernel"] == ("embed", "heads")
-  assert bert["attention"]["output"]["dense"]["kernel"] == ("heads", "embed")
-  assert bert["output"]["dense"]["kernel"] == ("mlp", "embed")
-  assert bert["output"]["LayerNorm"]["scale"] == ("norm",)
 
 
 def test_bf16_computation_stays_close(smollm2, smollm2_batch, smollm2_embedding):
