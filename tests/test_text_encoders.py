@@ -140,10 +140,13 @@ def test_smollm2_embedding_is_normalised_last_token_state(smollm2, smollm2_batch
 def test_smollm2_config_from_gguf(smollm2, smollm2_torch):
   ours, theirs = smollm2.hf_config, smollm2_torch.config
   for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "head_dim", "rope_theta", "rms_norm_eps", "vocab_size",
+              "num_key_value_heads", "head_dim", "rms_norm_eps", "vocab_size",
               "tie_word_embeddings"):
     assert getattr(ours, key) == getattr(theirs, key), key
-  assert ours.rope_theta == 100000.0 and ours.num_hidden_layers == 30
+  # RoPE through DecoderConfig: transformers 5 keeps rope_theta inside `rope_parameters`.
+  assert llm_lib.DecoderConfig.from_hf(ours) == llm_lib.DecoderConfig.from_hf(theirs)
+  assert llm_lib.DecoderConfig.from_hf(ours).rope_theta == 100000.0
+  assert ours.num_hidden_layers == 30
   assert ours.eos_token_id == ours.pad_token_id == SMOLLM2_EOS
 
 
@@ -161,45 +164,6 @@ def test_minilm_tokenizer_matches_transformers(minilm, minilm_folder):
   ids_BxL, _ = minilm.tokenizer.encode_batch([CAPTIONS[2]], 8)
   assert ids_BxL[0, 0] == 101 and ids_BxL[0, -1] == 102
   assert minilm.tokenizer.pad_id == 0 and minilm.tokenizer.vocab_size == 30522
-
-
-# ------------------------------------------- (3) why vlpre has its own Llama decoder
-
-
-def test_stock_flax_llama_ignores_rope_theta(smollm2, smollm2_batch, smollm2_hidden,
-                                             smollm2_torch_hidden):
-  from transformers import FlaxLlamaModel
-  ids_BxL, mask_BxL = smollm2_batch
-  # Keep its max_position_embeddings² causal mask small (8192² otherwise). Not below
-  # 2 * head_dim: its `create_sinusoidal_positions` slices the table's *feature* axis with
-  # `[:num_pos]`, another bug, which would truncate RoPE to max_position_embeddings dims.
-  config = smollm2.hf_config.__class__(**{**smollm2.hf_config.to_dict(),
-                                          "max_position_embeddings": 128})
-  stock = FlaxLlamaModel(config, _do_init=False)
-  ours = smollm2.params["backbone"]
-  layer = lambda i: jax.tree.map(lambda a: a[i], ours["layers"])  # scanned: stacked [30, ...]
-  stock_params = {
-      "embed_tokens": ours["embed_tokens"],
-      "norm": {"weight": ours["norm"]["scale"]},
-      "layers": {str(i): {
-          "input_layernorm": {"weight": layer(i)["input_layernorm"]["scale"]},
-          "post_attention_layernorm": {"weight": layer(i)["post_attention_layernorm"]["scale"]},
-          "self_attn": layer(i)["self_attn"],
-          "mlp": layer(i)["mlp"],
-      } for i in range(config.num_hidden_layers)},
-  }
-  stock_hidden = np.asarray(stock(ids_BxL, attention_mask=mask_BxL,
-                                  params=stock_params).last_hidden_state)
-  valid = mask_BxL.astype(bool)
-  stock_error = relative_error(stock_hidden[valid], smollm2_torch_hidden[valid])
-  print(f"stock FlaxLlamaModel vs PyTorch relative error: {stock_error:.2f}")
-  # ~0.1 on these captions (vlpre: ~2e-6); it grows with the position (RoPE is the identity
-  # at position 0), so longer texts are hit harder.
-  assert stock_error > 0.05
-  # The whole difference is the RoPE base: vlpre's decoder run with base 10000 reproduces it.
-  wrong_theta = dataclasses.replace(llm_lib.DecoderConfig.from_hf(config), rope_theta=10000.0)
-  wrong_hidden = llm_lib.Decoder(wrong_theta).apply({"params": ours}, ids_BxL, mask_BxL).hidden
-  assert relative_error(np.asarray(wrong_hidden)[valid], stock_hidden[valid]) <= 1e-4
 
 
 # ------------------------------------------ decoder flags vs transformers (tiny models)
@@ -249,7 +213,7 @@ def test_decoder_flags_match_transformers(model_type, scan):
   assert relative_error(hidden[valid], expected.numpy()[valid]) <= 1e-5
 
 
-# ------------------------------------------------------------------- (4) pooling kinds
+# ------------------------------------------------------------------- (3) pooling kinds
 
 
 def test_pooling_kinds_match_naive_numpy():
@@ -289,7 +253,7 @@ def test_eos_and_last_pooling_agree_for_smollm2(smollm2, smollm2_batch):
                              last_module.apply(variables, ids_BxL, mask_BxL), rtol=1e-6)
 
 
-# ------------------------------------------------------------------------ (5) tokenizer
+# ------------------------------------------------------------------------ (4) tokenizer
 
 
 def test_smollm2_tokenizer(smollm2, smollm2_batch):
@@ -348,7 +312,7 @@ def test_prompteol_template_tokenises_whole_and_truncates_only_the_text(smollm2)
   assert "bowl" not in text
 
 
-# ------------------------------------------------------------------- (6) missing assets
+# ------------------------------------------------------------------- (5) missing assets
 
 
 def test_missing_asset_names_the_pip_package(monkeypatch):
