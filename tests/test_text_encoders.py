@@ -2,7 +2,7 @@
 
 References are built independently of vlpre's loaders: SmolLM2 through transformers' own
 GGUF reader (`load_gguf_checkpoint`: its dequantisation, q/k un-permutation and config)
-into `LlamaForCausalLM`; MiniLM as `BertModel.from_pretrained` on the packaged folder.
+into `LlamaForCausalLM`. MiniLM's parity with `BertModel` is tests/test_bert.py.
 """
 import dataclasses
 import functools
@@ -140,40 +140,17 @@ def test_smollm2_embedding_is_normalised_last_token_state(smollm2, smollm2_batch
 def test_smollm2_config_from_gguf(smollm2, smollm2_torch):
   ours, theirs = smollm2.hf_config, smollm2_torch.config
   for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "head_dim", "rope_theta", "rms_norm_eps", "vocab_size",
+              "num_key_value_heads", "head_dim", "rms_norm_eps", "vocab_size",
               "tie_word_embeddings"):
     assert getattr(ours, key) == getattr(theirs, key), key
-  assert ours.rope_theta == 100000.0 and ours.num_hidden_layers == 30
+  # RoPE through DecoderConfig: transformers 5 keeps rope_theta inside `rope_parameters`.
+  assert llm_lib.DecoderConfig.from_hf(ours) == llm_lib.DecoderConfig.from_hf(theirs)
+  assert llm_lib.DecoderConfig.from_hf(ours).rope_theta == 100000.0
+  assert ours.num_hidden_layers == 30
   assert ours.eos_token_id == ours.pad_token_id == SMOLLM2_EOS
 
 
-# ------------------------------------------------------------------- (2) MiniLM parity
-
-
-def test_minilm_matches_pytorch_and_sentence_transformers_recipe(minilm, minilm_folder):
-  from transformers import BertModel
-  ids_BxL, mask_BxL = minilm.tokenizer.encode_batch(CAPTIONS, MAX_LEN)
-  reference = BertModel.from_pretrained(minilm_folder, attn_implementation="eager").eval()
-  ids_t, mask_t = torch.from_numpy(ids_BxL).long(), torch.from_numpy(mask_BxL).long()
-  with torch.no_grad():
-    hidden_t = reference(input_ids=ids_t, attention_mask=mask_t,
-                         token_type_ids=torch.zeros_like(ids_t)).last_hidden_state
-    # sentence-transformers' Pooling(mean) + Normalize modules.
-    weights = mask_t.unsqueeze(-1).float()
-    pooled_t = (hidden_t * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-    reference_BxD = torch.nn.functional.normalize(pooled_t, p=2, dim=1).numpy()
-
-  valid = mask_BxL.astype(bool)
-  error = relative_error(hidden_states(minilm, ids_BxL, mask_BxL)[valid],
-                         hidden_t.numpy()[valid])
-  print(f"MiniLM Flax vs PyTorch relative error: {error:.2e}")
-  assert error <= 1e-4
-  embedding_BxD = np.asarray(minilm.module.apply({"params": minilm.params}, ids_BxL, mask_BxL))
-  assert embedding_BxD.shape == (len(CAPTIONS), minilm.dim) == (5, 384)
-  assert relative_error(embedding_BxD, reference_BxD) <= 1e-4
-  # Captions about dogs are closer to each other than to the painted-girl caption.
-  similarity = embedding_BxD @ embedding_BxD.T
-  assert similarity[0, 3] > similarity[0, 2]
+# ---------------------------------------- (2) MiniLM (parity: tests/test_bert.py)
 
 
 def test_minilm_tokenizer_matches_transformers(minilm, minilm_folder):
@@ -187,45 +164,6 @@ def test_minilm_tokenizer_matches_transformers(minilm, minilm_folder):
   ids_BxL, _ = minilm.tokenizer.encode_batch([CAPTIONS[2]], 8)
   assert ids_BxL[0, 0] == 101 and ids_BxL[0, -1] == 102
   assert minilm.tokenizer.pad_id == 0 and minilm.tokenizer.vocab_size == 30522
-
-
-# ------------------------------------------- (3) why vlpre has its own Llama decoder
-
-
-def test_stock_flax_llama_ignores_rope_theta(smollm2, smollm2_batch, smollm2_hidden,
-                                             smollm2_torch_hidden):
-  from transformers import FlaxLlamaModel
-  ids_BxL, mask_BxL = smollm2_batch
-  # Keep its max_position_embeddings² causal mask small (8192² otherwise). Not below
-  # 2 * head_dim: its `create_sinusoidal_positions` slices the table's *feature* axis with
-  # `[:num_pos]`, another bug, which would truncate RoPE to max_position_embeddings dims.
-  config = smollm2.hf_config.__class__(**{**smollm2.hf_config.to_dict(),
-                                          "max_position_embeddings": 128})
-  stock = FlaxLlamaModel(config, _do_init=False)
-  ours = smollm2.params["backbone"]
-  layer = lambda i: jax.tree.map(lambda a: a[i], ours["layers"])  # scanned: stacked [30, ...]
-  stock_params = {
-      "embed_tokens": ours["embed_tokens"],
-      "norm": {"weight": ours["norm"]["scale"]},
-      "layers": {str(i): {
-          "input_layernorm": {"weight": layer(i)["input_layernorm"]["scale"]},
-          "post_attention_layernorm": {"weight": layer(i)["post_attention_layernorm"]["scale"]},
-          "self_attn": layer(i)["self_attn"],
-          "mlp": layer(i)["mlp"],
-      } for i in range(config.num_hidden_layers)},
-  }
-  stock_hidden = np.asarray(stock(ids_BxL, attention_mask=mask_BxL,
-                                  params=stock_params).last_hidden_state)
-  valid = mask_BxL.astype(bool)
-  stock_error = relative_error(stock_hidden[valid], smollm2_torch_hidden[valid])
-  print(f"stock FlaxLlamaModel vs PyTorch relative error: {stock_error:.2f}")
-  # ~0.1 on these captions (vlpre: ~2e-6); it grows with the position (RoPE is the identity
-  # at position 0), so longer texts are hit harder.
-  assert stock_error > 0.05
-  # The whole difference is the RoPE base: vlpre's decoder run with base 10000 reproduces it.
-  wrong_theta = dataclasses.replace(llm_lib.DecoderConfig.from_hf(config), rope_theta=10000.0)
-  wrong_hidden = llm_lib.Decoder(wrong_theta).apply({"params": ours}, ids_BxL, mask_BxL).hidden
-  assert relative_error(np.asarray(wrong_hidden)[valid], stock_hidden[valid]) <= 1e-4
 
 
 # ------------------------------------------ decoder flags vs transformers (tiny models)
@@ -275,7 +213,7 @@ def test_decoder_flags_match_transformers(model_type, scan):
   assert relative_error(hidden[valid], expected.numpy()[valid]) <= 1e-5
 
 
-# ------------------------------------------------------------------- (4) pooling kinds
+# ------------------------------------------------------------------- (3) pooling kinds
 
 
 def test_pooling_kinds_match_naive_numpy():
@@ -315,7 +253,7 @@ def test_eos_and_last_pooling_agree_for_smollm2(smollm2, smollm2_batch):
                              last_module.apply(variables, ids_BxL, mask_BxL), rtol=1e-6)
 
 
-# ------------------------------------------------------------------------ (5) tokenizer
+# ------------------------------------------------------------------------ (4) tokenizer
 
 
 def test_smollm2_tokenizer(smollm2, smollm2_batch):
@@ -374,7 +312,7 @@ def test_prompteol_template_tokenises_whole_and_truncates_only_the_text(smollm2)
   assert "bowl" not in text
 
 
-# ------------------------------------------------------------------- (6) missing assets
+# ------------------------------------------------------------------- (5) missing assets
 
 
 def test_missing_asset_names_the_pip_package(monkeypatch):
@@ -443,8 +381,18 @@ def test_local_folder_with_flax_weights(minilm, minilm_folder, tmp_path):
   for filename in ("config.json", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "vocab.txt"):
     shutil.copy(os.path.join(minilm_folder, filename), tmp_path)
+  # The layout transformers 4.x's FlaxBertModel saved: module paths as in PyTorch, Linear
+  # weights as `kernel` [in, out], embeddings as `embedding`, LayerNorm weights as `scale`.
+  state = checkpoints.read_safetensors(os.path.join(minilm_folder, "model.safetensors"))
+  flax_tree = {}
+  for name, value in state.items():
+    *path, leaf = name.split(".")
+    if leaf == "weight":
+      leaf, value = (("embedding", value) if path[-1].endswith("embeddings") else
+                     ("scale", value) if path[-1] == "LayerNorm" else ("kernel", value.T))
+    flax_tree[(*path, leaf)] = value
   with open(tmp_path / "flax_model.msgpack", "wb") as f:
-    f.write(flax.serialization.msgpack_serialize(minilm.params["backbone"]))
+    f.write(flax.serialization.msgpack_serialize(flax.traverse_util.unflatten_dict(flax_tree)))
   folder_encoder = load_text_encoder(str(tmp_path), max_len=MAX_LEN)
   jax.tree.map(np.testing.assert_array_equal, folder_encoder.params, minilm.params)
   assert folder_encoder.pooling == "mean" and folder_encoder.dim == 384
@@ -517,11 +465,6 @@ def test_param_logical_axes(smollm2, minilm):
   assert layer["mlp"]["down_proj"]["kernel"] == ("layers", "mlp", "embed")
   assert layer["input_layernorm"]["scale"] == ("layers", "norm")
   assert axes["norm"]["scale"] == ("norm",)
-  bert = minilm.logical_axes()["backbone"]["encoder"]["layer"]["0"]
-  assert bert["attention"]["self"]["query"]["kernel"] == ("embed", "heads")
-  assert bert["attention"]["output"]["dense"]["kernel"] == ("heads", "embed")
-  assert bert["output"]["dense"]["kernel"] == ("mlp", "embed")
-  assert bert["output"]["LayerNorm"]["scale"] == ("norm",)
 
 
 def test_bf16_computation_stays_close(smollm2, smollm2_batch, smollm2_embedding):

@@ -10,15 +10,14 @@ saying where the pooled feature is and what the head computes.
 
 vlpre's ViT (pre-LN blocks, a final LayerNorm over every token) maps onto a transformers
 class chosen by its pooling:
-  pool="cls"   → Dinov2Model, in PyTorch and Flax: cls token, learned positions over cls +
-                 patches, final LayerNorm on every token, pooler_output = the cls token;
-                 LayerScale is written as 1. Not CLIPVisionModel: it adds a LayerNorm
-                 before the encoder and leaves the patch tokens unnormed; not ViTModel:
-                 its pooler is dense + tanh (transformers' Flax activations have no identity).
-  pool="map" | "mean" | "none" → SiglipVisionModel, PyTorch only (transformers 4.57 has no
-                 Flax SigLIP): no cls token, the same final LayerNorm, for map the attention-
-                 pooling head; for mean the pooled feature is last_hidden_state.mean(1),
-                 which no transformers class returns.
+  pool="cls"   → Dinov2Model: cls token, learned positions over cls + patches, final
+                 LayerNorm on every token, pooler_output = the cls token; LayerScale is
+                 written as 1. Not CLIPVisionModel: it adds a LayerNorm before the encoder
+                 and leaves the patch tokens unnormed; not ViTModel: its pooler is
+                 dense + tanh.
+  pool="map" | "mean" | "none" → SiglipVisionModel: no cls token, the same final
+                 LayerNorm, for map the attention-pooling head; for mean the pooled
+                 feature is last_hidden_state.mean(1), which no transformers class returns.
 Nothing else is loaded (no data, no text encoder, no torch); tests/test_export.py loads
 every export with no missing, unexpected or mismatched weight and compares features.
 
@@ -223,8 +222,8 @@ def export(config, workdir: str, out: str) -> Any:
   build = _dinov2 if vit.pool == "cls" else _siglip
   hf_config, state = build(params[tower.prefix], vit, common, grid)
   # Written without torch (a TPU VM rarely has it); "pt" is the layout of the names and
-  # shapes, which FlaxAutoModel converts on load. transformers writes local files only:
-  # a gs:// `out` is written in a local temporary directory, then uploaded.
+  # shapes (PyTorch's; transformers 5 has no other framework). transformers writes local
+  # files only: a gs:// `out` is written in a local temporary directory, then uploaded.
   target = storage.path(out, what="export directory")
   with tempfile.TemporaryDirectory(prefix="vlpre-export-") as staging:
     _write_export(config, workdir, os.fspath(staging if storage.is_uri(target) else target),
@@ -259,8 +258,6 @@ def _write_export(config, workdir, out, tower, vit, params, hf_config, state, im
     f.write(_CARD.format(
         cls=hf_config.architectures[0], method=config.model_name, workdir=workdir,
         head=tower.formula,
-        framework="AutoModel or FlaxAutoModel" if cls_first else
-        "AutoModel (transformers 4.57 has no Flax SigLIP)",
         pooled=_POOLED[vit.pool], tokens="[:, 1:] (after the cls token)" if cls_first else ""))
 
 
@@ -270,7 +267,7 @@ _POOLED = {"cls": "outputs.pooler_output (= last_hidden_state[:, 0], the cls tok
            "none": "none (pool='none')"}
 _CARD = """# vlpre image tower ({method})
 
-`python -m vlpre.export` of `{workdir}`: a `{cls}`; load it with {framework}.
+`python -m vlpre.export` of `{workdir}`: a `{cls}`; load it with `AutoModel`.
 
 ```python
 from transformers import AutoImageProcessor, AutoModel

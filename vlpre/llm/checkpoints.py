@@ -2,7 +2,8 @@
 
 Every source is first turned into a *Hugging Face state dict*: PyTorch names and layouts
 (`model.layers.0.self_attn.q_proj.weight`, Linear weights [out, in]) with float32 numpy
-values. `state_dict_to_params` then maps that onto a Flax parameter tree. Sources:
+values. `state_dict_to_params` then maps that onto the decoder's parameter tree (BERT's
+own mapping is `vlpre.text_encoders.bert.params_from_state_dict`). Sources:
 - GGUF files (llama.cpp): dequantized with the `gguf` package, q/k permutation undone;
 - safetensors files (single or sharded), including bfloat16 ones;
 - transformers Flax checkpoints (`flax_model.msgpack`).
@@ -275,10 +276,10 @@ def read_hf_weights(folder: str | os.PathLike[str]) -> StateDict:
 # HF state dict -> Flax parameters
 # --------------------------------------------------------------------------------------
 
-# Prefixes task heads put before the backbone's names (LlamaForCausalLM: `model.`,
-# BertForMaskedLM: `bert.`); the first one under which every needed name exists is used.
+# Prefixes task heads put before the backbone's names (LlamaForCausalLM: `model.`); the
+# first one under which every needed name exists is used.
 # A causal LM's head sits outside that prefix (`lm_head.weight`).
-_PREFIXES = ("", "model.", "bert.", "transformer.")
+_PREFIXES = ("", "model.", "transformer.")
 _UNPREFIXED = ("lm_head.",)
 
 
@@ -286,8 +287,7 @@ def _hf_name(flax_path: tuple[str, ...], layer: int | None = None) -> tuple[str,
   """Flax parameter path -> (HF name, whether the array is transposed).
 
   `('layers_3', 'mlp', 'up_proj', 'kernel')` -> (`layers.3.mlp.up_proj.weight`, True); a
-  stacked group (`('layers', ...)`, `('layers_0to9', ...)`) names layer `layer` of it;
-  transformers' Flax BERT already names layers `layer/3`, which maps the same way.
+  stacked group (`('layers', ...)`, `('layers_0to9', ...)`) names layer `layer` of it.
   """
   *modules, leaf = flax_path
   if layer is not None:
@@ -324,9 +324,6 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], param_shapes: Any
     KeyError: a parameter the module needs is missing from the checkpoint.
     ValueError: a shape disagrees.
   """
-  # Old BERT checkpoints name LayerNorm parameters gamma/beta.
-  state = {re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k)): v
-           for k, v in state_dict.items()}
   flat_shapes = traverse_util.flatten_dict(flax_core.unfreeze(nn.meta.unbox(param_shapes)))
   names = {}
   for path, shape_struct in flat_shapes.items():
@@ -335,20 +332,20 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], param_shapes: Any
                    [_hf_name(path, layer) for layer in layers], layers is not None)
   needed = [n for entries, _ in names.values() for n, _ in entries
             if not n.startswith(_UNPREFIXED)]
-  prefix = next((p for p in _PREFIXES if all(p + n in state for n in needed)), None)
+  prefix = next((p for p in _PREFIXES if all(p + n in state_dict for n in needed)), None)
   if prefix is None:
-    missing = sorted(n for n in needed if n not in state)
+    missing = sorted(n for n in needed if n not in state_dict)
     raise KeyError(f"checkpoint lacks {len(missing)} parameters the model needs, e.g. "
-                   f"{missing[:5]}; it has e.g. {sorted(state)[:5]}")
+                   f"{missing[:5]}; it has e.g. {sorted(state_dict)[:5]}")
   params = {}
   for path, shape_struct in flat_shapes.items():
     entries, stacked = names[path]
     values = []
     for name, transposed in entries:
       full = name if name.startswith(_UNPREFIXED) else prefix + name
-      if full not in state:
+      if full not in state_dict:
         raise KeyError(f"checkpoint lacks {full!r} (an untied LM head?)")
-      values.append(state[full].T if transposed else state[full])
+      values.append(state_dict[full].T if transposed else state_dict[full])
     value = np.stack(values) if stacked else values[0]
     if tuple(value.shape) != tuple(shape_struct.shape):
       raise ValueError(f"{prefix + entries[0][0]}: checkpoint shape {value.shape} (transposed: "

@@ -66,7 +66,12 @@ class DecoderConfig:
         hf_config.hidden_size // hf_config.num_attention_heads)
     num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
 
-    rope_kwargs = _rope_kwargs(getattr(hf_config, "rope_scaling", None))
+    # transformers 5 keeps theta and the scaling in one `rope_parameters` dict (its
+    # `rope_scaling` is an alias); 4.x has `rope_theta` beside an optional `rope_scaling`.
+    rope_parameters = (getattr(hf_config, "rope_parameters", None)
+                       or getattr(hf_config, "rope_scaling", None) or {})
+    rope_theta = rope_parameters.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    rope_kwargs = _rope_kwargs(rope_parameters)
     attention_bias = bool(getattr(hf_config, "attention_bias", False))
     qkv_bias, o_bias = attention_bias, attention_bias
     if model_type == "qwen2":
@@ -89,7 +94,7 @@ class DecoderConfig:
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
         rms_norm_eps=float(hf_config.rms_norm_eps),
-        rope_theta=float(getattr(hf_config, "rope_theta", 10000.0)),
+        rope_theta=float(rope_theta),
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
@@ -101,7 +106,7 @@ class DecoderConfig:
 
 
 def _rope_kwargs(rope_scaling: dict[str, Any] | None) -> dict[str, Any]:
-  """Maps a transformers `rope_scaling` dict onto `DecoderConfig` fields."""
+  """Maps a transformers `rope_scaling` / `rope_parameters` dict onto `DecoderConfig` fields."""
   if not rope_scaling:
     return {}
   rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))

@@ -12,13 +12,10 @@ One Flax Linen module serves each way vlpre uses a decoder:
   causal or bidirectional attention, and per-layer extra keys/values supplied by the
   caller (cross-attention into chosen layers).
 
-Why vlpre has its own decoder instead of transformers' `FlaxLlamaModel`:
-- transformers 4.57.6 `FlaxLlamaModel` builds its RoPE tables with base 10000 whatever
-  `config.rope_theta` says, so a model trained with another base (SmolLM2: 1e5, Llama-3:
-  5e5) gives wrong hidden states;
-- it materialises a `max_position_embeddings`² causal mask (8192² for SmolLM2) even for
-  77-token captions;
-- there is no Flax class for Qwen2/3 at all.
+Why vlpre has its own decoder: transformers 5 has no Flax models at all, and 4.x's
+`FlaxLlamaModel` built its RoPE tables with base 10000 whatever `config.rope_theta` said
+(wrong hidden states for SmolLM2, theta 1e5), materialised a `max_position_embeddings`²
+causal mask, and had no Qwen2/3 class.
 
 Parameters follow the Hugging Face checkpoint names (`layers.3.self_attn.q_proj.weight`
 becomes `.../self_attn/q_proj/kernel`, transposed) and carry logical axis names (embed,

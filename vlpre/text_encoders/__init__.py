@@ -11,8 +11,8 @@ weight's dimensions for sharding those weights.
 Decoders run on vlpre's one decoder (`vlpre.llm`); this package adds only what turns a
 model into a fixed embedder: a prompt template around the text (PromptEOL / FLAME style),
 the layer read out (an intermediate layer runs a truncated decoder: the later layers are
-never computed), pooling and L2 normalisation. BERT checkpoints run on transformers'
-Flax BERT.
+never computed), pooling and L2 normalisation. BERT checkpoints run on vlpre's own
+BERT encoder (`vlpre.text_encoders.bert`), loaded from the checkpoint's PyTorch-named weights.
 """
 from __future__ import annotations
 
@@ -29,19 +29,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlpre import llm as llm_lib
-from vlpre.llm import checkpoints
 from vlpre.llm.assets import MissingAssetError
 from vlpre.llm.assets import PACKAGED_ASSETS
 from vlpre.llm.tokenizer import TextTokenizer
-from vlpre.text_encoders.partitioning import param_logical_axes
+from vlpre.text_encoders import bert
 from vlpre.text_encoders.pooling import POOLING_KINDS
 from vlpre.text_encoders.pooling import PooledTextEncoder
 from vlpre.text_encoders.pooling import pool_hidden_states
 
 __all__ = [
     "FrozenTextEncoder", "MissingAssetError", "PACKAGED_ASSETS", "POOLING_KINDS",
-    "PooledTextEncoder", "TextTokenizer", "load_text_encoder", "param_logical_axes",
-    "pool_hidden_states",
+    "PooledTextEncoder", "TextTokenizer", "load_text_encoder", "pool_hidden_states",
 ]
 
 _DECODER_POOLING = "last"
@@ -78,16 +76,13 @@ class FrozenTextEncoder:
     return jax.jit(self.module.apply)
 
   def logical_axes(self) -> Any:
-    """Logical axis names of every weight (a tree of tuples like `params`).
-
-    vlpre's decoder names them inside the module; BERT's are given by regex rules.
+    """Logical axis names of every weight (a tree of tuples like `params`): both backbones,
+    vlpre's decoder and its BERT, name them inside the module.
     """
-    if isinstance(self.module.backbone, llm_lib.Decoder):
-      tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-      abstract = jax.eval_shape(self.module.init, jax.random.key(0), tokens, tokens)["params"]
-      specs = nn.get_partition_spec(abstract)
-      return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-    return param_logical_axes(self.params)
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    abstract = jax.eval_shape(self.module.init, jax.random.key(0), tokens, tokens)["params"]
+    specs = nn.get_partition_spec(abstract)
+    return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
   def embed(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
     """Embeds texts in length-bucketed batches (vlpre.data.text_batching: same results
@@ -117,7 +112,7 @@ def load_text_encoder(name: str, *, max_len: int = 77, dtype: Any = jnp.float32,
   Args:
     name: "smollm2-135m", "minilm-l6", a local HF folder (safetensors or Flax weights), a
       local .gguf file, or a Hugging Face hub id. Llama/Mistral/Qwen2/Qwen3 checkpoints run
-      on vlpre's decoder, BERT ones on transformers' Flax BERT.
+      on vlpre's decoder, BERT ones on vlpre's BERT encoder.
     max_len: token length L of every encoded text (special tokens included).
     dtype: computation dtype (e.g. jnp.bfloat16); parameters stay float32.
     pooling: one of POOLING_KINDS; default "last" for decoders, "mean" for BERT.
@@ -160,11 +155,7 @@ def load_text_encoder(name: str, *, max_len: int = 77, dtype: Any = jnp.float32,
   elif model_type == "bert":
     if layer != -1:
       raise NotImplementedError("layer= selects decoder layers; BERT encoders use the last")
-    from vlpre.text_encoders.bert import BertBackbone  # pylint: disable=g-import-not-at-top
-    backbone = BertBackbone(hf_config, dtype=dtype, add_pooling_layer=False)
-    tokens = jax.ShapeDtypeStruct((1, max_len), jnp.int32)
-    shapes = jax.eval_shape(backbone.init, jax.random.key(0), tokens, tokens)["params"]
-    backbone_params = checkpoints.state_dict_to_params(source.state_dict, shapes)
+    backbone, backbone_params = bert.load(hf_config, source.state_dict, dtype=dtype)
     pooling = pooling or _BERT_POOLING
   else:
     raise NotImplementedError(
