@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests import core_cases
+from vlpre import sharding
 from vlpre.models import layers
 from vlpre.nn import attention as attention_lib
 from vlpre.nn import stack as stack_lib
@@ -259,6 +260,34 @@ def test_parameter_paths_and_outputs_are_unchanged(case, reference):
   assert set(outputs) == set(expected)
   for name, value in outputs.items():
     np.testing.assert_allclose(value, expected[name], rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("case", ["vit_scan1_einsum", "text_scan0_causal1_einsum", "llm_groups"])
+def test_each_logical_axis_name_has_one_meaning(case):
+  """heads = H and kv = K on their own axes; heads_fused = H·K and kv_heads_fused = G·K
+  fused; every name has a sharding rule."""
+  module, init, _ = core_cases.cases()[case]
+  abstract = jax.eval_shape(lambda: init(module))["params"]
+  names = jax.tree.leaves(nn.get_partition_spec(abstract),
+                          is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  shapes = jax.tree.leaves(jax.tree.map(lambda x: x.shape, nn.meta.unbox(abstract)),
+                           is_leaf=lambda x: isinstance(x, tuple))
+  if case.startswith("llm"):
+    cfg = module.config
+    sizes = {"heads_fused": cfg.num_heads * cfg.head_dim,
+             "kv_heads_fused": cfg.num_kv_heads * cfg.head_dim}
+  else:
+    sizes = {"heads": module.num_heads, "kv": module.width // module.num_heads}
+  rule_names = {name for name, _ in sharding.DEFAULT_RULES}
+  seen = set()
+  for spec, shape in zip(names, shapes):
+    for name, size in zip(spec, shape):
+      assert name is None or name in rule_names, name
+      if name in sizes:
+        assert size == sizes[name], (name, spec, shape)
+      seen.add(name)
+  others = {"heads", "kv", "heads_fused", "kv_heads_fused"} - set(sizes)
+  assert set(sizes) <= seen and not others & seen
 
 
 # ------------------------------------------------------------------------ the attention op

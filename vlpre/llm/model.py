@@ -22,7 +22,8 @@ Why vlpre has its own decoder instead of transformers' `FlaxLlamaModel`:
 
 Parameters follow the Hugging Face checkpoint names (`layers.3.self_attn.q_proj.weight`
 becomes `.../self_attn/q_proj/kernel`, transposed) and carry logical axis names (embed,
-heads, kv, mlp, vocab, norm; `layers` for the stacked axis), so loading is a mechanical
+heads_fused, kv_heads_fused, mlp, vocab, norm; `layers` for the stacked axis; see
+vlpre.sharding), so loading is a mechanical
 rename (`vlpre.llm.checkpoints.state_dict_to_params`) and sharding follows the trainer's
 rules. Layer parameters are named after the layers they hold:
   scan=False                  layers_0, layers_1, ...           (one subtree per layer)
@@ -113,11 +114,11 @@ class Attention(nn.Module):
                extra: ExtraKV | None = None):
     cfg = self.config
     batch, steps, _ = x_BxTxD.shape
-    q_BxTxHxK = _dense(cfg.num_heads * cfg.head_dim, ("embed", "heads"), cfg.qkv_bias,
+    q_BxTxHxK = _dense(cfg.num_heads * cfg.head_dim, ("embed", "heads_fused"), cfg.qkv_bias,
                        self.dtype, "q_proj")(x_BxTxD).reshape(batch, steps, cfg.num_heads, -1)
-    k_BxTxGxK = _dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv"), cfg.qkv_bias,
+    k_BxTxGxK = _dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads_fused"), cfg.qkv_bias,
                        self.dtype, "k_proj")(x_BxTxD).reshape(batch, steps, cfg.num_kv_heads, -1)
-    v_BxTxGxK = _dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv"), cfg.qkv_bias,
+    v_BxTxGxK = _dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads_fused"), cfg.qkv_bias,
                        self.dtype, "v_proj")(x_BxTxD).reshape(batch, steps, cfg.num_kv_heads, -1)
     if cfg.qk_norm:
       q_BxTxHxK = _rms_norm(cfg.rms_norm_eps, self.dtype, "q_norm")(q_BxTxHxK)
@@ -155,7 +156,7 @@ class Attention(nn.Module):
         extra_q_BxTxHxK=q_extra_BxTxHxK, scale=cfg.head_dim**-0.5,
         implementation=self.implementation)
     out_BxTxHxK = nn.with_logical_constraint(out_BxTxHxK, ("batch", "length", "act_heads", None))
-    out_BxTxD = _dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, self.dtype, "o_proj")(
+    out_BxTxD = _dense(cfg.hidden_size, ("heads_fused", "embed"), cfg.o_bias, self.dtype, "o_proj")(
         out_BxTxHxK.reshape(batch, steps, cfg.num_heads * cfg.head_dim))
     return out_BxTxD, new_cache
 

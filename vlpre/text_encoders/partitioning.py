@@ -4,15 +4,14 @@ vlpre's own decoder (vlpre.llm) annotates its weights inside the module; only ch
 run on a third-party module need these rules.
 
 The trainer maps these names to mesh axes with its own rules (e.g. embed -> fsdp,
-mlp/heads -> tensor); this file only says what each weight dimension *is*. Vocabulary:
-  vocab  token-embedding rows
-  embed  model width D
-  mlp    MLP hidden width F
-  heads  query/attention-output width (heads x head_dim, fused as in HF checkpoints)
-  kv     key/value projection width (kv_heads x head_dim; smaller than heads under GQA,
-         so rules can treat it separately)
-  norm   RMSNorm/LayerNorm parameters
-  None   a dimension not worth sharding (biases, position tables' row axis)
+mlp/heads_fused -> tensor); this file only says what each weight dimension *is*, in
+vlpre.sharding's vocabulary:
+  vocab        token-embedding rows
+  embed        model width D
+  mlp          MLP hidden width F
+  heads_fused  query/attention-output width (heads x head_dim, fused as in HF checkpoints)
+  norm         RMSNorm/LayerNorm parameters
+  None         a dimension not worth sharding (biases, position tables' row axis)
 """
 from __future__ import annotations
 
@@ -30,8 +29,8 @@ _RULES: tuple[tuple[str, LogicalAxes], ...] = (
     (r"word_embeddings/embedding$", ("vocab", "embed")),
     (r"(position_embeddings|token_type_embeddings)/embedding$", (None, "embed")),
     (r"norm[^/]*/(scale|bias)$", ("norm",)),
-    (r"attention/self/(query|key|value)/kernel$", ("embed", "heads")),
-    (r"attention/output/dense/kernel$", ("heads", "embed")),
+    (r"attention/self/(query|key|value)/kernel$", ("embed", "heads_fused")),
+    (r"attention/output/dense/kernel$", ("heads_fused", "embed")),
     (r"intermediate/dense/kernel$", ("embed", "mlp")),
     (r"output/dense/kernel$", ("mlp", "embed")),
     (r"/bias$", (None,)),
