@@ -67,7 +67,7 @@ def get_config(arg=None):
       # (the paper: a CLIP-style 12-layer text transformer, width 512).
       decoder=dict(width=192, depth=4, num_heads=3, mlp_dim=768) if tiny else
       dict(width=512, depth=12, num_heads=8, mlp_dim=2048),
-      remat="none" if tiny else "dots_no_batch",  # the decoder's (vlpre.llm REMAT_POLICIES)
+      remat="none" if tiny else "dots_no_batch",  # the decoder's (vlpre.nn.stack.REMAT_POLICIES)
       embed_dim=256 if tiny else 512,  # E: the contrastive space
       contrastive_weight=weight)       # λ of L = λ·L_con + L_gen (the paper: 0.1)
   if "contrastive" in opts:

@@ -16,7 +16,7 @@ def get_config(arg=None):
   c.llm = dict(
       name="smollm2-135m",  # any Llama / Mistral / Qwen2 / Qwen3 checkpoint vlpre.llm loads
       layer_groups=(),      # scanned groups, e.g. (10, 20): their own subtrees for freezing
-      remat="none" if tiny else "dots_no_batch")  # vlpre.llm.model.REMAT_POLICIES
+      remat="none" if tiny else "dots_no_batch")  # vlpre.nn.stack.REMAT_POLICIES
   c.input = config_lib.image_input(arg, max_text_len=32 if tiny else 77)
   c.model_name = "lm"
   c.model = dict()

@@ -157,13 +157,13 @@ def test_extra_kv_equals_naive_attention_over_the_concatenation():
   rng = np.random.default_rng(4)
   x_1xTxD = rng.normal(size=(1, 5, 32)).astype(np.float32)
   positions_1xT = np.arange(5)[None]
-  mask_1xTxT = np.tril(np.ones((5, 5), bool))[None]
+  mask_1x1xTxT = np.tril(np.ones((5, 5), bool))[None, None]
   extra = llm_lib.ExtraKV(k_BxSxGxK=rng.normal(size=(1, 3, 2, 8)).astype(np.float32),
                           v_BxSxGxK=rng.normal(size=(1, 3, 2, 8)).astype(np.float32),
                           mask_BxS=np.array([[True, True, False]]))
-  params = nn.meta.unbox(attention.init(jax.random.key(0), x_1xTxD, positions_1xT, mask_1xTxT,
+  params = nn.meta.unbox(attention.init(jax.random.key(0), x_1xTxD, positions_1xT, mask_1x1xTxT,
                                         extra=extra)["params"])
-  out, _ = attention.apply({"params": params}, x_1xTxD, positions_1xT, mask_1xTxT, extra=extra)
+  out, _ = attention.apply({"params": params}, x_1xTxD, positions_1xT, mask_1x1xTxT, extra=extra)
   expected = _naive_attention(x_1xTxD[0], jax.tree.map(np.asarray, params), np.arange(5),
                               extra.k_BxSxGxK[0], extra.v_BxSxGxK[0], extra.mask_BxS[0], cfg)
   np.testing.assert_allclose(out[0], expected, rtol=1e-4, atol=1e-5)
@@ -172,7 +172,7 @@ def test_extra_kv_equals_naive_attention_over_the_concatenation():
   poked_v[:, 2] = 100.0
   poked = dataclasses.replace(extra, v_BxSxGxK=poked_v)
   np.testing.assert_allclose(
-      attention.apply({"params": params}, x_1xTxD, positions_1xT, mask_1xTxT, extra=poked)[0],
+      attention.apply({"params": params}, x_1xTxD, positions_1xT, mask_1x1xTxT, extra=poked)[0],
       out, rtol=1e-6)
 
 
@@ -182,20 +182,20 @@ def test_extra_kv_with_qk_norm_equals_naive_attention():
   rng = np.random.default_rng(7)
   x_1xTxD = rng.normal(size=(1, 5, 32)).astype(np.float32)
   positions_1xT = np.arange(5)[None]
-  mask_1xTxT = np.tril(np.ones((5, 5), bool))[None]
+  mask_1x1xTxT = np.tril(np.ones((5, 5), bool))[None, None]
   scale_K = rng.uniform(0.5, 2.0, size=8).astype(np.float32)
   extra = llm_lib.ExtraKV(k_BxSxGxK=rng.normal(size=(1, 4, 2, 8)).astype(np.float32),
                           v_BxSxGxK=rng.normal(size=(1, 4, 2, 8)).astype(np.float32),
                           mask_BxS=np.array([[True, False, True, True]]),
                           q_norm_scale_BxK=scale_K[None])
-  params = nn.meta.unbox(attention.init(jax.random.key(0), x_1xTxD, positions_1xT, mask_1xTxT,
+  params = nn.meta.unbox(attention.init(jax.random.key(0), x_1xTxD, positions_1xT, mask_1x1xTxT,
                                         extra=extra)["params"])
-  out, _ = attention.apply({"params": params}, x_1xTxD, positions_1xT, mask_1xTxT, extra=extra)
+  out, _ = attention.apply({"params": params}, x_1xTxD, positions_1xT, mask_1x1xTxT, extra=extra)
   expected = _naive_attention(x_1xTxD[0], jax.tree.map(np.asarray, params), np.arange(5),
                               extra.k_BxSxGxK[0], extra.v_BxSxGxK[0], extra.mask_BxS[0], cfg,
                               q_norm_scale_K=scale_K)
   np.testing.assert_allclose(out[0], expected, rtol=1e-4, atol=1e-5)
-  plain = attention.apply({"params": params}, x_1xTxD, positions_1xT, mask_1xTxT,
+  plain = attention.apply({"params": params}, x_1xTxD, positions_1xT, mask_1x1xTxT,
                           extra=dataclasses.replace(extra, q_norm_scale_BxK=None))[0]
   assert not np.allclose(plain, out, atol=1e-3)  # the normalised queries do change the output
 

@@ -1,6 +1,7 @@
 """Speed options of the transformer towers compute the same function as the references:
-attention implementations against a naive numpy attention, and the layer loop scanned
-(rolled or unrolled) or one module per block, on CLIP's loss and every gradient."""
+the layer loop scanned (rolled or unrolled) or one module per block, and the attention
+implementations, on CLIP's loss and every gradient. (The attention op itself against a
+naive numpy attention: tests/test_core.py.)"""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,71 +9,7 @@ import numpy as np
 import pytest
 
 from vlpre import losses
-from vlpre.nn import layers
 from vlpre.methods.two_tower import model as two_tower
-
-IMPLEMENTATIONS = ("dot_product_attention", "einsum")
-
-
-def _naive_attention(q, k, v, mask):
-  """float64 softmax(q kᵀ / √K) v per batch row and head, masked keys excluded."""
-  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  batch, t, heads, dim = q.shape
-  out = np.zeros_like(q)
-  for b in range(batch):
-    for h in range(heads):
-      logits = q[b, :, h] @ k[b, :, h].T / np.sqrt(dim)
-      logits = np.where(mask[b], logits, -np.inf)
-      p = np.exp(logits - logits.max(-1, keepdims=True))
-      out[b, :, h] = (p / p.sum(-1, keepdims=True)) @ v[b, :, h]
-  return out
-
-
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("padded", [False, True])
-def test_attention_matches_a_naive_reference(implementation, causal, padded):
-  rng = np.random.default_rng(0)
-  q, k, v = (rng.normal(size=(2, 7, 3, 8)).astype(np.float32) for _ in range(3))
-  keep_BxS = np.ones((2, 7), bool)
-  if padded:
-    keep_BxS[0, 5:] = False
-  mask_BxTxS = np.broadcast_to(keep_BxS[:, None, :], (2, 7, 7)).copy()
-  if causal:
-    mask_BxTxS &= np.tril(np.ones((7, 7), bool))
-  out = layers.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
-                         jnp.asarray(keep_BxS[:, None, None, :]) if padded else None,
-                         causal=causal, implementation=implementation)
-  np.testing.assert_allclose(np.asarray(out), _naive_attention(q, k, v, mask_BxTxS),
-                             rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("causal", [False, True])
-def test_attention_implementations_have_the_same_gradients(causal):
-  rng = np.random.default_rng(1)
-  q, k, v = (jnp.asarray(rng.normal(size=(2, 6, 2, 4)), jnp.float32) for _ in range(3))
-  mask = jnp.asarray(np.arange(6)[None, None, None, :] < np.array([6, 4])[:, None, None, None])
-  w = jnp.asarray(rng.normal(size=(2, 6, 2, 4)), jnp.float32)
-
-  def grads(implementation):
-    f = lambda q, k, v: (w * layers.attention(q, k, v, mask, causal=causal,
-                                              implementation=implementation)).sum()
-    return jax.grad(f, argnums=(0, 1, 2))(q, k, v)
-
-  for a, b in zip(grads("dot_product_attention"), grads("einsum")):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-
-
-def test_auto_resolves_per_backend_and_bad_values_are_errors():
-  assert jax.default_backend() == "cpu"
-  assert layers.resolve_attention("auto") == "einsum"
-  assert layers.resolve_unroll(None, 12) == 12
-  assert layers.resolve_unroll(False, 12) == 1 and layers.resolve_unroll(3, 12) == 3
-  with pytest.raises(ValueError, match="attention"):
-    layers.resolve_attention("flash")
-  with pytest.raises(ValueError, match="unroll"):
-    layers.resolve_unroll(13, 12)
-
 
 DEPTH = 3
 

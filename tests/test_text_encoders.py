@@ -424,7 +424,7 @@ def test_encoder_as_frozen_submodule_with_sharded_weights(smollm2, smollm2_batch
   # Auto axes: XLA propagates shardings through the frozen weights' matmuls (Explicit axes
   # would ask every contraction over a sharded dimension for an out_sharding).
   mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
-  rules = (("embed", "fsdp"), ("vocab", None), ("mlp", None), ("heads", None), ("kv", None),
+  rules = (("embed", "fsdp"), ("vocab", None), ("mlp", None), ("heads_fused", None), ("kv_heads_fused", None),
            ("norm", None), ("layers", None))
   # The decoder names its weights' axes itself (boxed by init; nothing is materialised).
   abstract = jax.eval_shape(text_module.init, jax.random.key(0), ids_BxL, mask_BxL)["params"]
@@ -455,13 +455,13 @@ def test_param_logical_axes(smollm2, minilm):
     assert flat_axes.keys() == flat_params.keys()
     for path, names in flat_axes.items():
       assert len(names) == flat_params[path].ndim, path
-      assert set(names) <= {"vocab", "embed", "mlp", "heads", "kv", "norm", "layers", None}
+      assert set(names) <= {"vocab", "embed", "mlp", "heads_fused", "kv_heads_fused", "norm", "layers", None}
   axes = smollm2.logical_axes()["backbone"]
   assert axes["embed_tokens"]["embedding"] == ("vocab", "embed")
   layer = axes["layers"]  # scanned: the stacked axis is named "layers"
-  assert layer["self_attn"]["q_proj"]["kernel"] == ("layers", "embed", "heads")
-  assert layer["self_attn"]["k_proj"]["kernel"] == ("layers", "embed", "kv")
-  assert layer["self_attn"]["o_proj"]["kernel"] == ("layers", "heads", "embed")
+  assert layer["self_attn"]["q_proj"]["kernel"] == ("layers", "embed", "heads_fused")
+  assert layer["self_attn"]["k_proj"]["kernel"] == ("layers", "embed", "kv_heads_fused")
+  assert layer["self_attn"]["o_proj"]["kernel"] == ("layers", "heads_fused", "embed")
   assert layer["mlp"]["down_proj"]["kernel"] == ("layers", "mlp", "embed")
   assert layer["input_layernorm"]["scale"] == ("layers", "norm")
   assert axes["norm"]["scale"] == ("norm",)

@@ -4,12 +4,27 @@ Models name array dimensions with logical axis names only (below); the rules in 
 config map them to the mesh axes `data`, `fsdp` and `tensor`. Nothing else in vlpre
 mentions a mesh axis, except the batch sharding helpers here.
 
-Logical axis names (the glossary; README repeats it):
-  weights:      embed (model width), mlp (MLP hidden), heads (attention heads),
-                kv (per-head dim), vocab (token table), classes (classifier outputs),
-                layers (stacked scan axis), conv_in / conv_out (conv channels),
-                norm (scales and biases of norms)
-  activations:  batch, length, act_embed, act_mlp, act_heads
+Logical axis names (the glossary; README repeats it). Each name means one thing in
+every file, so one rule shards every weight that has that dimension:
+  weights:
+    embed           model width D
+    mlp             MLP hidden width F
+    heads           attention heads H, an axis of its own ([D, H, K] kernels: the ViT,
+                    the text tower, the MAP head)
+    kv              per-head dim K, next to `heads` in those kernels
+    heads_fused     H x K fused in one axis, as in Hugging Face layouts (the LLM's
+                    q_proj / o_proj, BERT's attention): sharding it splits whole heads
+                    only when its mesh axis divides H
+    kv_heads_fused  G x K fused, the key/value projections under grouped-query attention
+                    (the LLM's k_proj / v_proj, HIVE's image K/V); smaller than
+                    heads_fused, so rules can leave it replicated
+    vocab           token-table rows
+    classes         classifier outputs
+    layers          the stacked axis of scanned blocks
+    conv_in / conv_out  convolution channels
+    norm            scales and biases of norms
+  activations:  batch, length (positions), act_embed, act_mlp, act_heads (heads H of
+                [B, N, H, K] attention outputs)
 """
 from __future__ import annotations
 
@@ -34,6 +49,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv", None),
+    ("heads_fused", "tensor"),
+    ("kv_heads_fused", None),
     ("vocab", "tensor"),
     ("classes", None),
     ("layers", None),

@@ -1,6 +1,6 @@
 """Top-1 (and top-5) accuracy of the model's own classifier head on a labelled split.
 
-For supervised models (vlpre/models/classifier.py): the model's `classify(image)` gives
+For supervised models (vlpre/methods/gpt4image/model.py): the model's `classify(image)` gives
 the logits, on the evaluation path (BatchNorm on running statistics, no mixing).
 """
 from __future__ import annotations

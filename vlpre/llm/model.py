@@ -19,7 +19,8 @@ causal mask, and had no Qwen2/3 class.
 
 Parameters follow the Hugging Face checkpoint names (`layers.3.self_attn.q_proj.weight`
 becomes `.../self_attn/q_proj/kernel`, transposed) and carry logical axis names (embed,
-heads, kv, mlp, vocab, norm; `layers` for the stacked axis), so loading is a mechanical
+heads_fused, kv_heads_fused, mlp, vocab, norm; `layers` for the stacked axis; see
+vlpre.sharding), so loading is a mechanical
 rename (`vlpre.llm.checkpoints.state_dict_to_params`) and sharding follows the trainer's
 rules. Layer parameters are named after the layers they hold:
   scan=False                  layers_0, layers_1, ...           (one subtree per layer)
@@ -41,20 +42,11 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vlpre.llm import rope
 from vlpre.llm.config import DecoderConfig
-
-# Rematerialisation policies for training (`Decoder.remat`): what a block's backward pass
-# may keep from its forward pass instead of recomputing it.
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,  # keep only the block's input
-    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
+from vlpre.nn import attention as attention_lib
+from vlpre.nn import stack as stack_lib
 
 @flax.struct.dataclass
 class ExtraKV:
@@ -101,64 +93,29 @@ def _rms_norm(eps: float, dtype, name: str):
                     scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)))
 
 
-def attention_mask(q_segment_BxT: jax.Array, q_slot_T: jax.Array, q_position_BxT: jax.Array,
-                   k_segment_BxS: jax.Array, k_slot_S: jax.Array, k_position_BxS: jax.Array,
-                   *, causal: bool, window: int | None) -> jax.Array:
-  """Which keys each query sees [B, T, S]: same segment; causal by slot; within the window.
-
-  Segment id 0 marks padding / empty cache slots: a real query (id > 0) never sees one.
-  Padding queries see padding keys, so no row is empty (their outputs are ignored).
-  """
-  mask_BxTxS = q_segment_BxT[:, :, None] == k_segment_BxS[:, None, :]
-  if causal:
-    mask_BxTxS &= (k_slot_S[None, :] <= q_slot_T[:, None])[None]
-  if window is not None:
-    mask_BxTxS &= (q_position_BxT[:, :, None] - k_position_BxS[:, None, :]) < window
-  return mask_BxTxS
-
-
 def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
   """x / rms(x) over the last axis, in float32 (RMSNorm without its gain)."""
   x32 = x.astype(jnp.float32)
   return x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
 
 
-def _two_query_attention(q_BxTxHxK, q_extra_BxTxHxK, own_slots, k_BxSxGxK, v_BxSxGxK,
-                         mask_BxTxS, scale):
-  """Softmax attention where keys [:own_slots] are scored by `q`, the rest by `q_extra`."""
-  batch, steps, heads, dim = q_BxTxHxK.shape
-  groups = k_BxSxGxK.shape[2]
-
-  def scores(q, k):  # GQA: query head h uses key head h // (H / G)
-    q_BxTxGxRxK = q.reshape(batch, steps, groups, heads // groups, dim)
-    return jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k,
-                      preferred_element_type=jnp.float32) * scale
-
-  logits_BxGxRxTxS = jnp.concatenate(
-      [scores(q_BxTxHxK, k_BxSxGxK[:, :own_slots]),
-       scores(q_extra_BxTxHxK, k_BxSxGxK[:, own_slots:])], axis=-1)
-  logits_BxGxRxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxGxRxTxS,
-                               jnp.finfo(jnp.float32).min)
-  probs_BxGxRxTxS = jax.nn.softmax(logits_BxGxRxTxS, axis=-1).astype(v_BxSxGxK.dtype)
-  out_BxTxGxRxK = jnp.einsum("bgrts,bsgk->btgrk", probs_BxGxRxTxS, v_BxSxGxK)
-  return out_BxTxGxRxK.reshape(batch, steps, heads, dim)
-
-
 class Attention(nn.Module):
-  """Grouped-query attention with RoPE, optional KV cache and extra keys/values."""
+  """Grouped-query attention with RoPE, optional KV cache and extra keys/values;
+  `implementation` is one of vlpre.nn.attention.IMPLEMENTATIONS (Decoder.attention)."""
   config: DecoderConfig
   dtype: Any = jnp.float32
+  implementation: str = "dot_product_attention"
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache_kv=None, cache_index=None,
+  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS, cache_kv=None, cache_index=None,
                extra: ExtraKV | None = None):
     cfg = self.config
     batch, steps, _ = x_BxTxD.shape
-    q_BxTxHxK = _dense(cfg.num_heads * cfg.head_dim, ("embed", "heads"), cfg.qkv_bias,
+    q_BxTxHxK = _dense(cfg.num_heads * cfg.head_dim, ("embed", "heads_fused"), cfg.qkv_bias,
                        self.dtype, "q_proj")(x_BxTxD).reshape(batch, steps, cfg.num_heads, -1)
-    k_BxTxGxK = _dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv"), cfg.qkv_bias,
+    k_BxTxGxK = _dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads_fused"), cfg.qkv_bias,
                        self.dtype, "k_proj")(x_BxTxD).reshape(batch, steps, cfg.num_kv_heads, -1)
-    v_BxTxGxK = _dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv"), cfg.qkv_bias,
+    v_BxTxGxK = _dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads_fused"), cfg.qkv_bias,
                        self.dtype, "v_proj")(x_BxTxD).reshape(batch, steps, cfg.num_kv_heads, -1)
     if cfg.qk_norm:
       q_BxTxHxK = _rms_norm(cfg.rms_norm_eps, self.dtype, "q_norm")(q_BxTxHxK)
@@ -182,26 +139,21 @@ class Attention(nn.Module):
       v_BxSxGxK = cache_v_BxSxGxK.astype(self.dtype)
     else:
       k_BxSxGxK, v_BxSxGxK = k_BxTxGxK, v_BxTxGxK
-    own_slots = k_BxSxGxK.shape[1]
+    extra_k_BxExGxK = extra_v_BxExGxK = extra_mask_BxE = None
     if extra is not None:
-      extra_k = extra.k_BxSxGxK.astype(self.dtype)
+      extra_k_BxExGxK = extra.k_BxSxGxK.astype(self.dtype)
       if extra.positions_BxS is not None:
-        extra_k = rope.apply_rope(extra_k, extra.positions_BxS, inv_freq)
-      k_BxSxGxK = jnp.concatenate([k_BxSxGxK, extra_k], axis=1)
-      v_BxSxGxK = jnp.concatenate([v_BxSxGxK, extra.v_BxSxGxK.astype(self.dtype)], axis=1)
-      extra_mask_BxTxE = jnp.broadcast_to(extra.mask_BxS.astype(bool)[:, None, :],
-                                          (batch, steps, extra.mask_BxS.shape[1]))
-      mask_BxTxS = jnp.concatenate([mask_BxTxS, extra_mask_BxTxE], axis=-1)
-    if q_extra_BxTxHxK is not None:  # two query sets: own keys, QK-normed extra keys
-      out_BxTxHxK = _two_query_attention(q_BxTxHxK, q_extra_BxTxHxK, own_slots, k_BxSxGxK,
-                                         v_BxSxGxK, mask_BxTxS, cfg.head_dim**-0.5)
-    else:
-      # jax's attention handles GQA (H a multiple of G) without repeating k/v and does the
-      # softmax in float32; the boolean mask carries causality, segments and padding.
-      out_BxTxHxK = jax.nn.dot_product_attention(
-          q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask_BxTxS[:, None], scale=cfg.head_dim**-0.5)
+        extra_k_BxExGxK = rope.apply_rope(extra_k_BxExGxK, extra.positions_BxS, inv_freq)
+      extra_v_BxExGxK = extra.v_BxSxGxK.astype(self.dtype)
+      extra_mask_BxE = extra.mask_BxS
+    # The boolean mask carries causality, segments and padding.
+    out_BxTxHxK = attention_lib.attention(
+        q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, extra_k_BxExGxK=extra_k_BxExGxK,
+        extra_v_BxExGxK=extra_v_BxExGxK, extra_mask_BxE=extra_mask_BxE,
+        extra_q_BxTxHxK=q_extra_BxTxHxK, scale=cfg.head_dim**-0.5,
+        implementation=self.implementation)
     out_BxTxHxK = nn.with_logical_constraint(out_BxTxHxK, ("batch", "length", "act_heads", None))
-    out_BxTxD = _dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, self.dtype, "o_proj")(
+    out_BxTxD = _dense(cfg.hidden_size, ("heads_fused", "embed"), cfg.o_bias, self.dtype, "o_proj")(
         out_BxTxHxK.reshape(batch, steps, cfg.num_heads * cfg.head_dim))
     return out_BxTxD, new_cache
 
@@ -225,53 +177,36 @@ class SwiGLU(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-  """Pre-norm block. `(x, layer_inputs) -> (x, layer_outputs)`, the shape nn.scan wants.
+  """Pre-norm block, `(x, positions, mask, cache_index, layer_inputs) -> (x, ys)`
+  (vlpre.nn.stack).
 
-  layer_inputs: (cache (k, v) or None, ExtraKV or None, drop-path rate) for this layer;
-  layer_outputs: (new cache or None, the block's output if collecting hidden states).
-  Drop-path (stochastic depth) drops each residual branch per sample with the layer's
-  rate and rescales the kept ones by 1 / (1 − rate); off when `deterministic`.
+  layer_inputs: ((cache (k, v) or None, ExtraKV or None), drop-path rate) for this layer;
+  ys: (new cache or None, the block's output if collecting hidden states).
+  Drop-path (stochastic depth, vlpre.nn.stack.drop_path) is off when `deterministic`.
   """
   config: DecoderConfig
   dtype: Any = jnp.float32
   collect_hidden: bool = False
   deterministic: bool = True
+  attention: str = "dot_product_attention"
 
   def _drop_path(self, branch_BxTxD, rate):
     if self.deterministic:
       return branch_BxTxD
-    keep = 1.0 - rate
-    keep_Bx1x1 = jax.random.bernoulli(self.make_rng("dropout"), keep,
-                                      (branch_BxTxD.shape[0], 1, 1))
-    return jnp.where(keep_Bx1x1, branch_BxTxD / keep, 0.0).astype(branch_BxTxD.dtype)
+    return stack_lib.drop_path(branch_BxTxD, rate, self.make_rng("dropout"))
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache_index, layer_inputs):
+  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS, cache_index, layer_inputs):
     cfg = self.config
-    cache_kv, extra, drop_rate = layer_inputs
+    (cache_kv, extra), drop_rate = layer_inputs
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "act_embed"))
-    h_BxTxD, new_cache = Attention(cfg, self.dtype, name="self_attn")(
+    h_BxTxD, new_cache = Attention(cfg, self.dtype, self.attention, name="self_attn")(
         _rms_norm(cfg.rms_norm_eps, self.dtype, "input_layernorm")(x_BxTxD), positions_BxT,
-        mask_BxTxS, cache_kv, cache_index, extra)
+        mask_Bx1xTxS, cache_kv, cache_index, extra)
     x_BxTxD = x_BxTxD + self._drop_path(h_BxTxD, drop_rate)
     x_BxTxD = x_BxTxD + self._drop_path(SwiGLU(cfg, self.dtype, name="mlp")(
         _rms_norm(cfg.rms_norm_eps, self.dtype, "post_attention_layernorm")(x_BxTxD)), drop_rate)
     return x_BxTxD, (new_cache, x_BxTxD if self.collect_hidden else None)
-
-
-def layer_groups(num_layers: int, scan: bool, groups: tuple[int, ...] = ()):
-  """[(parameter name, first layer, number of layers, scanned)] of a decoder's layers."""
-  if not scan:
-    return [(f"layers_{i}", i, 1, False) for i in range(num_layers)]
-  if not groups:
-    return [("layers", 0, num_layers, True)]
-  if sum(groups) != num_layers or min(groups) < 1:
-    raise ValueError(f"layer_groups {groups} must be positive and sum to the {num_layers} layers")
-  out, start = [], 0
-  for size in groups:
-    out.append((f"layers_{start}to{start + size - 1}", start, size, True))
-    start += size
-  return out
 
 
 def init_cache(config: DecoderConfig, batch: int, slots: int, *, scan: bool = True,
@@ -286,7 +221,7 @@ def init_cache(config: DecoderConfig, batch: int, slots: int, *, scan: bool = Tr
   """
   shape = (batch, slots, config.num_kv_heads, config.head_dim)
   kv = []
-  for _, _, count, _ in layer_groups(config.num_layers, scan, groups):
+  for _, _, count, _ in stack_lib.layer_groups(config.num_layers, scan, groups):
     kv.append((jnp.zeros((count, *shape), dtype), jnp.zeros((count, *shape), dtype)))
   return {"groups": tuple(kv), "segment_ids": jnp.zeros((batch, slots), jnp.int32),
           "positions": jnp.zeros((batch, slots), jnp.int32), "index": jnp.zeros((), jnp.int32)}
@@ -303,11 +238,13 @@ class Decoder(nn.Module):
       unrolls a Python loop with one parameter subtree per layer.
     layer_groups: sizes of consecutively scanned groups (with scan), e.g. (4, 26) so the
       first 4 layers can be frozen by a regex on their own subtree.
-    remat: a key of REMAT_POLICIES (training memory vs recompute).
+    remat: a key of vlpre.nn.stack.REMAT_POLICIES (training memory vs recompute).
     final_norm: apply the final RMSNorm (False: the raw residual stream, e.g. a text
       embedding pooled from an intermediate layer on a truncated config).
     drop_path: stochastic depth of the last layer (rates rise linearly from 0 at the
       first), applied when called with `deterministic=False` (rng "dropout").
+    unroll: layers per iteration of a scanned group's loop (vlpre.nn.stack.resolve_unroll).
+    attention: the attention implementation (vlpre.nn.attention.IMPLEMENTATIONS).
   """
   config: DecoderConfig
   dtype: Any = jnp.float32
@@ -317,6 +254,10 @@ class Decoder(nn.Module):
   remat: str = "none"
   final_norm: bool = True
   drop_path: float = 0.0
+  unroll: int | bool | None = 1
+  # XLA's dot_product_attention, the decoder's numerics against the HF checkpoints since
+  # it was written ("auto" would pick einsum on CPU: equal up to float32 rounding).
+  attention: str = "dot_product_attention"
 
   @nn.compact
   def __call__(self, tokens_BxL: jax.Array | None = None, segment_ids_BxL: jax.Array | None = None,
@@ -347,8 +288,6 @@ class Decoder(nn.Module):
       deterministic: False turns drop-path on (training).
     """
     cfg = self.config
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"remat {self.remat!r} not in {sorted(REMAT_POLICIES)}")
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
                      name="embed_tokens", embedding_init=nn.with_logical_partitioning(
                          nn.initializers.normal(0.02), ("vocab", "embed")))
@@ -373,10 +312,11 @@ class Decoder(nn.Module):
         positions_BxL = jnp.broadcast_to(slots_L, (batch, length))
       positions_BxL = positions_BxL.astype(jnp.int32)
       cache_index = None
-      mask_BxLxS = attention_mask(segment_ids_BxL, slots_L, positions_BxL, segment_ids_BxL,
-                                  slots_L, positions_BxL, causal=self.causal,
-                                  window=cfg.sliding_window)
-      group_caches = [None] * len(layer_groups(cfg.num_layers, self.scan, self.layer_groups))
+      mask_Bx1xLxS = attention_lib.segment_mask(
+          segment_ids_BxL, slots_L, positions_BxL, segment_ids_BxL, slots_L, positions_BxL,
+          causal=self.causal, window=cfg.sliding_window)
+      group_caches = [None] * len(stack_lib.layer_groups(cfg.num_layers, self.scan,
+                                                         self.layer_groups))
     else:
       cache_index = cache["index"]
       slots_L = cache_index + jnp.arange(length)
@@ -387,45 +327,26 @@ class Decoder(nn.Module):
                                                         (0, cache_index))
       cache_positions_BxS = jax.lax.dynamic_update_slice(cache["positions"], positions_BxL,
                                                          (0, cache_index))
-      mask_BxLxS = attention_mask(segment_ids_BxL, slots_L, positions_BxL, cache_segments_BxS,
-                                  jnp.arange(cache_segments_BxS.shape[1]), cache_positions_BxS,
-                                  causal=self.causal, window=cfg.sliding_window)
+      mask_Bx1xLxS = attention_lib.segment_mask(
+          segment_ids_BxL, slots_L, positions_BxL, cache_segments_BxS,
+          jnp.arange(cache_segments_BxS.shape[1]), cache_positions_BxS, causal=self.causal,
+          window=cfg.sliding_window)
       group_caches = list(cache["groups"])
 
-    hidden = [x_BxLxD] if return_all_hidden else None
-    new_group_caches = []
-    policy = REMAT_POLICIES[self.remat]
-    for group, (name, first, count, scanned) in enumerate(
-        layer_groups(cfg.num_layers, self.scan, self.layer_groups)):
-      block_cls = DecoderBlock
-      if policy is not None:
-        block_cls = nn.remat(DecoderBlock, policy=policy, prevent_cse=not scanned)
-      extra = _stack_extra(extra_kv, first, count)
-      # Drop-path rates rise linearly over the whole stack (DeiT / BEiT), 0 at layer 0.
-      rates_n = self.drop_path * np.arange(first, first + count) / max(cfg.num_layers - 1, 1)
-      kv = group_caches[group]
-      if scanned:
-        stack = nn.scan(block_cls, variable_axes={"params": 0},
-                        split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=count,
-                        metadata_params={nn.PARTITION_NAME: "layers"})
-        x_BxLxD, (new_kv, layer_hidden) = stack(
-            cfg, self.dtype, return_all_hidden, deterministic, name=name)(
-                x_BxLxD, positions_BxL, mask_BxLxS, cache_index,
-                (kv, extra, jnp.asarray(rates_n, jnp.float32)))
-        if return_all_hidden:
-          hidden.extend(list(layer_hidden))
-      else:
-        layer_kv = None if kv is None else jax.tree.map(lambda a: a[0], kv)
-        layer_extra = None if extra is None else jax.tree.map(lambda a: a[0], extra)
-        x_BxLxD, (new_kv, _) = block_cls(cfg, self.dtype, deterministic=deterministic, name=name)(
-            x_BxLxD, positions_BxL, mask_BxLxS, cache_index,
-            (layer_kv, layer_extra, float(rates_n[0])))
-        if new_kv is not None:
-          new_kv = jax.tree.map(lambda a: a[None], new_kv)
-        if return_all_hidden:
-          hidden.append(x_BxLxD)
-      new_group_caches.append(new_kv)
+    def group_inputs(group, first, count):
+      return group_caches[group], _stack_extra(extra_kv, first, count)
+
+    embeddings_BxLxD = x_BxLxD
+    x_BxLxD, group_outputs = stack_lib.stack(
+        DecoderBlock, dict(config=cfg, dtype=self.dtype, collect_hidden=return_all_hidden,
+                           deterministic=deterministic, attention=self.attention),
+        x_BxLxD, positions_BxL, mask_Bx1xLxS, cache_index, depth=cfg.num_layers, scan=self.scan,
+        groups=self.layer_groups, remat=self.remat, unroll=self.unroll,
+        drop_path_rate=self.drop_path, group_inputs=group_inputs)
+    new_group_caches = [new_kv for new_kv, _ in group_outputs]
+    all_hidden = None
+    if return_all_hidden:
+      all_hidden = jnp.concatenate([embeddings_BxLxD[None]] + [h for _, h in group_outputs])
 
     if self.final_norm:
       x_BxLxD = _rms_norm(cfg.rms_norm_eps, self.dtype, "norm")(x_BxLxD)
@@ -442,7 +363,7 @@ class Decoder(nn.Module):
       new_cache = {"groups": tuple(new_group_caches), "segment_ids": cache_segments_BxS,
                    "positions": cache_positions_BxS, "index": cache_index + length}
     return DecoderOutput(hidden=x_BxLxD, logits=logits, cache=new_cache,
-                         all_hidden=None if hidden is None else jnp.stack(hidden))
+                         all_hidden=all_hidden)
 
 
 def _stack_extra(extra_kv: Mapping[int, ExtraKV] | None, first: int,

@@ -58,7 +58,7 @@ class ViT(nn.Module):
   remat: bool = False
   scan: bool = True
   unroll: int | bool | None = None  # layers.Encoder: None = auto (full on CPU, 1 on GPU/TPU)
-  attention: str = "auto"            # layers.ATTENTION_IMPLEMENTATIONS
+  attention: str = "auto"            # vlpre.nn.attention.IMPLEMENTATIONS
   dtype: Any = jnp.float32
 
   def __call__(self, image_BxHxWx3, *, train: bool = False):

@@ -107,7 +107,7 @@ class Bert(nn.Module):
   Attributes:
     config: the architecture.
     dtype: computation dtype (parameters stay float32).
-    attention: one of layers.ATTENTION_IMPLEMENTATIONS.
+    attention: one of vlpre.nn.attention.IMPLEMENTATIONS.
   """
   config: BertConfig
   dtype: Any = jnp.float32

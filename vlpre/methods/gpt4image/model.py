@@ -13,7 +13,7 @@ Outputs of `__call__(batch, train=...)`:
   text_temperature, label_smoothing   fixed loss hyperparameters (scalars).
 
 The backbone is looked up by name in `BACKBONES`; a new one is an entry there. BatchNorm
-(vlpre/models/resnet.py) keeps `batch_stats`, carried by the trainer in
+(vlpre/nn/resnet.py) keeps `batch_stats`, carried by the trainer in
 TrainState.model_state, and is synchronised over the global batch under jit;
 tests/test_gpt4image.py checks it.
 
@@ -152,7 +152,7 @@ class Model(nn.Module):
     width: ResNet first-stage channels.
     cifar_stem: ResNet stem for 32 px inputs.
     zero_init_residual: see ResNet.
-    vit: ViT keyword arguments (vlpre.models.vit.ViT; "variant" like "S/16" allowed).
+    vit: ViT keyword arguments (vlpre.nn.vit.ViT; "variant" like "S/16" allowed).
     text_dim: D of the description embeddings; 0 = no projector (the CE-only baseline).
     text_temperature: the FIXED InfoNCE temperature (paper: 0.2 CNN, 0.05 ViT).
     label_smoothing: ε of softmax_ce.

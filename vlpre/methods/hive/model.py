@@ -68,7 +68,7 @@ class ImageKV(nn.Module):
 
     def kv(name):
       return nn.Dense(cfg.num_kv_heads * cfg.head_dim, use_bias=False, dtype=self.dtype, name=name,
-                      kernel_init=layers.dense_init(("embed", "kv"), nn.initializers.normal(0.02)))(
+                      kernel_init=layers.dense_init(("embed", "kv_heads_fused"), nn.initializers.normal(0.02)))(
                           h_BxNxD).reshape(batch, n, cfg.num_kv_heads, cfg.head_dim)
 
     k_BxNxGxK, v_BxNxGxK = kv("k_proj"), kv("v_proj")

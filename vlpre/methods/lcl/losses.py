@@ -15,7 +15,7 @@ Model outputs they read:
   image_valid_BxM      True where the slot holds an image AND its `<soi>` is not the first
                        token of its document / packed segment (nothing precedes it).
   logit_scale          the inverse temperature, already exp(t') and clipped, as CLIP's
-                       model returns it (vlpre/models/two_tower.py): logits are its
+                       model returns it (vlpre/methods/two_tower/model.py): logits are its
                        multiple of the cosine.
   logits_BxLxV         the causal model's logits at every input position.
 and batch fields: tokens [B, L], target_mask [B, L] (1 where the NEXT token is a text

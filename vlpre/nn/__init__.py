@@ -1,0 +1,1 @@
+"""vlpre's transformer core: the one attention op and the one stack of blocks."""
