@@ -356,6 +356,7 @@ def test_missing_and_bad_images_are_dropped_and_counted(mmc4_docs, tmp_path, cli
   assert num_bad == 2 and num_dropped >= sum(dropped.values())
 
 
+@pytest.mark.integration
 def test_convert_cli_writes_the_recipe(flickr_docs, data_dir, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   result = subprocess.run(

@@ -192,7 +192,7 @@ def test_captioning_decodes_what_the_forward_predicts(scratch):
   assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_two_steps_on_8_devices_with_every_evaluator(data_dir, files, tmp_path):
   config = lcl_config(data_dir, files)
   last = train.run(config, str(tmp_path / "run"))

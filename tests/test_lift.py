@@ -76,6 +76,7 @@ def test_store_refuses_other_encoder_settings(data_dir, shard, tmp_path):
     embed.EmbeddingStore(config.text_cache, embed.encoder_settings(config))
 
 
+@pytest.mark.integration
 def test_lift_two_steps_with_the_llm_sharded_over_8_devices(data_dir, shard, tmp_path):
   config = lift_config(data_dir, shard)
   final = train.run(config, str(tmp_path / "run"))

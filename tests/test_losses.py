@@ -126,6 +126,7 @@ def test_l2_normalize_gradient_is_finite_at_zero():
   assert np.all(np.isfinite(np.asarray(grad)))
 
 
+@pytest.mark.integration
 def test_every_family_is_registered_when_the_package_is_imported():
   """No loss depends on some model file having been imported first."""
   code = ("import sys; from vlpre import losses; "
