@@ -205,6 +205,7 @@ def test_two_steps_on_8_devices_with_every_evaluator(data_dir, files, tmp_path):
     assert math.isfinite(last[key]), key
 
 
+@pytest.mark.slow
 def test_smollm2_switch_builds_and_runs(data_dir, files):
   config = lcl_config(data_dir, files, "tiny,llm=smollm2-135m")
   batch = _batch(config)
