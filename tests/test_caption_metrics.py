@@ -116,6 +116,7 @@ def test_tokenize_cases(text, tokens):
   assert " ".join(cm.tokenize(text)) == tokens
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(shutil.which("java") is None, reason="needs java for Stanford's PTBTokenizer")
 def test_tokenize_equals_coco_ptbtokenizer(data_dir, tmp_path):
   ptb = importlib.import_module("pycocoevalcap.tokenizer.ptbtokenizer")

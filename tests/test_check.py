@@ -164,6 +164,7 @@ def test_every_problem_at_once_one_line_each():
                                                  "init_from.workdir"]
 
 
+@pytest.mark.integration
 def test_main_check_flag(data_dir):
   """`python -m vlpre.main --check`: exit 1 with the problem's line, or 0 and "config OK"."""
   cmd = [sys.executable, "-m", "vlpre.main", "--check", "--config=configs/clip.py:tiny"]

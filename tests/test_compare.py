@@ -100,6 +100,7 @@ def test_errors(runs, tmp_path):
     compare.read_run(str(tmp_path / "nowhere"))
 
 
+@pytest.mark.integration
 def test_command_line_defaults_to_the_runs_folder(runs):
   result = subprocess.run([sys.executable, "-m", "vlpre.compare", "--workdirs=" + ",".join(runs)],
                           capture_output=True, text=True, check=True, cwd=ROOT)

@@ -108,6 +108,7 @@ def test_class_folders_round_trip(tmp_path):
   assert label == 0 and records[0]["__key__"] == "bird_img0"
 
 
+@pytest.mark.integration
 def test_cli(tmp_path):
   root = tmp_path / "classes"
   (root / "a").mkdir(parents=True)
@@ -163,6 +164,8 @@ def test_idx_round_trip_and_truncation(tmp_path):
 FASHION = "/usr/share/datasets/fashion-mnist"
 
 
+@pytest.mark.integration
+@pytest.mark.system_data
 def test_idx_real_fashion_mnist(tmp_path):
   """The real files of Debian's dataset-fashion-mnist (.ci/run installs it)."""
   assert os.path.isdir(FASHION), "apt-get install dataset-fashion-mnist (done by .ci/run)"

@@ -73,6 +73,7 @@ def test_a_stream_started_at_a_record_equals_the_later_batches_of_a_fresh_one(da
     data.build_train_dataset(config.input, start_record=-1, **kwargs)
 
 
+@pytest.mark.integration
 def test_resume_under_another_mesh_and_on_half_the_devices(tmp_path, data_dir, straight_losses):
   workdir = str(tmp_path / "elastic")
   train.run(_config(data_dir, 3), workdir)  # data=2, fsdp=4 on 8 devices; saves step 3
@@ -108,6 +109,7 @@ def test_resume_under_another_mesh_and_on_half_the_devices(tmp_path, data_dir, s
   assert spread.min() > 1e-5 * max(a.values()), a  # another batch would show
 
 
+@pytest.mark.integration
 def test_resume_under_another_process_count_starts_at_the_documented_record(
     tmp_path, data_dir, straight_losses):
   """A checkpoint marked as written by 2 processes resumes in this one process at global

@@ -153,7 +153,7 @@ def _max_diff(a, b):
   return float(np.abs(a - b).max())
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("case", ["clip", "siglip", "lift", "classifier"])
 def test_exported_tower_gives_vlpres_features(case, trained, images):
   config, workdir, out = trained(case)
@@ -212,7 +212,7 @@ def test_unsupported_options_are_refused_in_one_line(change, message, data_dir, 
   assert not os.path.exists(tmp_path / "hf")  # refused before anything is read or written
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_command_line_exports_on_one_device(trained, data_dir, tmp_path):
   """`python -m vlpre.export` in a 1-device process restores a checkpoint that 8 devices
   saved (a pod's run exported on a laptop) and writes the in-process export's weights."""

@@ -375,6 +375,7 @@ def _sigterm():
   os.kill(os.getpid(), signal.SIGTERM)
 
 
+@pytest.mark.integration
 def test_sigterm_in_an_evaluator_then_in_a_save(data_dir, tmp_path, monkeypatch, straight_losses):
   """SIGTERM during step 2's first evaluator, then (resumed) during step 4's checkpoint write.
 
@@ -410,6 +411,7 @@ def test_sigterm_in_an_evaluator_then_in_a_save(data_dir, tmp_path, monkeypatch,
   assert all(_evaluated(workdir)[step] == ["retrieval_a", "retrieval_b"] for step in (2, 4, 6))
 
 
+@pytest.mark.integration
 def test_nan_in_a_batch_stops_with_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch,
                                                              straight_losses):
   """A NaN image in step 3's batch: FloatingPointError, checkpoint 2 intact, nothing NaN logged.
@@ -433,6 +435,7 @@ def test_nan_in_a_batch_stops_with_the_last_good_checkpoint(data_dir, tmp_path, 
   assert _losses(workdir) == {s: straight_losses[s] for s in (1, 2)}
 
 
+@pytest.mark.integration
 def test_full_disk_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch, straight_losses):
   """Step 4's write fails with ENOSPC: one clear line; checkpoint 2 intact and resumable."""
   config, workdir = fault_config(data_dir, evals=False), str(tmp_path)
@@ -522,6 +525,7 @@ def _tail(log):
   return "\n".join(log.splitlines()[-25:])
 
 
+@pytest.mark.integration
 def test_kill_9_anywhere_and_sigterm_mid_step_then_resume(data_dir, tmp_path, main_env,
                                                           straight_losses):
   """`python -m vlpre.main` killed (kill -9) at a random moment, in an evaluator and in a
@@ -554,6 +558,7 @@ def test_kill_9_anywhere_and_sigterm_mid_step_then_resume(data_dir, tmp_path, ma
   assert status == 0 and "the run is finished; nothing left to run" in log, _tail(log)
 
 
+@pytest.mark.integration
 def test_staged_run_stopped_mid_stage_exits_with_the_requeue_status(data_dir, tmp_path, main_env):
   config, workdir = _config_file(data_dir, tmp_path) + ":staged", str(tmp_path / "staged")
   status, log = _main("sigterm_in_step", config, workdir, main_env)

@@ -327,7 +327,7 @@ def test_llm_class_prompts_give_distinct_descriptions_and_match_the_decoder():
 # ------------------------------------------------------------------ stages 2 + 3: train
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_two_steps_with_the_text_loss_on_8_devices(cifar_shard, tmp_path, data_dir):
   keys = _shard_keys(cifar_shard)
   config = _cifar_config(tmp_path, cifar_shard)

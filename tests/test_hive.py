@@ -85,7 +85,7 @@ def test_captioner_loss_reaches_the_image_and_greedy_decoding_matches_the_forwar
   assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_stages_freeze_what_they_say_and_resume_inside_a_stage(data_dir, shards, tmp_path,
                                                                monkeypatch):
   config = hive_config(data_dir, *shards, steps=(1, 2, 1))

@@ -369,6 +369,7 @@ def _convert_interleaved(data_dir, out_dir, *extra):
       cwd=os.path.dirname(os.path.dirname(__file__)))
 
 
+@pytest.mark.integration
 def test_convert_cli_writes_the_recipe(flickr_docs, data_dir, tmp_path):
   result = _convert_interleaved(data_dir, tmp_path)
   assert result.returncode == 0, result.stderr
@@ -377,6 +378,7 @@ def test_convert_cli_writes_the_recipe(flickr_docs, data_dir, tmp_path):
   assert (tmp_path / "val.jsonl").read_bytes() == open(path, "rb").read()
 
 
+@pytest.mark.integration
 def test_convert_cli_skip_existing_leaves_the_file(data_dir, tmp_path):
   out = tmp_path / "val.jsonl"
   out.write_text("kept\n")

@@ -15,6 +15,8 @@ import subprocess
 
 import pytest
 
+pytestmark = pytest.mark.integration  # every test starts bash (and shellcheck) subprocesses
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["launch/tpu_vm.sh", "launch/gpu.sh", "launch/slurm.sh", "launch/slurm.sbatch"]
 

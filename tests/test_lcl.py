@@ -192,7 +192,7 @@ def test_captioning_decodes_what_the_forward_predicts(scratch):
   assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_two_steps_on_8_devices_with_every_evaluator(data_dir, files, tmp_path):
   config = lcl_config(data_dir, files)
   last = train.run(config, str(tmp_path / "run"))
@@ -205,6 +205,7 @@ def test_two_steps_on_8_devices_with_every_evaluator(data_dir, files, tmp_path):
     assert math.isfinite(last[key]), key
 
 
+@pytest.mark.slow
 def test_smollm2_switch_builds_and_runs(data_dir, files):
   config = lcl_config(data_dir, files, "tiny,llm=smollm2-135m")
   batch = _batch(config)

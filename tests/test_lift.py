@@ -46,6 +46,7 @@ def _first_batch(config):
   return next(iter(ds))
 
 
+@pytest.mark.slow
 def test_online_and_cached_modes_give_the_same_loss(data_dir, shard, tmp_path):
   online = lift_config(data_dir, shard)
   cached = copy.deepcopy(online)
@@ -68,6 +69,7 @@ def test_online_and_cached_modes_give_the_same_loss(data_dir, shard, tmp_path):
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_store_refuses_other_encoder_settings(data_dir, shard, tmp_path):
   config = lift_config(data_dir, shard, encoder="minilm-l6", mode="cached")
   config.text_cache = str(tmp_path / "store")
@@ -77,6 +79,7 @@ def test_store_refuses_other_encoder_settings(data_dir, shard, tmp_path):
     store_lib.EmbeddingStore(config.text_cache, store_lib.encoder_settings(config))
 
 
+@pytest.mark.integration
 def test_lift_two_steps_with_the_llm_sharded_over_8_devices(data_dir, shard, tmp_path):
   config = lift_config(data_dir, shard)
   final = train.run(config, str(tmp_path / "run"))
@@ -93,6 +96,7 @@ def test_lift_two_steps_with_the_llm_sharded_over_8_devices(data_dir, shard, tmp
   assert opt_leaves <= 2 * trainable + 16
 
 
+@pytest.mark.slow
 def test_embed_shards_the_encoder_over_the_mesh(data_dir, shard):
   from vlpre import sharding  # pylint: disable=g-import-not-at-top
   config = lift_config(data_dir, shard)
@@ -109,6 +113,7 @@ def test_embed_shards_the_encoder_over_the_mesh(data_dir, shard):
                              rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_centred_targets_match_online_and_cached(data_dir, shard, tmp_path):
   online = lift_config(data_dir, shard, encoder="minilm-l6")
   online.text_encoder.center = True

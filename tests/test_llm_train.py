@@ -31,7 +31,7 @@ def shard(data_dir, tmp_path_factory):
   return helpers.small_shard(data_dir, tmp_path_factory.mktemp("lm"), num_samples=16)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_two_steps_train_smollm2_on_captions_over_8_devices(data_dir, shard, tmp_path):
   config = lm_config(data_dir, shard)
   tokenizer = methods.build_tokenizer(config)

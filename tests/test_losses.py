@@ -125,6 +125,7 @@ def test_l2_normalize_gradient_is_finite_at_zero():
   assert np.all(np.isfinite(np.asarray(grad)))
 
 
+@pytest.mark.integration
 def test_every_shared_family_is_registered_when_the_package_is_imported():
   """No shared loss depends on some method having been imported first."""
   code = ("import sys; from vlpre import losses; "

@@ -166,6 +166,7 @@ def _checkpoint_steps(workdir):
   return sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
 
 
+@pytest.mark.integration
 def test_two_processes_train_like_one_through_a_kill_and_resume(data_dir, tmp_path, monkeypatch):
   config, workdir = _config_file(data_dir, tmp_path), str(tmp_path / "run")
   keys_file = str(tmp_path / "keys.jsonl")
@@ -254,6 +255,7 @@ def embed_config(data_dir, shard, cache):
   return c
 
 
+@pytest.mark.integration
 def test_two_processes_build_the_store_one_process_builds(data_dir, tmp_path):
   """`python -m vlpre.embed` in 2 processes (the encoder sharded over both): process 0
   writes, and the store equals a 1-process × 8-device build of the same captions."""
@@ -318,6 +320,7 @@ def test_detect_reads_flags_over_environment_and_the_cluster_switch():
   assert distributed.detect(env={"SLURM_STEP_NUM_TASKS": "1"}) is None  # srun, 1 task
 
 
+@pytest.mark.integration
 def test_a_bad_launch_exits_with_one_line(data_dir, tmp_path):
   status, line = _check_run([f"--config={_config_file(data_dir, tmp_path)}",
                              "--coordinator_address=localhost:1", "--num_processes=2",
@@ -325,6 +328,7 @@ def test_a_bad_launch_exits_with_one_line(data_dir, tmp_path):
   assert status == 1 and line == "vlpre: process id 2 is not in [0, 2) for 2 processes", line
 
 
+@pytest.mark.integration
 def test_unreachable_coordinator_is_one_line(data_dir, tmp_path):
   port = _free_port()  # nothing listens there
   status, line = _check_run(
@@ -336,6 +340,7 @@ def test_unreachable_coordinator_is_one_line(data_dir, tmp_path):
                   f"0 there, or fix the address"), line
 
 
+@pytest.mark.integration
 def test_taken_port_is_one_line(data_dir, tmp_path):
   with socket.socket() as taken:  # JAX's coordinator binds [::]:PORT, which includes IPv4
     taken.bind(("", 0))
@@ -348,6 +353,7 @@ def test_taken_port_is_one_line(data_dir, tmp_path):
                                   f"as process 0: port {port} is taken on this host"), line
 
 
+@pytest.mark.integration
 def test_num_processes_mismatch_is_one_line(data_dir, tmp_path):
   """Process 1 thinks the run has 3 processes; the run process 0 started has 2."""
   config, port = _config_file(data_dir, tmp_path), _free_port()

@@ -82,7 +82,7 @@ def _images(nb) -> int:
              if "image/png" in o.get("data", {}))
 
 
-@pytest.mark.slow
+@pytest.mark.notebook
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_notebook_runs(name, tmp_path):
   parameters, expected, learns = TINY[name]

@@ -93,6 +93,7 @@ def test_online_lift_trims_unless_told_not_to():
   assert lift.input_extras(config).batch_transform is None
 
 
+@pytest.mark.integration
 def test_data_wait_is_logged_in_metrics_jsonl(tmp_path, data_dir):
   config = helpers.tiny_clip_config(data_dir, total_steps=2)
   config.evals = {}

@@ -69,6 +69,7 @@ def test_uris_stay_uris_and_other_schemes_are_one_line_errors(tmp_path, monkeypa
     train.run(helpers.tiny_clip_config("unused"), "memory://run")
 
 
+@pytest.mark.integration
 def test_train_and_resume_in_a_bucket(tmp_path, data_dir, fake_gcs, monkeypatch):
   config = helpers.tiny_clip_config(data_dir, total_steps=4)
   config.evals = {}

@@ -114,6 +114,7 @@ def minilm_folder():
 # ------------------------------------------------------------------ (1) SmolLM2 parity
 
 
+@pytest.mark.slow
 def test_smollm2_hidden_states_match_pytorch(smollm2_hidden, smollm2_torch_hidden,
                                              smollm2_batch):
   valid = smollm2_batch[1].astype(bool)
@@ -125,6 +126,7 @@ def test_smollm2_hidden_states_match_pytorch(smollm2_hidden, smollm2_torch_hidde
                           smollm2_torch_hidden[row][valid[row]]) <= 1e-4
 
 
+@pytest.mark.slow
 def test_smollm2_embedding_is_normalised_last_token_state(smollm2, smollm2_batch,
                                                           smollm2_embedding,
                                                           smollm2_torch_hidden):
@@ -137,6 +139,7 @@ def test_smollm2_embedding_is_normalised_last_token_state(smollm2, smollm2_batch
   np.testing.assert_allclose(embedding_BxD, reference_BxD, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_smollm2_config_from_gguf(smollm2, smollm2_torch):
   ours, theirs = smollm2.hf_config, smollm2_torch.config
   for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -244,6 +247,7 @@ def test_pooling_kinds_match_naive_numpy():
     pool_hidden_states(hidden_BxLxD, ids_BxL, mask_BxL, "max")
 
 
+@pytest.mark.slow
 def test_eos_and_last_pooling_agree_for_smollm2(smollm2, smollm2_batch):
   ids_BxL, mask_BxL = smollm2_batch
   variables = {"params": smollm2.params}
@@ -256,6 +260,7 @@ def test_eos_and_last_pooling_agree_for_smollm2(smollm2, smollm2_batch):
 # ------------------------------------------------------------------------ (4) tokenizer
 
 
+@pytest.mark.slow
 def test_smollm2_tokenizer(smollm2, smollm2_batch):
   tokenizer = smollm2.tokenizer
   assert tokenizer.pad_id == tokenizer.eos_id == SMOLLM2_EOS
@@ -281,6 +286,7 @@ def test_smollm2_tokenizer(smollm2, smollm2_batch):
   np.testing.assert_array_equal(ids_BxL[0, :7], smollm2_tokenizer_ids(smollm2, CAPTIONS[2])[:7])
 
 
+@pytest.mark.slow
 def test_instruction_prefix(smollm2):
   instruction = "Represent this image caption: "
   tokenizer = text_encoders.TextTokenizer(
@@ -296,6 +302,7 @@ def test_instruction_prefix(smollm2):
     text_encoders.TextTokenizer(smollm2.tokenizer.backend, pad_id=2, template="no slot")
 
 
+@pytest.mark.slow
 def test_prompteol_template_tokenises_whole_and_truncates_only_the_text(smollm2):
   template = 'This sentence : "{text}" means in one word:"'
   tokenizer = text_encoders.TextTokenizer(smollm2.tokenizer.backend, pad_id=2, eos_id=2,
@@ -342,6 +349,7 @@ def test_unknown_name_or_path_is_a_clear_error(tmp_path):
 # ------------------------------------------------- using the encoder inside a trainer
 
 
+@pytest.mark.slow
 def test_local_folder_with_bf16_safetensors(smollm2, tmp_path):
   """A HF folder (bf16 safetensors + tokenizer.json) loads like the GGUF it came from."""
   import safetensors.torch
@@ -398,6 +406,7 @@ def test_local_folder_with_flax_weights(minilm, minilm_folder, tmp_path):
   assert folder_encoder.pooling == "mean" and folder_encoder.dim == 384
 
 
+@pytest.mark.slow
 def test_encoder_as_frozen_submodule_with_sharded_weights(smollm2, smollm2_batch):
   """The trainer's pattern: LLM weights as a separate, sharded, non-differentiated input."""
   # SmolLM2's first 4 layers: real weights and code path, a quarter of the compile time.
@@ -447,6 +456,7 @@ def test_encoder_as_frozen_submodule_with_sharded_weights(smollm2, smollm2_batch
   np.testing.assert_allclose(loss, expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_param_logical_axes(smollm2, minilm):
   for encoder in (smollm2, minilm):
     axes = encoder.logical_axes()
@@ -467,6 +477,7 @@ def test_param_logical_axes(smollm2, minilm):
   assert axes["norm"]["scale"] == ("norm",)
 
 
+@pytest.mark.slow
 def test_bf16_computation_stays_close(smollm2, smollm2_batch, smollm2_embedding):
   ids_BxL, mask_BxL = smollm2_batch
   bf16_module = smollm2.module.clone(

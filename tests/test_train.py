@@ -12,6 +12,7 @@ from vlpre import evaluate, metrics, methods, train
 from tests import helpers
 
 
+@pytest.mark.integration
 def test_interrupted_run_resumes_and_matches_uninterrupted(tmp_path, data_dir):
   config = helpers.tiny_clip_config(data_dir, total_steps=6)
   straight = tmp_path / "straight"
@@ -43,6 +44,7 @@ def test_interrupted_run_resumes_and_matches_uninterrupted(tmp_path, data_dir):
     np.testing.assert_allclose(standalone[name], final[name], atol=1e-6)
 
 
+@pytest.mark.integration
 def test_nan_loss_stops_with_last_good_checkpoint_intact(tmp_path, data_dir):
   config = helpers.tiny_clip_config(data_dir, total_steps=6)
   config.checkpoint.every_steps = 1
@@ -100,6 +102,7 @@ def test_bad_sample_guard():
     guard.update(10, 0)
 
 
+@pytest.mark.integration
 def test_lit_locks_the_image_tower_loaded_from_another_run(tmp_path, data_dir):
   """LiT: image tower initialised from a CLIP workdir and frozen by regex; text side trains."""
   clip = helpers.tiny_clip_config(data_dir, total_steps=2)
