@@ -116,8 +116,8 @@ class GGUFCheckpoint:
     Uses transformers' own GGUF metadata -> config key table so both readers agree.
     """
     # Imported here: transformers takes seconds to import and only loading needs it.
-    import transformers  # pylint: disable=g-import-not-at-top
-    from transformers.integrations import ggml  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top  (heavy: GGUF tokenizers only)
+    from transformers.integrations import ggml  # pylint: disable=g-import-not-at-top  (heavy: GGUF tokenizers only)
     arch = self.architecture
     kwargs: dict[str, Any] = {}
     for gguf_key, hf_key in ggml.GGUF_CONFIG_MAPPING[arch].items():
@@ -148,7 +148,7 @@ class GGUFCheckpoint:
     Args:
       skip: HF names not to dequantize.
     """
-    from gguf.quants import dequantize  # pylint: disable=g-import-not-at-top
+    from gguf.quants import dequantize  # pylint: disable=g-import-not-at-top  (only GGUF loading needs it)
     num_heads = self.metadata[f"{self.architecture}.attention.head_count"]
     num_kv_heads = self.metadata.get(f"{self.architecture}.attention.head_count_kv", num_heads)
     state: StateDict = {}

@@ -16,11 +16,11 @@ BERT encoder (`vlpre.text_encoders.bert`), loaded from the checkpoint's PyTorch-
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlpre import llm as llm_lib
+from vlpre.data import text_batching
 from vlpre.llm.assets import MissingAssetError
 from vlpre.llm.assets import PACKAGED_ASSETS
 from vlpre.llm.tokenizer import TextTokenizer
@@ -91,7 +92,6 @@ class FrozenTextEncoder:
     Returns:
       float32 [len(texts), dim].
     """
-    from vlpre.data import text_batching  # pylint: disable=g-import-not-at-top
     if not len(texts):
       return np.zeros((0, self.dim), np.float32)
     apply = self._jitted_apply
