@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlpre.nn import layers
+from vlpre.nn import stack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +89,10 @@ class BertBlock(nn.Module):
   attention: str = "auto"
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, mask_BxL: jax.Array) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, mask_BxL: jax.Array, layer_inputs=(None, 0.0)):
+    """(x_BxLxD, None), as vlpre.nn.stack runs a block; `layer_inputs` is unused (no
+    per-block inputs, no drop-path: a frozen encoder)."""
+    del layer_inputs
     c = self.config
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "act_embed"))
     y_BxLxD = layers.Attention(c.num_heads, dtype=self.dtype, implementation=self.attention,
@@ -98,7 +102,7 @@ class BertBlock(nn.Module):
     h_BxLxF = nn.with_logical_constraint(nn.gelu(h_BxLxF, approximate=False),
                                          ("batch", "length", "act_mlp"))
     y_BxLxD = _dense(c.hidden_size, ("mlp", "embed"), self.dtype, "mlp_out")(h_BxLxF)
-    return _layer_norm(c, self.dtype, "ln_mlp")(x_BxLxD + y_BxLxD)
+    return _layer_norm(c, self.dtype, "ln_mlp")(x_BxLxD + y_BxLxD), None
 
 
 class Bert(nn.Module):
@@ -128,9 +132,10 @@ class Bert(nn.Module):
         + _embed(c.type_vocab_size, c.hidden_size, (None, "embed"), self.dtype,
                  "type_embed")(jnp.zeros_like(positions_1xL)))
     x_BxLxD = _layer_norm(c, self.dtype, "ln_embed")(x_BxLxD)
-    for i in range(c.num_layers):
-      x_BxLxD = BertBlock(c, self.dtype, self.attention, name=f"block_{i}")(
-          x_BxLxD, attention_mask_BxL)
+    # One parameter subtree per block (block_0, block_1, ...), as the checkpoints name them.
+    x_BxLxD, _ = stack.stack(BertBlock, dict(config=c, dtype=self.dtype, attention=self.attention),
+                             x_BxLxD, attention_mask_BxL, depth=c.num_layers, scan=False,
+                             layer_name="block")
     return x_BxLxD
 
 
