@@ -22,7 +22,7 @@ def hive_config(data_dir, shard, cifar_shard, mode="hive", steps=(1, 1, 1)):
   c.input.train, c.input.data_dir = shard, data_dir
   c.input.image_size, c.input.resize_size, c.input.max_text_len = 32, 32, 16
   c.model.image = dict(patch_size=8, width=32, depth=2, mlp_dim=64, num_heads=2, pool="mean")
-  c.hive.num_layers, c.hive.pairs = 2, ((1, 1), (2, 2))
+  c.hive.llm.num_layers, c.hive.pairs = 2, ((1, 1), (2, 2))
   c.batch_size, c.log_every = 8, 1
   c.mesh = (("data", 2), ("fsdp", 4), ("tensor", 1))
   c.min_fsdp_size = 2**16

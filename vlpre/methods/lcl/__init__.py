@@ -13,7 +13,7 @@ METHOD = methods.Method(
     build=model.build,
     build_tokenizer=model.build_tokenizer,
     losses=losses.LOSSES,
-    pretrained=(methods.PretrainedField("lcl", "llm"),),
+    pretrained=(methods.PretrainedField("lcl.llm", "name"),),
     compare=(methods.CompareRun("LCL", "lcl", (
         ("vlpre.data.convert", "--mode=interleaved", "--pairs=flickr8k/train-*.tar",
          f"--out_dir={_INTERLEAVED}", "--split=train", "--skip_existing"),
