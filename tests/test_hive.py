@@ -130,13 +130,14 @@ def test_stages_freeze_what_they_say_and_resume_inside_a_stage(data_dir, shards,
 
   # The trained captioner as GPT4Image's describer: one caption per training image.
   from vlpre.methods.gpt4image import describe  # pylint: disable=g-import-not-at-top
+  from vlpre.text_encoders import store  # pylint: disable=g-import-not-at-top
   g = config_lib.load(os.path.join(ROOT, "configs", "gpt4image.py") + ":tiny")
   g.input.train, g.input.data_dir = shards[1], data_dir
   g.describe.backend, g.describe.output_dir = "vlpre-captioner", str(tmp_path / "descriptions")
   g.describe.max_new_tokens = 4
   g.describe.captioner = dict(config=config, workdir=workdir, batch_size=8)
   path = describe.describe(g, progress=False)
-  table = describe.read_descriptions(path)
+  table = store.read_descriptions(path)
   keys, _ = describe.training_samples(g)
   assert sorted(table) == sorted(keys) and all(len(v) == 1 and v[0] for v in table.values())
   assert describe.describe(g, progress=False) == path  # complete: a rerun is a no-op
