@@ -19,6 +19,7 @@ The results table, every variant at equal compute: `python bench/bridge_table.py
 import ml_collections as mlc
 
 from vlpre import config_lib
+from vlpre import llm as llm_lib
 
 TARGETS = {  # name → (data_dir, train glob, test glob, classes); None: ../shared/data
     "cifar10": (None, "cifar10/train-*.tar", "cifar10/test-*.tar", 10),
@@ -37,16 +38,16 @@ def get_config(arg=None):
   data_dir, train, test, num_classes = TARGETS[opts.get("target", "cifar10")]
   c = config_lib.base("tiny" if tiny else None)
   c.bridge = dict(
-      llm="smollm2-135m",     # any checkpoint vlpre.llm loads (the paper: GPT-2 Medium, Qwen3-8B)
-      num_layers=4 if tiny else 0,  # the first N blocks (0: all)
-      causal=True,            # as pretrained; False: bidirectional
-      layer_groups=(),        # scanned groups, e.g. (2, 2), for freezing by regex
+      # Any checkpoint vlpre.llm loads (the paper: GPT-2 Medium, Qwen3-8B); its section
+      # (vlpre.llm.SECTION) also says num_layers (the first N blocks, 0: all), causal
+      # (False: bidirectional) and layer_groups (e.g. (2, 2), for freezing by regex).
+      llm=llm_lib.config_section("smollm2-135m", num_layers=4 if tiny else 0),
       pretrained=opts.get("init", "pretrained") == "pretrained",  # False: random init
       drop_path=0.1,          # stochastic depth of the last block (the paper: 0.1)
       # Share of labels reassigned to another class (0: true labels; stage 2 uses those).
       random_label_ratio=0.0 if finetune else 1.0)
   if opts.get("freeze", "none") != "none":
-    c.bridge.layer_groups, frozen = FREEZE[opts["freeze"]]
+    c.bridge.llm.layer_groups, frozen = FREEZE[opts["freeze"]]
     if not finetune:
       c.frozen = frozen       # stage 2 fine-tunes every block
   c.input = config_lib.image_input(

@@ -16,6 +16,7 @@ The results table: `python bench/gpt4image_table.py` (docs/gpt4image.md).
 import ml_collections as mlc
 
 from vlpre import config_lib
+from vlpre import llm as llm_lib
 
 VARIANTS = ("tiny_resnet", "tiny_vit", "resnet50", "deit_s")
 TEXT_LOSSES = ("text_infonce", "text_infonce_oneway", "text_byol")
@@ -56,7 +57,8 @@ def get_config(arg=None):
       # backend=vlpre-captioner: a trained vlpre captioner (e.g. HIVE) writes one caption
       # per training image; its config and run (a staged run: the last stage's export).
       captioner=dict(config="configs/hive.py:tiny", workdir="workdirs/hive_tiny", batch_size=100),
-      llm="smollm2-135m",    # backend=llm-class-prompts: the packaged instruct LLM
+      # backend=llm-class-prompts: the packaged instruct LLM (vlpre.llm.SECTION's shape)
+      llm=llm_lib.config_section("smollm2-135m"),
       classnames="cifar10" if tiny else "imagenet",  # folder of classnames.json in data_dir
       per_class=8,           # distinct descriptions per class; an image gets one by key hash
       max_new_tokens=48,

@@ -17,6 +17,7 @@ stage_steps=N or N/N/N (the stages' steps; `make compare` sets it from HIVE_STAG
 import ml_collections as mlc
 
 from vlpre import config_lib
+from vlpre import llm as llm_lib
 
 
 def get_config(arg=None):
@@ -29,12 +30,11 @@ def get_config(arg=None):
   c.model_name = "hive"
   c.model = dict(image=config_lib.vit(size, pool=opts.get("pool", "mean")))
   c.hive = dict(
-      llm="smollm2-135m",   # the paper: MobileLLM-600M
+      # The LLM (vlpre.llm.SECTION: name, revision, dtype, layer_groups, remat, num_layers...).
+      llm=llm_lib.config_section("smollm2-135m"),  # the paper: MobileLLM-600M
       mode=opts.get("mode", "hive"),  # hive | sa (the LLaVA-style baseline)
       # (ViT block → LLM layer), 1-based; each pair has its own projector and image K/V.
       pairs=((3, 8), (6, 16), (9, 24), (12, 30)),
-      layer_groups=(),      # the LLM's scanned groups
-      remat="none",
       bos_id=-1)            # the caption's first input token (-1: the LLM's BOS)
   c.losses = {"lm": 1.0}  # next-token loss on the caption (and EOS) only
   # The ViT from another vlpre run (its `img` tower), or from scratch when workdir is "".

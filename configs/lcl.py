@@ -1,7 +1,7 @@
 """LCL: Latent Compression Learning on interleaved image-text data (arXiv 2406.07543).
 
 A ViT from scratch and a causal model on packed interleaved rows, L = λ·L_con + L_gen
-(vlpre/models/lcl.py, vlpre/losses/lcl.py; METHODS.md § LCL). The interleaved training
+(vlpre/methods/lcl/: model.py, losses.py, data.py; METHODS.md § LCL). The interleaved training
 set is built once from Flickr8k train (2-4 consecutive images per document, each followed
 by one of its captions; the images stay in the shards):
   python -m vlpre.data.convert --mode=interleaved --pairs='flickr8k/train-*.tar' \
@@ -19,8 +19,9 @@ Options after the variant, comma-separated:
   paired               paired data only (input.mix = 1.0): Flickr8k train pairs as 2-element
                        documents, image first with probability 0.5
   contrastive          L_con only;  generation: L_gen only
-  llm=smollm2-135m     the causal model is the packaged SmolLM2 (beyond the paper); its
-                       tokenizer; `--config.lcl.num_layers=N` keeps its first N layers
+  llm=smollm2-135m     the causal model is the packaged SmolLM2 (beyond the paper), and
+                       its tokenizer (sets lcl.llm.name); `--config.lcl.llm.num_layers=N`
+                       keeps its first N layers
 λ: `--config.lcl.contrastive_weight=0.3` (linked to losses.lcl_contrastive).
 """
 import os
@@ -28,6 +29,7 @@ import os
 import ml_collections as mlc
 
 from vlpre import config_lib
+from vlpre import llm as llm_lib
 from vlpre.methods.lcl import data as lcl_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,13 +63,15 @@ def get_config(arg=None):
   c.model = dict(image=vit)
   weight = mlc.FieldReference(0.1)
   c.lcl = dict(
-      llm=opts.get("llm", ""),  # "": (a) from scratch, the paper; "smollm2-135m": (b)
-      num_layers=0,             # (b): keep the LLM's first N layers (0: all; tests: 2)
+      # The causal model (vlpre.llm.SECTION). name "": (a) from scratch, the paper, whose
+      # decoder still takes the section's remat / dtype / scan; "smollm2-135m": (b), whose
+      # num_layers keeps the LLM's first N layers (0: all; tests: 2).
+      llm=llm_lib.config_section(opts.get("llm", ""),
+                                 remat="none" if tiny else "dots_no_batch"),
       # (a): the from-scratch causal model on the CLIP BPE vocabulary + 3 special tokens
       # (the paper: a CLIP-style 12-layer text transformer, width 512).
       decoder=dict(width=192, depth=4, num_heads=3, mlp_dim=768) if tiny else
       dict(width=512, depth=12, num_heads=8, mlp_dim=2048),
-      remat="none" if tiny else "dots_no_batch",  # the decoder's (vlpre.nn.stack.REMAT_POLICIES)
       embed_dim=256 if tiny else 512,  # E: the contrastive space
       contrastive_weight=weight)       # λ of L = λ·L_con + L_gen (the paper: 0.1)
   if "contrastive" in opts:
@@ -77,7 +81,7 @@ def get_config(arg=None):
   else:
     c.losses = {"lcl_contrastive": weight, "lcl_generation": 1.0}
   c.batch_size = 16 if tiny else 4096  # rows; tiny: ≈ 4 images per row
-  if c.lcl.llm:  # a pretrained causal model learns slower than one from scratch
+  if c.lcl.llm.name:  # a pretrained causal model learns slower than one from scratch
     c.optim.update(lr=1e-4 if tiny else 5e-5)
   elif not tiny:
     c.optim.update(lr=3e-4)  # the paper's MMC4 rate

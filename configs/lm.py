@@ -8,15 +8,16 @@ Freeze the first 10 of SmolLM2's 30 layers:
       --config.frozen="('llm/layers_0to9/.*',)" --workdir=workdirs/lm_tiny_frozen10
 """
 from vlpre import config_lib
+from vlpre import llm as llm_lib
 
 
 def get_config(arg=None):
   tiny = arg == "tiny"
   c = config_lib.base(arg)
-  c.llm = dict(
-      name="smollm2-135m",  # any Llama / Mistral / Qwen2 / Qwen3 checkpoint vlpre.llm loads
-      layer_groups=(),      # scanned groups, e.g. (10, 20): their own subtrees for freezing
-      remat="none" if tiny else "dots_no_batch")  # vlpre.nn.stack.REMAT_POLICIES
+  # Any Llama / Mistral / Qwen2 / Qwen3 checkpoint vlpre.llm loads; the section's other
+  # fields (vlpre.llm.SECTION): layer_groups, e.g. (10, 20), their own subtrees for
+  # freezing; remat (vlpre.nn.stack.REMAT_POLICIES); revision, num_layers, dtype...
+  c.llm = llm_lib.config_section("smollm2-135m", remat="none" if tiny else "dots_no_batch")
   c.input = config_lib.image_input(arg, max_text_len=32 if tiny else 77)
   c.model_name = "lm"
   c.model = dict()

@@ -130,8 +130,12 @@ def test_unknown_and_undownloadable_llm_names():
   c.text_encoder.revision = "a" * 40
   assert check.check_config(c) == []  # allowed and pinned (not fetched by the check)
   c = load_config("bridge", "tiny")
-  c.bridge.llm = "no-such-llm"
-  assert only_problem(c).startswith("bridge.llm: model 'no-such-llm'")
+  c.bridge.llm.name = "no-such-llm"
+  assert only_problem(c).startswith("bridge.llm.name: model 'no-such-llm'")
+  c.bridge.llm.name = "HuggingFaceTB/SmolLM2-360M"  # an LLM section's own download fields
+  assert "set bridge.llm.allow_download=True and pin bridge.llm.revision" in only_problem(c)
+  c.bridge.llm.update(allow_download=True, revision="a" * 40)
+  assert check.check_config(c) == []
 
 
 def test_resolve_never_downloads_unless_allowed_and_pinned():

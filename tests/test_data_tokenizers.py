@@ -10,6 +10,7 @@ import pytest
 import regex as re
 
 from vlpre.data import tokenizers
+from vlpre.llm import assets
 
 
 class NaiveClipTokenizer:
@@ -184,13 +185,22 @@ def test_registry(clip_tok):
   assert isinstance(clip_tok, tokenizers.Tokenizer)
 
   class Dummy:
-    vocab_size, pad_id = 10, 0
+    vocab_size, pad_id, bos_id, eos_id, special_ids = 10, 0, None, None, frozenset()
 
     def __init__(self, scale=1):
       self.scale = scale
 
+    def encode(self, text):
+      return [1] * len(text)
+
     def encode_batch(self, texts, max_len):
       return np.zeros((len(texts), max_len), np.int32), np.zeros((len(texts), max_len), np.int32)
+
+    def decode(self, ids, skip_special_tokens=True):
+      return ""
+
+    def token_to_id(self, token):
+      return None
 
   tokenizers.register_tokenizer("test_dummy", Dummy)
   try:
@@ -202,3 +212,53 @@ def test_registry(clip_tok):
     tokenizers._REGISTRY.pop("test_dummy", None)
   with pytest.raises(KeyError, match="clip_bpe"):
     tokenizers.get_tokenizer("nope")
+
+
+# ------------------------------------------------------------------------ the protocol
+
+
+def _built_tokenizers():
+  """Every kind of tokenizer vlpre builds: each registered one, and the TextTokenizer of a
+  GGUF decoder (SmolLM2) and of a Hugging Face folder encoder (MiniLM, BERT-style)."""
+  built = {name: tokenizers.get_tokenizer(name) for name in tokenizers.registered_tokenizers()}
+  for name in ("smollm2-135m", "minilm-l6"):
+    built[name] = assets.read_source(name).tokenizer
+  return built
+
+
+def test_every_tokenizer_implements_the_whole_protocol():
+  for name, tok in _built_tokenizers().items():
+    assert isinstance(tok, tokenizers.Tokenizer), name
+    ids_BxL, mask_BxL = tok.encode_batch(["a dog runs", "two cats"], 12)
+    assert ids_BxL.shape == mask_BxL.shape == (2, 12) and ids_BxL.dtype == np.int32, name
+    text_ids = tok.encode("a dog runs")
+    assert text_ids and not set(text_ids) & tok.special_ids, name
+    row = ids_BxL[0, :mask_BxL[0].sum()].tolist()
+    assert [i for i in row if i not in tok.special_ids] == text_ids, (name, row, text_ids)
+    if tok.bos_id is not None:
+      assert row[0] == tok.bos_id and tok.bos_id in tok.special_ids, name
+    if tok.eos_id is not None:
+      assert tok.eos_id in tok.special_ids, name
+    assert tok.decode(row).strip().lower() == "a dog runs", name
+    assert all(isinstance(getattr(tok, a), int) for a in ("vocab_size", "pad_id")), name
+
+
+def test_clip_and_smollm2_protocol_values():
+  built = _built_tokenizers()
+  clip, smollm2 = built["clip_bpe"], built["smollm2-135m"]
+  assert (clip.vocab_size, clip.pad_id, clip.bos_id, clip.eos_id) == (49408, 0, 49406, 49407)
+  assert clip.special_ids == {49406, 49407}
+  assert clip.token_to_id("<end_of_text>") == 49407 and clip.token_to_id("no such") is None
+  ids = clip.encode_batch(["a dog"], 8)[0][0].tolist()
+  assert clip.decode(ids, skip_special_tokens=False) == "<start_of_text>a dog <end_of_text>"
+  # ids past the vocabulary (LCL's image tokens) have no text; decoding ends at the EOS
+  assert clip.decode([49408, 49409] + ids[1:] + [320]) == "a dog"
+  # SmolLM2: <|im_end|> (id 2) ends texts and pads; no BOS (packaged asset's settings)
+  assert (smollm2.vocab_size, smollm2.pad_id, smollm2.bos_id, smollm2.eos_id) == (49152, 2, None, 2)
+  assert smollm2.special_ids == {2} and smollm2.token_to_id("<|im_end|>") == 2
+  assert smollm2.encode("<|im_start|>user") == [1, 4093]
+  ids_BxL, mask_BxL = smollm2.encode_batch(["a dog"], 8)
+  assert ids_BxL[0, :mask_BxL[0].sum()].tolist() == [*smollm2.encode("a dog"), 2]
+  minilm = built["minilm-l6"]  # BERT-style: [CLS] text [SEP], no EOS
+  assert minilm.eos_id is None and minilm.bos_id == minilm.token_to_id("[CLS]")
+  assert minilm.special_ids == {minilm.token_to_id("[CLS]"), minilm.token_to_id("[SEP]")}

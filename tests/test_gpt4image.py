@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from vlpre import llm as llm_lib
 from vlpre import losses, metrics, sharding, train
 from vlpre.methods.gpt4image import describe
 from vlpre.methods.gpt4image import model as classifier
@@ -297,19 +298,20 @@ def test_llm_class_prompts_give_distinct_descriptions_and_match_the_decoder():
   assert len(flat) == 4 and all(flat) and len(set(flat)) == 4, per_class
 
   # Greedy decoding with the KV cache = argmax of the full (uncached) decoder, teacher-forced.
-  llm = describe.load_llm("smollm2-135m")
+  llm = describe.load_llm(llm_lib.config_section("smollm2-135m"))
   prompts = [describe.chat_prompt(f"Describe a {c}.", "Be brief.") for c in ("cat", "airplane",
                                                                              "ship")]
-  greedy = describe.generate("smollm2-135m", prompts, samples_per_prompt=1, max_new_tokens=12,
-                             temperature=0.0, top_k=0, seed=0, progress=False)
+  greedy = describe.generate(llm_lib.config_section("smollm2-135m"), prompts,
+                             samples_per_prompt=1, max_new_tokens=12, temperature=0.0, top_k=0,
+                             seed=0, progress=False)
   tokenizer = llm.tokenizer
   # The tokens describe's own KV-cache decoder produced before it moved onto vlpre.llm's
   # one decoder (same prompts, greedy, 12 tokens): the move changed nothing.
-  assert [tokenizer.backend.encode(g[0], add_special_tokens=False).ids for g in greedy] == [
+  assert [tokenizer.encode(g[0]) for g in greedy] == [
       [49, 2644, 314, 253, 26061, 12251, 351, 253, 33391, 10078, 28, 253],
       [504, 18117, 314, 253, 12985, 282, 2148, 4665, 338, 553, 9543, 260],
       [49, 5575, 314, 253, 10364, 2724, 288, 3631, 701, 28, 5503, 28]]
-  ids = [tokenizer.backend.encode(p + g[0], add_special_tokens=False).ids
+  ids = [tokenizer.encode(p + g[0])
          for p, g in zip(prompts, greedy)]
   width = max(map(len, ids))
   ids_BxL = np.array([x + [tokenizer.pad_id] * (width - len(x)) for x in ids], np.int32)
@@ -318,7 +320,7 @@ def test_llm_class_prompts_give_distinct_descriptions_and_match_the_decoder():
       {"params": llm.params}, ids_BxL, mask_BxL).logits
   next_BxL = np.asarray(jnp.argmax(logits_BxLxV, -1))
   for row, (prompt, text) in enumerate(zip(prompts, greedy)):
-    start = len(tokenizer.backend.encode(prompt, add_special_tokens=False).ids)
+    start = len(tokenizer.encode(prompt))
     generated = ids[row][start:]
     assert generated and tokenizer.decode(generated) == text[0]
     np.testing.assert_array_equal(next_BxL[row, start - 1:len(ids[row]) - 1], generated)

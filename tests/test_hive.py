@@ -22,7 +22,7 @@ def hive_config(data_dir, shard, cifar_shard, mode="hive", steps=(1, 1, 1)):
   c.input.train, c.input.data_dir = shard, data_dir
   c.input.image_size, c.input.resize_size, c.input.max_text_len = 32, 32, 16
   c.model.image = dict(patch_size=8, width=32, depth=2, mlp_dim=64, num_heads=2, pool="mean")
-  c.hive.num_layers, c.hive.pairs = 2, ((1, 1), (2, 2))
+  c.hive.llm.num_layers, c.hive.pairs = 2, ((1, 1), (2, 2))
   c.batch_size, c.log_every = 8, 1
   c.mesh = (("data", 2), ("fsdp", 4), ("tensor", 1))
   c.min_fsdp_size = 2**16
@@ -130,13 +130,14 @@ def test_stages_freeze_what_they_say_and_resume_inside_a_stage(data_dir, shards,
 
   # The trained captioner as GPT4Image's describer: one caption per training image.
   from vlpre.methods.gpt4image import describe  # pylint: disable=g-import-not-at-top
+  from vlpre.text_encoders import store  # pylint: disable=g-import-not-at-top
   g = config_lib.load(os.path.join(ROOT, "configs", "gpt4image.py") + ":tiny")
   g.input.train, g.input.data_dir = shards[1], data_dir
   g.describe.backend, g.describe.output_dir = "vlpre-captioner", str(tmp_path / "descriptions")
   g.describe.max_new_tokens = 4
   g.describe.captioner = dict(config=config, workdir=workdir, batch_size=8)
   path = describe.describe(g, progress=False)
-  table = describe.read_descriptions(path)
+  table = store.read_descriptions(path)
   keys, _ = describe.training_samples(g)
   assert sorted(table) == sorted(keys) and all(len(v) == 1 and v[0] for v in table.values())
   assert describe.describe(g, progress=False) == path  # complete: a rerun is a no-op

@@ -32,8 +32,8 @@ def lcl_config(data_dir, files, arg="tiny"):
   c.input.update(data_dir=data_dir, documents=docs, images=shard, paired=shard, image_size=32,
                  resize_size=32, context_len=L, max_images=M, visual_tokens=P)
   c.model.image = dict(patch_size=8, width=32, depth=2, mlp_dim=64, num_heads=2, pool="map")
-  c.lcl.update(decoder=dict(width=32, depth=2, num_heads=2, mlp_dim=64), embed_dim=16,
-               num_layers=2)
+  c.lcl.update(decoder=dict(width=32, depth=2, num_heads=2, mlp_dim=64), embed_dim=16)
+  c.lcl.llm.num_layers = 2
   c.batch_size, c.total_steps, c.log_every = 8, 2, 1
   c.mesh = (("data", 2), ("fsdp", 4), ("tensor", 1))
   c.min_fsdp_size = 2**16

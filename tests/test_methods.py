@@ -96,16 +96,21 @@ def test_export_towers_come_from_the_descriptors():
 
 def test_check_validates_every_methods_pretrained_models(data_dir):
   """Each descriptor's `pretrained` fields are checked: an unknown name is reported under
-  its own field, LCL's `lcl.llm` included."""
-  cases = {"lift": "text_encoder.name", "lcl": "lcl.llm", "hive": "hive.llm",
-           "bridge": "bridge.llm", "lm": "llm.name", "gpt4image": "text_encoder.name"}
+  its own field, LCL's `lcl.llm.name` included."""
+  cases = {"lift": "text_encoder.name", "lcl": "lcl.llm.name", "hive": "hive.llm.name",
+           "bridge": "bridge.llm.name", "lm": "llm.name", "gpt4image": "text_encoder.name"}
   for method in methods.all_methods():
     for spec in method.pretrained:
       config = helpers.tiny_clip_config(data_dir)
       config.model_name = method.name
-      config[spec.section] = {spec.field: "no-such-model-xyz"}
+      *outer, last = spec.section.split(".")
+      section = config
+      for part in outer:  # a dotted section: the method's own, holding an LLM section
+        section[part] = section.get(part) or {}
+        section = section[part]
+      section[last] = {spec.field: "no-such-model-xyz"}
       if spec.used is not None:
-        config[spec.section]["backend"] = "llm-class-prompts"
+        config.describe = {**config.get("describe", {}), "backend": "llm-class-prompts"}
       problems = [p for p in check.check_config(config) if p.startswith(f"{spec.section}.")]
       assert problems and problems[0].startswith(f"{spec.section}.{spec.field}:"), (method.name, problems)
   declared = {m.name: {f"{s.section}.{s.field}" for s in m.pretrained} for m in methods.all_methods()}

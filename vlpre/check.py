@@ -202,9 +202,11 @@ def _check_assets(config, method: methods.Method | None) -> list[str]:
   """Every pretrained model the method's descriptor says its config names (`pretrained`)."""
   problems = []
   for spec in method.pretrained if method else ():
-    cfg = _get(config, spec.section)
+    cfg = config
+    for part in spec.section.split("."):  # "hive.llm": an LLM section inside the method's
+      cfg = _get(cfg, part)
     name = _get(cfg, spec.field) if cfg is not None else None
-    if not name or (spec.used is not None and not spec.used(cfg)):
+    if not name or (spec.used is not None and not spec.used(config)):
       continue
     problem = assets.name_problem(str(name), allow_download=bool(_get(cfg, "allow_download", False)),
                                   revision=_get(cfg, "revision"), where=spec.section)

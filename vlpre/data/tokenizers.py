@@ -1,8 +1,11 @@
-"""Text tokenizers for the data pipeline, behind one small protocol and a registry.
+"""vlpre's one tokenizer protocol, CLIP's BPE tokenizer, and a registry of tokenizers.
 
-The pipeline only needs "texts in, fixed-length ids + mask out", so the protocol is
-that and nothing more; the LLM text encoders register their own HF tokenizers under
-new names with `register_tokenizer` without this module importing them.
+Every tokenizer vlpre builds implements `Tokenizer` in full: CLIP's BPE here, and the
+LLMs' and frozen text encoders' `vlpre.llm.TextTokenizer` (which satisfies it without
+importing this module). The data pipeline, the text towers, the LLM generator and the
+methods read only what the protocol names, so none of them asks a tokenizer what it has.
+The LLM text encoders may register their own tokenizers under new names with
+`register_tokenizer` without this module importing them.
 """
 from __future__ import annotations
 
@@ -19,17 +22,43 @@ import numpy as np
 
 @runtime_checkable
 class Tokenizer(Protocol):
-  """What the data pipeline and the text towers need from a tokenizer."""
+  """Texts in, fixed-length ids + mask out, and back.
+
+  Attributes:
+    vocab_size: rows of the embedding table its ids index (special tokens included).
+    pad_id: the id written into padding positions (mask 0 there; it may be a real token).
+    bos_id: the id every row of `encode_batch` starts with (CLIP's <start_of_text>,
+      BERT's [CLS]); None when rows start with the text (SmolLM2).
+    eos_id: the end-of-text id: ends every row where the tokenizer appends it, and ends
+      a generation; None for an encoder without one (BERT).
+    special_ids: every id `encode_batch` puts around a text, bos and eos included: the
+      ids that carry no text of a caption.
+  """
 
   vocab_size: int
   pad_id: int
+  bos_id: int | None
+  eos_id: int | None
+  special_ids: frozenset[int]
+
+  def encode(self, text: str) -> list[int]:
+    """Ids of `text` alone: no special tokens around it, no template."""
+    ...
 
   def encode_batch(self, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (ids int32 [B, max_len], mask int32 [B, max_len]).
+    """Returns (ids int32 [B, max_len], mask int32 [B, max_len]), right padded.
 
     Sequences longer than `max_len` are truncated so that the end-of-text token is
     still the last real token (text towers pool at it); mask is 1 on real tokens.
     """
+    ...
+
+  def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    """Text of `ids`; ids without a token (a method's own ids after `vocab_size`) have none."""
+    ...
+
+  def token_to_id(self, token: str) -> int | None:
+    """Id of a token of the vocabulary, e.g. a chat format's "<|im_end|>"; None if absent."""
     ...
 
 
@@ -132,8 +161,9 @@ class ClipBpeTokenizer:
 
   vocab_size: int = CLIP_VOCAB_SIZE
   pad_id: int = 0
-  sot_id: int = CLIP_VOCAB_SIZE - 2
-  eot_id: int = CLIP_VOCAB_SIZE - 1
+  bos_id: int = CLIP_VOCAB_SIZE - 2  # <start_of_text>
+  eos_id: int = CLIP_VOCAB_SIZE - 1  # <end_of_text>
+  special_ids: frozenset[int] = frozenset((CLIP_VOCAB_SIZE - 2, CLIP_VOCAB_SIZE - 1))
 
   def __init__(self, bpe_path: str | None = None):
     self._bpe_path = bpe_path or clip_bpe_path()
@@ -167,24 +197,29 @@ class ClipBpeTokenizer:
     ids_BxL = np.full((len(texts), max_len), self.pad_id, np.int32)
     mask_BxL = np.zeros((len(texts), max_len), np.int32)
     for b, enc in enumerate(encodings):
-      tokens = [self.sot_id] + enc.ids[:max_len - 2] + [self.eot_id]
+      tokens = [self.bos_id] + enc.ids[:max_len - 2] + [self.eos_id]
       ids_BxL[b, :len(tokens)] = tokens
       mask_BxL[b, :len(tokens)] = 1
     return ids_BxL, mask_BxL
 
-  def decode(self, ids: Sequence[int]) -> str:
-    """Text of `ids` as open_clip decodes it; stops at <end_of_text>, drops <start_of_text>."""
+  def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    """Text of `ids` as open_clip decodes it: up to <end_of_text> (padding id 0 is "!"),
+    without <start_of_text> / <end_of_text> unless `skip_special_tokens` is False. Ids
+    past the vocabulary (LCL's image tokens) have no text."""
     tok = self.hf_tokenizer
     pieces = []
-    for i in ids:
-      i = int(i)
-      if i == self.eot_id:
+    for i in map(int, ids):
+      piece = tok.id_to_token(i)
+      if piece is not None and not (skip_special_tokens and i in self.special_ids):
+        pieces.append(piece)
+      if i == self.eos_id:
         break
-      if i != self.sot_id:
-        pieces.append(tok.id_to_token(i))
     byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
     data = bytearray(byte_decoder[c] for c in "".join(pieces))
     return data.decode("utf-8", errors="replace").replace("</w>", " ").strip()
+
+  def token_to_id(self, token: str) -> int | None:
+    return self.hf_tokenizer.token_to_id(token)
 
   def __repr__(self) -> str:
     return f"ClipBpeTokenizer(vocab_size={self.vocab_size})"

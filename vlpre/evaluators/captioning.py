@@ -48,8 +48,7 @@ class Evaluator:
         beam_width=cfg.get("beam_width", 0), params=variables["params"]["llm"],
         embeddings=cond.get("embeddings"), embeddings_mask=cond.get("embeddings_mask"),
         extra_kv=cond.get("extra_kv"))
-    return [llm.tokenizer.backend.decode(rows[0], skip_special_tokens=True).strip()
-            for rows in out]
+    return [llm.tokenizer.decode(rows[0], skip_special_tokens=True).strip() for rows in out]
 
   def run(self, variables) -> dict[str, float]:
     cfg = self.cfg

@@ -1,4 +1,8 @@
-"""Fixed-length batch tokenization for vlpre's LLMs and frozen text encoders."""
+"""Fixed-length batch tokenization for vlpre's LLMs and frozen text encoders.
+
+`TextTokenizer` implements vlpre's one tokenizer protocol (vlpre.data.tokenizers.Tokenizer)
+structurally: this module does not import the data side.
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -32,8 +36,11 @@ class TextTokenizer:
   Attributes:
     backend: the `tokenizers.Tokenizer` doing the sub-word split (no truncation/padding).
     pad_id: id written into padding positions (mask 0 there).
-    eos_id: the end-of-sequence id appended for decoders (None for BERT-style encoders).
+    eos_id: the model's end-of-sequence id, appended for decoders used as embedders or
+      trained (None for BERT-style encoders); it ends a generation.
     prefix_ids / suffix_ids: special ids put around every text.
+    bos_id: the first of prefix_ids (None: rows start with the text).
+    special_ids: prefix_ids, suffix_ids and eos_id (the protocol's).
     template: a string with one "{text}", e.g. an instruction prefix "Query: {text}".
     max_len: default row length.
   """
@@ -48,6 +55,9 @@ class TextTokenizer:
     self.eos_id = None if eos_id is None else int(eos_id)
     self.prefix_ids = tuple(int(i) for i in prefix_ids)
     self.suffix_ids = tuple(int(i) for i in suffix_ids)
+    self.bos_id = self.prefix_ids[0] if self.prefix_ids else None
+    self.special_ids = frozenset(
+        [*self.prefix_ids, *self.suffix_ids, *([] if self.eos_id is None else [self.eos_id])])
     self.template = template
     self._before, self._after = template.split("{text}")
     self.max_len = max_len
@@ -83,6 +93,11 @@ class TextTokenizer:
   @property
   def vocab_size(self) -> int:
     return self.backend.get_vocab_size(with_added_tokens=True)
+
+  def encode(self, text: str) -> list[int]:
+    """Ids of `text` alone: no prefix/suffix, no template (special tokens written in the
+    text, e.g. a chat format's "<|im_start|>", are still recognised)."""
+    return self.backend.encode(text, add_special_tokens=False).ids
 
   def encode_batch(self, texts: Sequence[str],
                    max_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -140,3 +155,6 @@ class TextTokenizer:
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
     return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+  def token_to_id(self, token: str) -> int | None:
+    return self.backend.token_to_id(token)

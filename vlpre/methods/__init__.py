@@ -81,9 +81,10 @@ class InputExtras:
 
 @dataclasses.dataclass(frozen=True)
 class PretrainedField:
-  """A config field naming a pretrained model: `config.<section>.<field>`; `used(section)`
-  says whether the run loads it (None: whenever the section exists). The section also
-  holds `allow_download` and `revision` for hub ids (vlpre.llm.assets.resolve)."""
+  """A config field naming a pretrained model: `config.<section>.<field>`, where `section`
+  may be dotted ("hive.llm": an LLM section, vlpre.llm.SECTION); `used(config)` says
+  whether the run loads it (None: whenever the field is set). The section also holds
+  `allow_download` and `revision` for hub ids (vlpre.llm.assets.resolve)."""
   section: str
   field: str
   used: Callable[[Any], bool] | None = None

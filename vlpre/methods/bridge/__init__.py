@@ -10,7 +10,7 @@ METHOD = methods.Method(
     build=model.build,
     input_extras=model.input_extras,
     build_tokenizer=model.build_tokenizer,
-    pretrained=(methods.PretrainedField("bridge", "llm"),),
+    pretrained=(methods.PretrainedField("bridge.llm", "name"),),
     # Its two runs are the stages 0_bridge and 1_finetune of one folder, so compare reads
     # them as one staged run.
     compare=(methods.CompareRun("bridge", "bridge", (

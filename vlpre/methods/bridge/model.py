@@ -10,7 +10,7 @@ Random-label bridge training: `RandomLabels` reassigns a share of the labels to 
 different class (ratio 1.0: every one), or draws a class per image where the data has
 no labels; the draw is a hash of (seed, sample key), so it is deterministic per seed and
 identical across resume. Partial bridging freezes LLM blocks through the trainer's
-regexes on the decoder's layer groups (e.g. `llm.layer_groups = (2, 2)` and
+regexes on the decoder's layer groups (e.g. `bridge.llm.layer_groups = (2, 2)` and
 `frozen = ("llm/layers_2to3/.*",)` keeps the last two blocks as pretrained).
 
 Outputs: `logits` [B, C] (the softmax_ce loss), `feature` [B, D]; `embed_image` serves
@@ -122,10 +122,9 @@ class RandomLabels(grain.transforms.Map):
 
 def build(config) -> methods.Built:
   b = config.bridge
-  smollm = llm_lib.load(b.llm, num_layers=b.get("num_layers") or None,
-                        causal=bool(b.get("causal", True)),
-                        layer_groups=tuple(b.get("layer_groups", ())), tokens=False,
-                        lm_head=False, dtype=jnp.dtype(config.get("dtype", "float32")))
+  # Embeddings in, features out: neither the token table nor the LM head is read.
+  smollm = llm_lib.from_config(b.llm, dtype=config.get("dtype", "float32"), tokens=False,
+                               lm_head=False)
   model = Model(llm=smollm.module.clone(drop_path=float(b.get("drop_path", 0.0))),
                 num_classes=config.model.num_classes,
                 patch_size=config.model.get("patch_size", 4),

@@ -20,8 +20,9 @@ METHOD = methods.Method(
     input_extras=model.input_extras,
     build_tokenizer=model.build_tokenizer,
     pretrained=(methods.PretrainedField("text_encoder", "name"),
-                methods.PretrainedField("describe", "llm",
-                                        lambda d: d.get("backend") == "llm-class-prompts")),
+                methods.PretrainedField(
+                    "describe.llm", "name",
+                    lambda config: config.describe.get("backend") == "llm-class-prompts")),
     export_tower=methods.ExportTower(
         "vit", lambda m: {"pool": "cls", **(m.get("vit") or {})}, {"classifier": "head"},
         "logits_BxC = classifier(pooled_BxD), a torch Linear", _export_problem),

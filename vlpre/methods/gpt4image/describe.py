@@ -39,6 +39,7 @@ from absl import flags
 from absl import logging
 import tqdm
 
+from vlpre import llm as llm_lib
 from vlpre import storage
 from vlpre.text_encoders import store
 
@@ -90,7 +91,13 @@ def describer_settings(config) -> dict[str, Any]:
     settings.update(captioner_config=spec, captioner_workdir=cap["workdir"],
                     max_new_tokens=int(d.max_new_tokens))
   elif d.backend == "llm-class-prompts":
-    settings.update(llm=d.llm, classnames=d.classnames, per_class=int(d.per_class),
+    # The LLM by name, as descriptions written before `describe.llm` became a section
+    # record it; the section's other fields only where they differ from the defaults.
+    section = llm_lib.config_section(**dict(d.llm))
+    options = {k: list(v) if isinstance(v, tuple) else v  # as meta.json reads back
+               for k, v in section.items() if k != "name" and v != llm_lib.SECTION[k]}
+    settings.update(llm=section["name"], **({"llm_options": options} if options else {}))
+    settings.update(classnames=d.classnames, per_class=int(d.per_class),
                     max_new_tokens=int(d.max_new_tokens), temperature=float(d.temperature),
                     top_k=int(d.top_k), seed=int(d.seed), system=d.get("system") or DEFAULT_SYSTEM,
                     prompts=list(d.get("prompts") or DEFAULT_PROMPTS))
@@ -139,16 +146,16 @@ def chat_prompt(user: str, system: str) -> str:
           "<|im_start|>assistant\n")
 
 
-def load_llm(name: str):
-  """The packaged LLM with its LM head, through vlpre's one decoder (vlpre.llm; cached)."""
-  from vlpre import llm as llm_lib  # pylint: disable=g-import-not-at-top
-  return llm_lib.load(name, max_len=8)
+def load_llm(section):
+  """The LLM `section` names, with its LM head, on vlpre's one decoder (vlpre.llm; cached)."""
+  return llm_lib.from_config(section, max_len=8)
 
 
-def generate(llm_name: str, prompts: Sequence[str], *, samples_per_prompt: int,
+def generate(llm_section: dict[str, Any], prompts: Sequence[str], *, samples_per_prompt: int,
              max_new_tokens: int, temperature: float, top_k: int, seed: int,
              progress: bool = True) -> list[list[str]]:
-  """`samples_per_prompt` completions of each (already chat-formatted) prompt.
+  """`samples_per_prompt` completions of each (already chat-formatted) prompt by the LLM
+  the section `llm_section` names (vlpre.llm.SECTION's shape).
 
   Decoding is `vlpre.llm.generate` (KV cache, each prompt prefilled once).
 
@@ -156,9 +163,9 @@ def generate(llm_name: str, prompts: Sequence[str], *, samples_per_prompt: int,
     For each prompt, its completions (decoded, special tokens dropped).
   """
   from vlpre.llm import generate as generate_lib  # pylint: disable=g-import-not-at-top
-  llm = load_llm(llm_name)
+  llm = load_llm(llm_section)
   tokenizer = llm.tokenizer
-  prompt_ids = [tokenizer.backend.encode(p, add_special_tokens=False).ids for p in prompts]
+  prompt_ids = [tokenizer.encode(p) for p in prompts]
   bar = tqdm.tqdm(total=max_new_tokens, disable=not progress, desc="generating", leave=False)
   outputs = generate_lib.generate(
       llm, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -197,7 +204,7 @@ def class_descriptions(settings: dict[str, Any], classnames: Sequence[str], *,
       wanted.setdefault((c, j % len(prompts)), []).append(j)
     groups = sorted(wanted)
     samples = max(len(v) for v in wanted.values())
-    texts = generate(settings["llm"],
+    texts = generate({"name": settings["llm"], **settings.get("llm_options", {})},
                      [chat_prompt(prompts[p].format(classnames[c]), settings["system"])
                       for c, p in groups],
                      samples_per_prompt=samples, max_new_tokens=settings["max_new_tokens"],

@@ -9,7 +9,7 @@ METHOD = methods.Method(
     Model=model.Model,
     build=model.build,
     build_tokenizer=model.build_tokenizer,
-    pretrained=(methods.PretrainedField("hive", "llm"),),
+    pretrained=(methods.PretrainedField("hive.llm", "name"),),
     # Its ViT starts from the comparison's LIFT run (`--option=hive.init=` empty: from
     # scratch); `--option=hive.stage_steps=N|N/N/N` shortens its three stages.
     compare=(methods.CompareRun("HIVE", "hive", (

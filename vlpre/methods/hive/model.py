@@ -171,11 +171,9 @@ class Model(nn.Module):
 
 
 def load_llm(config) -> llm_lib.LLM:
-  c = config.hive
-  return llm_lib.load(c.llm, dtype=jnp.dtype(config.get("dtype", "float32")),
-                      layer_groups=tuple(c.get("layer_groups", ())), remat=c.get("remat", "none"),
-                      num_layers=c.get("num_layers") or None,  # tests: the first N layers
-                      max_len=config.input.max_text_len, append_eos=True)
+  """The LLM `hive.llm` names; its tokenizer ends every caption with EOS."""
+  return llm_lib.from_config(config.hive.llm, dtype=config.get("dtype", "float32"),
+                             max_len=config.input.max_text_len, append_eos=True)
 
 
 def build(config) -> methods.Built:

@@ -14,7 +14,7 @@ METHOD = methods.Method(
     build_tokenizer=model.build_tokenizer,
     input_extras=model.input_extras,
     losses=losses.LOSSES,
-    pretrained=(methods.PretrainedField("lcl", "llm"),),
+    pretrained=(methods.PretrainedField("lcl.llm", "name"),),
     compare=(methods.CompareRun("LCL", "lcl", (
         ("vlpre.data.convert", "--mode=interleaved", "--pairs=flickr8k/train-*.tar",
          f"--out_dir={_INTERLEAVED}", "--split=train", "--skip_existing"),

@@ -11,7 +11,7 @@ The ViT (pool="map", no CLS) gives each image slot
 The causal model is vlpre.llm's Decoder (`llm`), either
   (a) small and trained from scratch on the CLIP BPE vocabulary + the 3 special tokens
       (placeholder, soi, eoi = vocab_size + 0/1/2, rows of its own table): the paper; or
-  (b) the packaged SmolLM2 (`lcl.llm="smollm2-135m"`, beyond the paper): its token table
+  (b) the packaged SmolLM2 (`lcl.llm.name="smollm2-135m"`, beyond the paper): its token table
       stays as loaded, and the 3 special tokens get their own learned rows
       (`special_embed` [3, D]) fed through the decoder's embeddings input; their logits
       are `hidden @ special_embed.T`, appended after the LLM's, as a grown tied table
@@ -32,7 +32,6 @@ V vocabulary (with the special tokens).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -54,8 +53,8 @@ class Model(nn.Module):
     llm: the causal Decoder (from scratch or pretrained; see the module docstring).
     image: ViT keyword arguments (vit_from_config); pool must be "map".
     image_token_ids: (placeholder, soi, eoi) as the input pipeline writes them.
-    wrapper_ids: the tokenizer's start/end ids that `embed_text` drops from a caption
-      (training text carries none before an image's `<soi>`).
+    wrapper_ids: the tokenizer's `special_ids` (its start/end ids), which `embed_text`
+      drops from a caption (training text carries none before an image's `<soi>`).
     embed_dim: E, the contrastive space.
   """
   llm: llm_lib.Decoder
@@ -218,31 +217,10 @@ class Model(nn.Module):
 # --------------------------------------------------------------------------- building
 
 
-class ClipGenerationTokenizer:
-  """The CLIP BPE tokenizer as vlpre.llm's generator and the captioning evaluator read a
-  tokenizer (`pad_id`, `eos_id`, `backend.decode` / `backend.token_to_id`).
-
-  Decoding drops the 3 special tokens (not in the BPE table) and stops at <end_of_text>.
-  """
-
-  def __init__(self, clip):
-    self.clip, self.backend = clip, self
-    self.pad_id, self.eos_id, self.vocab_size = clip.pad_id, clip.eot_id, clip.vocab_size
-
-  def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-    del skip_special_tokens  # the special tokens have no text either way
-    return self.clip.decode([int(i) for i in ids if int(i) < self.clip.vocab_size])
-
-  def token_to_id(self, token: str) -> int | None:
-    return self.clip.hf_tokenizer.token_to_id(token)
-
-
 def load_llm(config) -> llm_lib.LLM:
-  """(b): the packaged LLM `lcl.llm`, its first `lcl.num_layers` layers (0: all)."""
-  c = config.lcl
-  return llm_lib.load(c.llm, dtype=jnp.dtype(config.get("dtype", "float32")),
-                      remat=c.get("remat", "none"), num_layers=c.get("num_layers") or None,
-                      append_eos=True)
+  """(b): the pretrained LLM `lcl.llm` names (its `num_layers`: the first N layers)."""
+  return llm_lib.from_config(config.lcl.llm, dtype=config.get("dtype", "float32"),
+                             append_eos=True)
 
 
 def decoder_config(decoder: dict, vocab_size: int) -> llm_lib.DecoderConfig:
@@ -256,31 +234,26 @@ def decoder_config(decoder: dict, vocab_size: int) -> llm_lib.DecoderConfig:
       head_dim=width // heads, rope_theta=float(decoder.get("rope_theta", 10_000.0)))
 
 
-def _wrapper_ids(tokenizer) -> tuple[int, ...]:
-  """Start/end ids a tokenizer puts around a text (CLIP: sot/eot; an LLM: its prefix/EOS)."""
-  ids = [getattr(tokenizer, name, None) for name in ("sot_id", "eot_id", "eos_id")]
-  ids += [*getattr(tokenizer, "prefix_ids", ()), *getattr(tokenizer, "suffix_ids", ())]
-  return tuple(sorted({int(i) for i in ids if i is not None}))
-
-
 def build(config) -> methods.Built:
-  c, dtype = config.lcl, jnp.dtype(config.get("dtype", "float32"))
+  c, dtype = config.lcl, config.get("dtype", "float32")
   tokenizer = build_tokenizer(config)
   token_ids = tuple(int(i) for i in lcl_data.image_token_ids(config.input, tokenizer))
-  if c.llm:
+  if c.llm.name:
     llm = load_llm(config)
     decoder, pretrained = llm.module, {"llm": llm.params}
   else:
     vocab_size = max(tokenizer.vocab_size, max(token_ids) + 1)
     decoder_cfg = decoder_config(dict(c.decoder), vocab_size)
-    decoder = llm_lib.Decoder(decoder_cfg, dtype=dtype, remat=c.get("remat", "none"))
+    decoder = llm_lib.Decoder(decoder_cfg, **llm_lib.decoder_options(c.llm, dtype=dtype))
     # An LLM with no weights of its own: the generator reads the trained ones (`params`).
-    llm = llm_lib.LLM(name="lcl-scratch", module=decoder, params=None,
-                      tokenizer=ClipGenerationTokenizer(tokenizer), config=decoder_cfg,
-                      hf_config=None)
+    # The CLIP tokenizer decodes as the generator needs: the 3 special ids after its
+    # vocabulary have no text, and <end_of_text> is its EOS.
+    llm = llm_lib.LLM(name="lcl-scratch", module=decoder, params=None, tokenizer=tokenizer,
+                      config=decoder_cfg, hf_config=None)
     pretrained = None
   model = Model(llm=decoder, image=dict(config.model.image), image_token_ids=token_ids,
-                wrapper_ids=_wrapper_ids(tokenizer), embed_dim=int(c.embed_dim), dtype=dtype)
+                wrapper_ids=tuple(sorted(tokenizer.special_ids)), embed_dim=int(c.embed_dim),
+                dtype=jnp.dtype(dtype))
   return methods.Built(model, pretrained=pretrained, llm=llm)
 
 
@@ -293,7 +266,7 @@ def input_extras(config) -> methods.InputExtras:
 
 def build_tokenizer(config) -> Any:
   """(a): the CLIP BPE tokenizer; (b): the LLM's own."""
-  if config.lcl.llm:
+  if config.lcl.llm.name:
     return load_llm(config).tokenizer
   from vlpre.data import tokenizers  # pylint: disable=g-import-not-at-top
   return tokenizers.get_tokenizer("clip_bpe")

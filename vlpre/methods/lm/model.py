@@ -34,10 +34,8 @@ class Model(nn.Module):
 
 
 def load_llm(config) -> llm_lib.LLM:
-  c = config.llm
-  return llm_lib.load(c.name, dtype=jnp.dtype(config.get("dtype", "float32")),
-                      layer_groups=tuple(c.get("layer_groups", ())), remat=c.get("remat", "none"),
-                      max_len=config.input.max_text_len)
+  return llm_lib.from_config(config.llm, dtype=config.get("dtype", "float32"),
+                             max_len=config.input.max_text_len)
 
 
 def build(config) -> methods.Built:
