@@ -203,7 +203,7 @@ def _check_assets(config, method: methods.Method | None) -> list[str]:
   problems = []
   for spec in method.pretrained if method else ():
     cfg = config
-    for part in spec.section.split("."):  # "hive.llm": an LLM section inside the method's
+    for part in spec.section.split("."):  # "<method>.llm": an LLM section inside the method's
       cfg = _get(cfg, part)
     name = _get(cfg, spec.field) if cfg is not None else None
     if not name or (spec.used is not None and not spec.used(config)):

@@ -16,7 +16,7 @@ every file, so one rule shards every weight that has that dimension:
                     q_proj / o_proj, BERT's attention): sharding it splits whole heads
                     only when its mesh axis divides H
     kv_heads_fused  G x K fused, the key/value projections under grouped-query attention
-                    (the LLM's k_proj / v_proj, HIVE's image K/V); smaller than
+                    (the LLM's k_proj / v_proj, extra image K/V); smaller than
                     heads_fused, so rules can leave it replicated
     vocab           token-table rows
     classes         classifier outputs

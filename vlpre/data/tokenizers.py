@@ -9,15 +9,18 @@ The LLM text encoders may register their own tokenizers under new names with
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import functools
 import gzip
 import html
 import importlib.util
 import os
-from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
+import ftfy
 import numpy as np
+from tokenizers import AddedToken, Regex, Tokenizer as HfTokenizer
+from tokenizers import models, pre_tokenizers
 
 
 @runtime_checkable
@@ -121,7 +124,6 @@ def load_clip_vocab(bpe_path: str | None = None) -> tuple[dict[str, int], list[t
 
 def clip_clean(text: str) -> str:
   """open_clip's default ("lower") cleaning: ftfy, double html-unescape, whitespace, lower."""
-  import ftfy  # pylint: disable=g-import-not-at-top
   text = ftfy.fix_text(text)
   text = html.unescape(html.unescape(text)).strip()
   return " ".join(text.split()).strip().lower()
@@ -130,8 +132,6 @@ def clip_clean(text: str) -> str:
 @functools.lru_cache(maxsize=4)
 def _build_clip_hf_tokenizer(bpe_path: str):
   """The HF `tokenizers` (Rust) equivalent of SimpleTokenizer's BPE, built once per process."""
-  from tokenizers import AddedToken, Regex, Tokenizer as HfTokenizer  # pylint: disable=g-import-not-at-top
-  from tokenizers import models, pre_tokenizers  # pylint: disable=g-import-not-at-top
   encoder, merges = load_clip_vocab(bpe_path)
   model = models.BPE(vocab=encoder, merges=merges, end_of_word_suffix="</w>",
                      continuing_subword_prefix="", fuse_unk=False)
@@ -205,7 +205,7 @@ class ClipBpeTokenizer:
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
     """Text of `ids` as open_clip decodes it: up to <end_of_text> (padding id 0 is "!"),
     without <start_of_text> / <end_of_text> unless `skip_special_tokens` is False. Ids
-    past the vocabulary (LCL's image tokens) have no text."""
+    past the vocabulary (e.g. a model's added image tokens) have no text."""
     tok = self.hf_tokenizer
     pieces = []
     for i in map(int, ids):

@@ -85,7 +85,7 @@ class HubDownloadRefused(FileNotFoundError):
 def _download_from_hub(repo_id: str, revision: str) -> str:
   """Snapshot of a hub repo at `revision` with only what loading needs (no PyTorch .bin)."""
   try:
-    import huggingface_hub  # pylint: disable=g-import-not-at-top
+    import huggingface_hub  # pylint: disable=g-import-not-at-top  (only hub downloads need it)
     meta = ["*.json", "*.txt", "*.model", "tokenizer*"]
     folder = huggingface_hub.snapshot_download(repo_id, revision=revision,
                                                allow_patterns=meta + ["*.safetensors"])
@@ -181,7 +181,7 @@ def read_gguf(path: str, asset: PackagedAsset | None, template: str, max_len: in
 
 
 def read_hf_folder(folder: str, template: str, max_len: int, append_eos: bool) -> Source:
-  from transformers import AutoConfig, AutoTokenizer  # pylint: disable=g-import-not-at-top
+  from transformers import AutoConfig, AutoTokenizer  # pylint: disable=g-import-not-at-top  (heavy: HF folders only)
   hf_config = AutoConfig.from_pretrained(folder)
   hf_tokenizer = AutoTokenizer.from_pretrained(folder, use_fast=True)
   is_decoder = hf_config.model_type in config_lib.SUPPORTED_MODEL_TYPES

@@ -37,10 +37,15 @@ from typing import Any, Sequence
 from absl import app
 from absl import flags
 from absl import logging
+import jax
+from ml_collections import config_flags
 import tqdm
 
+from vlpre import config_lib, data, methods, optim, stages, train
 from vlpre import llm as llm_lib
 from vlpre import storage
+from vlpre.evaluators import captioning, common
+from vlpre.llm import generate as generate_lib
 from vlpre.text_encoders import store
 
 BACKENDS = ("precomputed", "llm-class-prompts", "vlpre-captioner")
@@ -127,7 +132,6 @@ def check_coverage(descriptions: dict[str, list[str]], keys: Sequence[str], path
 
 def training_samples(config) -> tuple[list[str], list[int | None]]:
   """Keys (in source order) and labels (None where a sample has no .cls) of the train split."""
-  from vlpre import data  # pylint: disable=g-import-not-at-top
   source = data.make_source(config.input, labels=True, captions=False)
   keys, labels = [], []
   for i in range(len(source)):
@@ -162,7 +166,6 @@ def generate(llm_section: dict[str, Any], prompts: Sequence[str], *, samples_per
   Returns:
     For each prompt, its completions (decoded, special tokens dropped).
   """
-  from vlpre.llm import generate as generate_lib  # pylint: disable=g-import-not-at-top
   llm = load_llm(llm_section)
   tokenizer = llm.tokenizer
   prompt_ids = [tokenizer.encode(p) for p in prompts]
@@ -285,11 +288,6 @@ def caption_images(config, *, progress: bool = True) -> dict[str, str]:
   checkpoint of the run (its trainable parameters over the method's pretrained ones).
   An image the captioner gives no words for is an error naming it, not an empty text.
   """
-  # pylint: disable=g-import-not-at-top
-  import jax
-  from vlpre import config_lib, data, methods, optim, stages, train
-  from vlpre.evaluators import captioning, common
-  # pylint: enable=g-import-not-at-top
   cap = config.describe.captioner
   cap_config = cap["config"]
   cap_config = config_lib.load(cap_config) if isinstance(cap_config, str) else cap_config
@@ -330,7 +328,6 @@ def caption_images(config, *, progress: bool = True) -> dict[str, str]:
 
 def _class_descriptions_cached(config, settings, labels, keys, progress):
   """class_descriptions, saved beside the output so an interrupted run does not regenerate."""
-  from vlpre import data  # pylint: disable=g-import-not-at-top
   classnames = data.load_classnames(settings["classnames"], data_dir=config.input.get("data_dir"))
   unlabeled = [k for k, y in zip(keys, labels) if y is None or not 0 <= y < len(classnames)]
   if unlabeled:
@@ -357,7 +354,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   _CONFIG = config_flags.DEFINE_config_file("config", None, "A GPT4Image config.")
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -80,18 +80,12 @@ def input_config(**overrides: Any) -> ml_collections.ConfigDict:
 
 
 def _text_ids(tokenizer: Any, text: str) -> list[int]:
-  """Ids of `text` without special tokens (CLIP BPE's `encode`, an LLM's backend)."""
-  backend = getattr(tokenizer, "backend", None)
-  if backend is not None:
-    return backend.encode(text, add_special_tokens=False).ids
+  """Ids of `text` without special tokens (the tokenizer protocol's `encode`)."""
   return list(tokenizer.encode(text))
 
 
 def _end_id(tokenizer: Any) -> int | None:
-  for name in ("eos_id", "eot_id"):
-    if getattr(tokenizer, name, None) is not None:
-      return int(getattr(tokenizer, name))
-  return None
+  return None if tokenizer.eos_id is None else int(tokenizer.eos_id)
 
 
 class TokenizeDocument(grain.transforms.Map):

@@ -40,6 +40,7 @@ import numpy as np
 
 from vlpre import llm as llm_lib
 from vlpre import methods
+from vlpre.data import tokenizers
 from vlpre.losses import l2_normalize
 from vlpre.methods.lcl import data as lcl_data
 from vlpre.nn import layers
@@ -268,5 +269,4 @@ def build_tokenizer(config) -> Any:
   """(a): the CLIP BPE tokenizer; (b): the LLM's own."""
   if config.lcl.llm.name:
     return load_llm(config).tokenizer
-  from vlpre.data import tokenizers  # pylint: disable=g-import-not-at-top
   return tokenizers.get_tokenizer("clip_bpe")

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from vlpre import llm as llm_lib
 from vlpre import methods
