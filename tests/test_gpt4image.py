@@ -274,7 +274,7 @@ def test_describe_precomputed_validates_and_resumes(cifar_shard, tmp_path):
 
   _write_jsonl(source, [{"key": k, "description": f"a photo of {k}"} for k in keys])
   path = describe.describe(config, progress=False)
-  table = describe.read_descriptions(path)
+  table = store_lib.read_descriptions(path)
   assert sorted(table) == sorted(keys) and table[keys[2]] == [f"a photo of {keys[2]}"]
   mtime = os.path.getmtime(path)
   assert describe.describe(config, progress=False) == path and os.path.getmtime(path) == mtime
