@@ -3,19 +3,10 @@
 
     python -m vlpre.embed --config=configs/lift.py:tiny
 
-With `config.text_mode = "cached"` the input pipeline then joins each sample to its
-embedding by key, and the train step never runs the LLM (LIFT's O(1) text cost).
-
-The texts are the split's captions, or, for a config with a `describe` section
-(GPT4Image), the descriptions that `python -m vlpre.methods.gpt4image.describe` wrote for each image.
-
-Store layout (`config.text_cache`): `meta.json` (the encoder settings it was built
-with), and per shard of samples `emb-NNNNN.npy` (float32 [captions, E], memory-mapped)
-with `index-NNNNN.json` ({key: [first row, number of captions]}). Shards are written
-to a temporary name and renamed when complete, so an interrupted run resumes at the
-first missing shard. Multi-host: one process per host with the same arguments, as
-vlpre.main (vlpre/distributed.py); the encoder is sharded over every host's devices and
-process 0 writes the store, which must be a place all hosts see (gs://, a shared disk).
+Resumable: a rerun continues at the first missing shard, and a complete store is a no-op.
+What the store holds, which texts it embeds and how several hosts build it: the module
+docstring of vlpre/text_encoders/store.py. Multi-host: one process per host with the same
+arguments, as vlpre.main (vlpre/distributed.py).
 """
 from __future__ import annotations
 
