@@ -106,7 +106,7 @@ def caption_batch(config, batch_size: int, trim: bool) -> dict:
   import json  # pylint: disable=g-import-not-at-top
   import tarfile  # pylint: disable=g-import-not-at-top
   from vlpre.data import text_batching  # pylint: disable=g-import-not-at-top
-  from vlpre.methods.lift import model as lift  # pylint: disable=g-import-not-at-top
+  from vlpre.text_encoders import store as store_lib  # pylint: disable=g-import-not-at-top
   data_dir = config.input.get("data_dir") or os.environ.get(
       "VLPRE_DATA_DIR", os.path.join(os.path.dirname(ROOT), "shared", "data"))
   captions = []
@@ -116,7 +116,7 @@ def caption_batch(config, batch_size: int, trim: bool) -> dict:
         captions.append(json.load(tar.extractfile(member))["captions"][0])
         if len(captions) == batch_size:
           break
-  ids, mask = lift.text_encoder(config).tokenizer.encode_batch(captions, config.text_encoder.max_len)
+  ids, mask = store_lib.text_encoder(config).tokenizer.encode_batch(captions, config.text_encoder.max_len)
   batch = synthetic_batch(config, batch_size, 1, None)
   batch.update(text=ids, text_mask=mask)
   return text_batching.TrimTextPadding()(batch) if trim else batch
@@ -273,8 +273,8 @@ def main(argv):
   for label, spec, overrides, length, kind in rows:
     config = load_config(spec, {**overrides, "batch_size": batch_size})
     if kind == "cached":
-      from vlpre.methods.lift import model as lift  # pylint: disable=g-import-not-at-top
-      batch = synthetic_batch(config, batch_size, length, lift.text_encoder(config).dim)
+      from vlpre.text_encoders import store as store_lib  # pylint: disable=g-import-not-at-top
+      batch = synthetic_batch(config, batch_size, length, store_lib.text_encoder(config).dim)
     elif kind.startswith("online"):
       batch = caption_batch(config, batch_size, trim=kind == "online_trimmed")
     else:

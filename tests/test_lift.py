@@ -7,7 +7,6 @@ import pytest
 
 from vlpre import methods, train
 from vlpre.data import train_input
-from vlpre.methods.lift import model as lift
 from vlpre.text_encoders import store as store_lib
 
 from tests import helpers
@@ -100,7 +99,7 @@ def test_lift_two_steps_with_the_llm_sharded_over_8_devices(data_dir, shard, tmp
 def test_embed_shards_the_encoder_over_the_mesh(data_dir, shard):
   from vlpre import sharding  # pylint: disable=g-import-not-at-top
   config = lift_config(data_dir, shard)
-  encoder = lift.text_encoder(config)
+  encoder = store_lib.text_encoder(config)
   mesh = sharding.make_mesh(config.mesh)
   params, apply, rules = store_lib.sharded_encoder(config, encoder, mesh)
   big = [x for x in jax.tree.leaves(params) if x.size >= config.min_fsdp_size]

@@ -1,10 +1,9 @@
 """Caption↔caption retrieval: the text-side score of a frozen encoder."""
 import numpy as np
 
-from vlpre.methods.lift import text_score
-from vlpre.methods.lift import model as lift
-
 from tests import helpers
+from vlpre.methods.lift import text_score
+from vlpre.text_encoders import store as store_lib
 
 
 def test_caption_retrieval_matches_naive_reference():
@@ -32,4 +31,4 @@ def test_score_reads_flickr8k_val_captions_and_beats_chance(data_dir):
   result = text_score.score(config, max_images=30)
   assert result["num_captions"] == 150
   assert result["R@1"] > 5 * result["chance_R@1"]  # MiniLM sees which captions belong together
-  assert lift.text_encoder(config).pooling == "mean"
+  assert store_lib.text_encoder(config).pooling == "mean"

@@ -24,7 +24,7 @@ import numpy as np
 from vlpre.data import sources
 from vlpre.data import transforms
 from vlpre.evaluators import common
-from vlpre.methods.lift import model as lift
+from vlpre.text_encoders import store as store_lib
 
 
 def split_captions(pattern: str | Sequence[str], data_dir: str | None = None,
@@ -65,7 +65,7 @@ def score(config, *, pattern: str = "flickr8k/val-*.tar", max_images: int = 0,
   """R@1/R@5 of `config.text_encoder` (as LIFT would use it), plus the mean-centred scores."""
   texts, owner = split_captions(pattern, config.input.get("data_dir"), max_images,
                                config.input.get("caption_field", "captions"))
-  encoder = lift.text_encoder(config)
+  encoder = store_lib.text_encoder(config)
   embeddings = encoder.embed(texts, batch_size=batch_size)
   out = caption_retrieval(embeddings, owner)
   out.update({f"centred_{k}": v for k, v in caption_retrieval(embeddings, owner,
