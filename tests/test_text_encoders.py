@@ -465,7 +465,8 @@ def test_param_logical_axes(smollm2, minilm):
     assert flat_axes.keys() == flat_params.keys()
     for path, names in flat_axes.items():
       assert len(names) == flat_params[path].ndim, path
-      assert set(names) <= {"vocab", "embed", "mlp", "heads_fused", "kv_heads_fused", "norm", "layers", None}
+      assert set(names) <= {"vocab", "embed", "mlp", "heads", "kv", "heads_fused", "kv_heads_fused",
+                            "norm", "layers", None}
   axes = smollm2.logical_axes()["backbone"]
   assert axes["embed_tokens"]["embedding"] == ("vocab", "embed")
   layer = axes["layers"]  # scanned: the stacked axis is named "layers"
@@ -475,6 +476,10 @@ def test_param_logical_axes(smollm2, minilm):
   assert layer["mlp"]["down_proj"]["kernel"] == ("layers", "mlp", "embed")
   assert layer["input_layernorm"]["scale"] == ("layers", "norm")
   assert axes["norm"]["scale"] == ("norm",)
+  bert = minilm.logical_axes()["backbone"]["block_0"]  # BERT: vlpre's attention module
+  assert bert["attn"]["query"]["kernel"] == ("embed", "heads", "kv")
+  assert bert["attn"]["out"]["kernel"] == ("heads", "kv", "embed")
+  assert bert["mlp_out"]["kernel"] == ("mlp", "embed")
 
 
 @pytest.mark.slow
