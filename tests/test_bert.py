@@ -97,6 +97,7 @@ def test_hidden_states_and_embedding_match_pytorch(encoder, batch, reference):
   assert np.abs(hidden_ref).max() > 1.0  # a real signal on both sides
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_padding_does_not_change_a_rows_states(encoder, batch):
   """Each sentence alone, padded to its own length, gives its row of the padded batch."""
   ids_BxL, mask_BxL = batch

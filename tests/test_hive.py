@@ -54,6 +54,7 @@ def _flat(tree):
   return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 @pytest.mark.parametrize("mode", ["hive", "sa"])
 def test_captioner_loss_reaches_the_image_and_greedy_decoding_matches_the_forward(
     mode, data_dir, shards):

@@ -51,6 +51,7 @@ def _loss_and_grads(model, params, batch):
 FORMS = (("einsum", True, True), ("dot_product_attention", True, 2), ("einsum", False, None))
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_layer_loop_forms_and_attention_implementations_give_the_same_loss_and_gradients():
   batch = _batch()
   reference = _clip(scan=True, unroll=1, attention="dot_product_attention")

@@ -1,6 +1,7 @@
 """Length-bucketed text batches: every row once, and the same embeddings as full padding."""
 import jax
 import numpy as np
+import pytest
 
 from vlpre import text_encoders
 from vlpre.data import text_batching
@@ -24,6 +25,7 @@ def test_batches_cover_every_row_once_with_trimmed_padding():
   assert sorted(seen) == list(range(50))
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_bucketed_embeddings_equal_fully_padded_ones():
   encoder = text_encoders.load_text_encoder("minilm-l6", max_len=77)
   apply = jax.jit(lambda ids, mask: encoder.module.apply({"params": encoder.params}, ids, mask))
