@@ -11,7 +11,7 @@ Other variants: `:tiny_vit` (small ViT, 32 px), `:resnet50` / `:deit_s` (the pap
 ImageNet recipes, 224 px; ImageNet shards made with `python -m vlpre.data.convert`).
 Options after the variant, comma-separated: `text_loss=text_byol` (or text_infonce_oneway),
 e.g. `--config=configs/gpt4image.py:tiny_vit,text_loss=text_byol`.
-The results table: `python bench/gpt4image_table.py` (docs/gpt4image.md).
+The results table: `python bench/gpt4image_table.py` (vlpre/methods/gpt4image/README.md).
 """
 import ml_collections as mlc
 
@@ -49,7 +49,7 @@ def get_config(arg=None):
   # Loss name → weight; the text term follows text_loss_weight (a 0 weight switches it off).
   c.losses = mlc.ConfigDict({"softmax_ce": 1.0, text_loss: c.get_ref("text_loss_weight")})
 
-  # Stage 1 (vlpre/describe.py): who writes the descriptions.
+  # Stage 1 (vlpre/methods/gpt4image/describe.py): who writes the descriptions.
   c.describe = dict(
       backend="llm-class-prompts" if tiny else "precomputed",  # | precomputed | vlpre-captioner
       output_dir="workdirs/descriptions/" + ("cifar10-smollm2-135m" if tiny else "imagenet"),

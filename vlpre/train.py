@@ -1,7 +1,7 @@
 """The one vlpre trainer: mesh → input → model → shard → update → checkpoint → evals → loop.
 
-Every method runs through `run`. A method contributes a model file (vlpre/models), losses
-(a file in vlpre/losses) and a config; nothing here knows which method runs:
+Every method runs through `run`. A method contributes its folder (vlpre/methods/<name>/: a
+model, its losses, its descriptor) and a config; nothing here knows which method runs:
   * trainable vs frozen parameters are split by the config's regexes (`config.frozen`);
     frozen ones (an LLM, a locked tower) are a separate sharded argument of the step,
     never in the optimizer state;

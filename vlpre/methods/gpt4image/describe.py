@@ -20,7 +20,7 @@ Backends (`config.describe.backend`):
                      sampling; KV-cache decoding on vlpre's one decoder, vlpre.llm);
                      each image gets one of its class's descriptions, picked by a
                      hash of its key. The text target is then a function of the label only,
-                     unlike the paper's per-image descriptions: see docs/gpt4image.md.
+                     unlike the paper's per-image descriptions: see this folder's README.md.
   vlpre-captioner    a trained vlpre captioning model (HIVE / SA, or any method with
                      `caption_inputs`) writes one caption FROM EACH TRAINING IMAGE, the
                      paper's mechanism: `describe.captioner` names its config and workdir
