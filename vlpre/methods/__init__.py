@@ -134,7 +134,6 @@ class Method:
   export_tower: ExportTower | None = None
   compare: tuple[CompareRun, ...] = ()
   notebook: str | None = None  # the notebook's file stem under notebooks/ (None: none)
-  title: str = ""              # how docs and tables name it (default: name)
 
   def __post_init__(self):
     if not isinstance(self.Model, type):
@@ -149,7 +148,6 @@ class Method:
       elif not callable(value):
         raise ValueError(f"method {self.name!r}: `{member}` must be a function of the config")
     object.__setattr__(self, "losses", dict(self.losses))
-    object.__setattr__(self, "title", self.title or self.name)
 
 
 def _config_dict(d) -> dict:

@@ -5,7 +5,6 @@ from vlpre.methods.bridge import model
 
 METHOD = methods.Method(
     name="bridge",
-    title="bridge",
     Model=model.Model,
     build=model.build,
     input_extras=model.input_extras,

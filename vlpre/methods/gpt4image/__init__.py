@@ -13,7 +13,6 @@ def _export_problem(model_config: dict) -> str | None:
 
 METHOD = methods.Method(
     name="gpt4image",
-    title="GPT4Image",
     aliases=("classifier",),  # configs name its model by what it is: a classifier
     Model=model.Model,
     build=model.build,

@@ -5,7 +5,6 @@ from vlpre.methods.hive import model
 
 METHOD = methods.Method(
     name="hive",
-    title="HIVE",
     Model=model.Model,
     build=model.build,
     build_tokenizer=model.build_tokenizer,

@@ -8,7 +8,6 @@ _INTERLEAVED = "workdirs/data/flickr8k_interleaved"
 
 METHOD = methods.Method(
     name="lcl",
-    title="LCL",
     Model=model.Model,
     build=model.build,
     build_tokenizer=model.build_tokenizer,

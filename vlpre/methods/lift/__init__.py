@@ -5,7 +5,6 @@ from vlpre.methods.lift import model
 
 METHOD = methods.Method(
     name="lift",
-    title="LIFT",
     Model=model.Model,
     build=model.build,
     input_extras=model.input_extras,

@@ -5,7 +5,6 @@ from vlpre.methods.lm import model
 
 METHOD = methods.Method(
     name="lm",
-    title="LM",
     Model=model.Model,
     build=model.build,
     build_tokenizer=model.build_tokenizer,

@@ -5,7 +5,6 @@ from vlpre.methods.two_tower import model
 
 METHOD = methods.Method(
     name="two_tower",
-    title="CLIP / SigLIP / LiT",
     Model=model.Model,
     export_tower=methods.ExportTower(
         "img", lambda m: dict(m["image"]), {"proj": "img_head"},
