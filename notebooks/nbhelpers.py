@@ -98,7 +98,7 @@ def load_run(config, workdir: str) -> Loaded:
   (its trainable parameters over the method's initial / pretrained ones)."""
   # pylint: disable=g-import-not-at-top
   import jax
-  from vlpre import data, methods, optim, stages, train
+  from vlpre import checkpoint, data, methods, optim, stages, train
   from vlpre.evaluators import common
   # pylint: enable=g-import-not-at-top
   if config.get("stages"):
@@ -117,7 +117,7 @@ def load_run(config, workdir: str) -> Loaded:
     params = train.load_params(export)
   else:
     params = optim.merge(variables["params"],
-                         train.load_from_workdir(workdir, tuple(s.state.params)))
+                         checkpoint.restore_params(workdir, tuple(s.state.params)))
   variables = {**variables, "params": params}
   return Loaded(config, s, variables, common.Predictor(s, tokenizer))
 

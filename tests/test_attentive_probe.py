@@ -59,6 +59,7 @@ def _init_apply(model, batch):
       lambda v, image: model.apply(v, image, method=method))(variables, batch["image"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["two_tower", "lift", "classifier_vit", "classifier_resnet"])
 def test_embed_patches_are_the_tokens_that_are_pooled(name):
   """[B, N, D] float32; where the model mean-pools, their mean is its pooled feature."""
@@ -83,6 +84,7 @@ def test_embed_patches_are_the_tokens_that_are_pooled(name):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_evaluator_end_to_end_on_tiny_clip_is_deterministic(data_dir):
   config = helpers.tiny_clip_config(data_dir)
   example = {"image": np.zeros((16, 32, 32, 3), np.float32), "text": np.zeros((16, 16), np.int32),

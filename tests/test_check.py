@@ -9,6 +9,7 @@ import jax
 import pytest
 
 from vlpre import check
+from vlpre import methods
 from vlpre.llm import assets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,9 +67,10 @@ def test_unknown_evaluator_kind():
 def test_unknown_model_name():
   c = load_config("clip", "tiny")
   c.model_name = "two_towers"
+  names = ", ".join(methods.folder_names())  # every folder, found, not listed here
+  assert "two_tower" in names and "lift" in names
   assert only_problem(c) == ("model_name: no method 'two_towers': expected a folder vlpre/methods/two_towers/ "
-                             "(methods: bridge, gpt4image, hive, lcl, lift, lm, two_tower) or a module "
-                             "path 'mypkg.mymethod'")
+                             f"(methods: {names}) or a module path 'mypkg.mymethod'")
 
 
 def test_missing_eval_split():
@@ -89,6 +91,35 @@ def test_unreadable_train_data(tmp_path):
   c.input.train = str(tmp_path / "train-*.tar")
   line = only_problem(c)
   assert line.startswith("input.train: ") and "bad tar header at byte 0" in line
+
+
+def test_a_record_of_each_train_pattern_decodes(data_dir, tmp_path):
+  """A wrong caption field, image key or label is caught before training, in one line
+  naming the pattern, the shard and the fields to check."""
+  c = load_config("clip", "tiny")
+  c.input.caption_field = "caption"
+  line = only_problem(c)
+  assert line.startswith("input.train: ") and "flickr8k/train-00000.tar" in line
+  assert "check input.image_key and input.caption_field" in line
+  assert "no field 'caption'" in line
+  c = load_config("clip", "tiny")
+  c.input.image_key = "png"
+  assert "no image member among ('png',)" in only_problem(c)
+  c = load_config("clip", "tiny")
+  c.input.label = True  # captions, no .cls members
+  assert "check input.image_key and input.label" in only_problem(c)
+  # Several patterns: each is decoded; the problem names the one that fails.
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  shard = helpers.small_shard(data_dir, tmp_path, num_samples=2)
+  cifar = os.path.join(data_dir, "cifar10", "test-00000.tar")  # labels, no captions
+  c = load_config("clip", "tiny")
+  with c.input.ignore_type():
+    c.input.train = (shard, cifar)
+  line = only_problem(c)
+  assert line.startswith(f"input.train {cifar!r}: ") and "no json or txt member" in line
+  with c.input.ignore_type():
+    c.input.train = (shard,)
+  assert check.check_config(c) == []
 
 
 def test_other_data_kinds_need_a_method_that_builds_its_records():
@@ -178,8 +209,7 @@ def test_main_check_flag(data_dir):
   assert "Traceback" not in bad.stderr
   assert bad.stderr.strip().splitlines()[-1] == (
       "model_name: no method 'two_towers': expected a folder vlpre/methods/two_towers/ "
-      "(methods: bridge, gpt4image, hive, lcl, lift, lm, two_tower) or a module path "
-      "'mypkg.mymethod'")
+      f"(methods: {', '.join(methods.folder_names())}) or a module path 'mypkg.mymethod'")
   good = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
   assert good.returncode == 0, good.stderr
   assert good.stdout.strip() == "config OK"

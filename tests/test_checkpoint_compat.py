@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from vlpre import config_lib, metrics, train
+from vlpre import checkpoint, config_lib, metrics, train
 
 FIXTURE = pathlib.Path(__file__).parent / "testdata" / "checkpoint_bbe7c2d"
 
@@ -32,7 +32,7 @@ def fixture_config(data_dir, total_steps):
 
 
 def _params(workdir):
-  return train.load_from_workdir(str(workdir), ("vit", "head"))
+  return checkpoint.restore_params(str(workdir), ("vit", "head"))
 
 
 @pytest.mark.integration

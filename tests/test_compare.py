@@ -12,16 +12,20 @@ import sys
 import pytest
 
 from vlpre import compare
+from vlpre import config_lib
 from vlpre import methods
+from vlpre import run_record
+
+from tests.test_storage import fake_gcs  # pylint: disable=unused-import  (a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 R1, ZS = "retrieval_flickr8k/i2t_R@1", "zeroshot_cifar10/top1"
 
 
-def _write(directory, lines):
+def _write(directory, lines, name="metrics.jsonl"):
   os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "metrics.jsonl"), "w", encoding="utf-8") as f:
+  with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
     f.writelines(json.dumps(line) + "\n" for line in lines)
 
 
@@ -49,6 +53,19 @@ def runs(tmp_path):
   _write(missing, [_train(1, 7.0), _train(10, 6.9), _train(20, 6.0), _train(10, 5.0),
                    _train(20, 1.0), {"step": 20, ZS: 0.15}])
   return [str(plain), str(staged), str(missing)]
+
+
+def test_vlpre_evaluates_rows_count_and_a_cut_line_is_skipped(tmp_path):
+  """vlpre.evaluate's rows (metrics_eval.jsonl) join the trainer's; a line cut off by a
+  kill in either file is skipped."""
+  run = tmp_path / "clip"
+  _write(run, [_train(1, 8.0), _train(10, 4.0)])
+  with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
+    f.write('{"step": 11, "lo')
+  _write(run, [{"step": 10, R1: 0.02}], name="metrics_eval.jsonl")
+  got = compare.read_run(str(run))
+  assert got.eval_keys == [R1] and got.series(R1) == [(10, 0.02)]
+  assert [r["step"] for r in got.training_rows()] == [1, 10]
 
 
 def test_staged_run_is_one_curve_with_offsets(runs):
@@ -98,6 +115,46 @@ def test_errors(runs, tmp_path):
     compare.compare(runs, ["a", "b"], str(tmp_path))
   with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
     compare.read_run(str(tmp_path / "nowhere"))
+
+
+def test_a_cut_off_last_line_is_skipped(runs):
+  """kill -9 mid-write leaves a last line without its end: the run reads as before it."""
+  path = os.path.join(runs[0], "metrics.jsonl")
+  with open(path, "a", encoding="utf-8") as f:
+    f.write('{"step": 30, "loss": 1.5, "perf/seconds_')
+  run = compare.read_run(runs[0])
+  assert [r["step"] for r in run.training_rows()] == [1, 10, 20]
+  assert compare.table([run])[1][0][:3] == ["clip", 20, 2.0]
+
+
+def _recorded(directory, lr):
+  config = config_lib.base("tiny")
+  config.optim.lr, config.log_every = lr, int(lr * 1e4)  # log_every never counts as a change
+  run_record.write(config, str(directory), None, None, {})
+
+
+def test_runs_in_a_bucket_with_their_config_differences(tmp_path, fake_gcs, monkeypatch):
+  """gs:// runs (a fake bucket over tmp_path) are read and the outputs written through
+  epath; the fields their recorded configs differ in end compare.md."""
+  monkeypatch.chdir(tmp_path)  # where os.path would put ./gs:/...
+  _write(fake_gcs / "b" / "sweep" / "lr_a", [_train(1, 8.0), _train(10, 4.0),
+                                             {"step": 10, R1: 0.01}])
+  _write(fake_gcs / "b" / "sweep" / "lr_b", [_train(1, 8.0), _train(10, 3.0)])
+  with open(fake_gcs / "b" / "sweep" / "lr_b" / "metrics.jsonl", "a", encoding="utf-8") as f:
+    f.write('{"step": 20, "lo')  # cut off by a kill
+  runs = ["gs://b/sweep/lr_a", "gs://b/sweep/lr_b"]
+  for run, lr in zip(runs, (1e-3, 2e-3)):
+    _recorded(run, lr)
+  text = compare.compare(runs)  # --out defaults to the runs' folder, in the bucket
+  out = fake_gcs / "b" / "sweep"
+  assert (out / "compare.md").read_text(encoding="utf-8") == text
+  assert "| lr_a | 10 | 4 |" in text and "| lr_b | 10 | 3 |" in text
+  assert text.endswith("| field | lr_a | lr_b |\n|---|---|---|\n| optim.lr | 0.001 | 0.002 |\n")
+  assert list(csv.reader(open(out / "compare_config.csv", encoding="utf-8"))) == [
+      ["field", "lr_a", "lr_b"], ["optim.lr", "0.001", "0.002"]]
+  with open(out / "loss.png", "rb") as f:
+    assert f.read(8) == PNG_SIGNATURE
+  assert not (tmp_path / "gs:").exists() and not (tmp_path / "b").exists()
 
 
 @pytest.mark.integration

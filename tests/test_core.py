@@ -17,6 +17,7 @@ from tests import core_cases
 from vlpre import sharding
 from vlpre.nn import attention as attention_lib
 from vlpre.nn import layers
+from vlpre.nn import platform
 from vlpre.nn import stack as stack_lib
 
 # Every parameter path and shape, per layout (scan / one subtree per block / layer groups).
@@ -407,6 +408,11 @@ def test_auto_resolves_per_backend_and_bad_values_are_errors():
   assert stack_lib.resolve_unroll(False, 12) == 1 and stack_lib.resolve_unroll(3, 12) == 3
   with pytest.raises(ValueError, match="unroll"):
     stack_lib.resolve_unroll(13, 12)
+  # A program traced here for a TPU (vlpre.compile) makes a TPU run's choices.
+  with platform.target("tpu"):
+    assert attention_lib.resolve_implementation("auto") == "dot_product_attention"
+    assert stack_lib.resolve_unroll(None, 12) == 1
+  assert stack_lib.resolve_unroll(None, 12) == 12
 
 
 # ------------------------------------------------------------------------------- the stack

@@ -1,4 +1,5 @@
 """Converter: image folders + captions / class folders -> shards, read back with TarShardSource."""
+import csv
 import io
 import json
 import os
@@ -89,6 +90,49 @@ def test_captions_jsonl_with_resize_is_reproducible(caption_folder, tmp_path):
   assert json.loads(records[0]["json"])["captions"] == ["one", "two"]
 
 
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_table_of_image_paths_and_captions(caption_folder, tmp_path, fmt):
+  """--mode=table: (image path, caption) rows, paths relative to the table's folder, in
+  nested folders; rows of one image become one sample."""
+  (caption_folder / "sub").mkdir()
+  _save(caption_folder / "sub" / "a.jpg", fmt="JPEG", seed=7)  # same name, other folder
+  rows = [("images/a.jpg", "A dog runs."), ("images/sub/a.jpg", "Another dog"),
+          ("images/a.jpg", "The dog again"), ("./images/c.png", "Café"),
+          ("images/missing.jpg", "no such file"), ("images/broken.jpg", "not an image")]
+  if fmt == "csv":
+    table = tmp_path / "pairs.csv"
+    with open(table, "w", encoding="utf-8", newline="") as f:
+      writer = csv.writer(f)
+      writer.writerow(["path", "text"])
+      writer.writerows(rows)
+  else:
+    import pyarrow as pa  # pylint: disable=g-import-not-at-top
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    table = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"path": [r[0] for r in rows], "text": [r[1] for r in rows]}), table)
+  out = tmp_path / "out"
+  with pytest.raises(ValueError, match=r"needs the columns 'image' and 'caption'.*'path', 'text'"):
+    convert.convert_table(str(table), str(out))
+  stats = convert.convert_table(str(table), str(out), image_column="path", caption_column="text")
+  assert stats.num_written == 3 and stats.num_bad == 2
+  _, records = _read_all(str(out / "train-*.tar"))
+  by_key = {r["__key__"]: r for r in records}
+  assert sorted(by_key) == ["images_a", "images_c", "images_sub_a"]
+  assert json.loads(by_key["images_a"]["json"])["captions"] == ["A dog runs.", "The dog again"]
+  assert by_key["images_sub_a"]["jpg"] == (caption_folder / "sub" / "a.jpg").read_bytes()
+  parsed = T.ParseCaption(pick="all").map(dict(by_key["images_sub_a"]))
+  assert parsed["captions"] == ["Another dog"]
+  assert json.loads(by_key["images_c"]["json"])["captions"] == ["Café"]
+  url_table = tmp_path / "urls.csv"
+  url_table.write_text("image,caption\nhttps://example.com/x.jpg,a cat\n")
+  with pytest.raises(ValueError, match="is a URL"):
+    convert.convert_table(str(url_table), str(tmp_path / "out2"))
+  # A path that leaves the table's folder is refused, as every name in a data file is.
+  url_table.write_text(f"image,caption\n{caption_folder / 'a.jpg'},a dog\n")
+  with pytest.raises(ValueError, match="is not a relative path inside"):
+    convert.convert_table(str(url_table), str(tmp_path / "out3"))
+
+
 def test_class_folders_round_trip(tmp_path):
   root = tmp_path / "classes"
   for c, name in enumerate(["dog", "cat", "bird"]):
@@ -124,6 +168,17 @@ def test_cli(tmp_path):
   _, records = _read_all(str(tmp_path / "out" / "test-*.tar"))
   assert records[0]["__key__"] == "a_x" and records[0]["cls"] == b"0"
   assert Image.open(io.BytesIO(records[0]["jpg"])).size == (12, 8)
+  # --mode=table with a wrong column: one line, exit 1, no traceback.
+  (tmp_path / "pairs.csv").write_text("path,text\nclasses/a/x.jpg,a photo\n")
+  result = subprocess.run(
+      [sys.executable, "-m", "vlpre.data.convert", "--mode=table",
+       f"--table={tmp_path / 'pairs.csv'}", f"--out_dir={tmp_path / 'out2'}"],
+      capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)),
+      timeout=60)
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines()[-1].endswith(
+      "needs the columns 'image' and 'caption' (--image_column, --caption_column); it has "
+      "['path', 'text']")
 
 
 def _write_idx(path, array):
@@ -164,10 +219,10 @@ def test_idx_round_trip_and_truncation(tmp_path):
 FASHION = "/usr/share/datasets/fashion-mnist"
 
 
-@pytest.mark.integration
-@pytest.mark.system_data
+@pytest.mark.system_data(FASHION, "dataset-fashion-mnist")
 def test_idx_real_fashion_mnist(tmp_path):
-  """The real files of Debian's dataset-fashion-mnist (.ci/run installs it)."""
+  """The real files of Debian's dataset-fashion-mnist (.ci/run installs it; elsewhere the
+  test skips with that reason where the package is missing, conftest.py)."""
   assert os.path.isdir(FASHION), "apt-get install dataset-fashion-mnist (done by .ci/run)"
   stats = convert.convert_idx(FASHION, str(tmp_path), max_per_split=100)
   assert {k: s.num_written for k, s in stats.items()} == {"train": 100, "test": 100}
@@ -178,3 +233,12 @@ def test_idx_real_fashion_mnist(tmp_path):
   assert set(labels) == set(range(10))
   _, test_records = _read_all(str(tmp_path / "test-*.tar"))
   assert [int(r["cls"]) for r in test_records[:3]] == [9, 2, 1]
+
+
+def test_system_data_skips_with_its_reason_outside_ci_only(tmp_path):
+  from tests import conftest  # pylint: disable=g-import-not-at-top
+  missing = str(tmp_path / "nowhere")
+  reason = conftest.system_data_skip_reason(missing, "dataset-x", {})
+  assert reason.startswith(f"{missing} is missing: apt-get install dataset-x")
+  assert conftest.system_data_skip_reason(missing, "dataset-x", {"CI": "true"}) is None
+  assert conftest.system_data_skip_reason(str(tmp_path), "dataset-x", {}) is None

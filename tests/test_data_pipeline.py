@@ -224,6 +224,7 @@ def test_state_round_trip_in_process(clip_tok, data_dir, mixed_tar):
     assert_same_batches(take(fresh, 4), want)
 
 
+@pytest.mark.slow
 def test_workers_count_bad_and_restore_state(clip_tok, mixed_tar):
   """mp_prefetch: bad counts survive the trip from workers; a fresh iterator restores.
 
@@ -435,3 +436,41 @@ def test_stream_hook_packs_every_token_and_resumes(source, clip_tok, data_dir, m
   assert_same_batches(take(fresh, 2), later)
   it.set_state(state)
   assert_same_batches(take(it, 2), later)
+
+
+# ------------------------------------------------------------ img2dataset's shard layout
+
+
+def _img2dataset_shard(path, captions):
+  """A shard as img2dataset writes it: `<9-digit key>.jpg`, `.txt` (the caption), `.json`
+  (metadata only: url, key, status, sizes), in its order, GNU tar format."""
+  with tarfile.open(path, "w") as tf:
+    for i, caption in enumerate(captions):
+      key = f"{i:09d}"
+      meta = {"url": f"https://example.com/{i}.jpg", "key": key, "status": "success",
+              "error_message": None, "width": 20, "height": 24, "original_width": 640,
+              "original_height": 480, "exif": "{}", "sha256": "0" * 64}
+      for ext, payload in (("jpg", _jpeg(i)), ("txt", caption.encode()),
+                           ("json", json.dumps(meta).encode())):
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size = len(payload)
+        tf.addfile(info, io.BytesIO(payload))
+
+
+def test_img2dataset_shards_train_and_evaluate_as_they_are(tmp_path, clip_tok):
+  """The caption comes from `.txt` when `.json` has no caption field; none is bad."""
+  captions = [f"a photo of thing {i}" for i in range(6)] + ["", "the last one"]
+  _img2dataset_shard(tmp_path / "00000.tar", captions)
+  cfg = make_cfg(train=str(tmp_path / "*.tar"), shuffle=False, flip=False)
+  batch = next(iter(data.build_train_dataset(cfg, global_batch_size=7, seed=0, tokenizer=clip_tok)))
+  assert batch["_num_bad"] == 1  # only the empty caption
+  assert list(batch["_key"]) == [f"{i:09d}" for i in (0, 1, 2, 3, 4, 5, 7)]
+  want_ids, _ = clip_tok.encode_batch([c for c in captions if c], 16)
+  np.testing.assert_array_equal(batch["text"], want_ids)
+  evals = list(data.iterate_eval(str(tmp_path / "*.tar"), image_size=16, resize_size=18,
+                                 batch_size=8, with_captions=True))
+  assert [c for b in evals for c in b["captions"]][:2] == [[captions[0]], [captions[1]]]
+  # With neither a caption field nor a .txt, the reason names the field and what is there.
+  record = {"__key__": "k", "json": json.dumps({"url": "u", "key": "k"}).encode()}
+  parsed = data.ParseCaption("captions", pick="first").map(record)
+  assert "no field 'captions'" in parsed["_bad"] and "['key', 'url']" in parsed["_bad"]

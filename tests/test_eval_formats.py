@@ -1,6 +1,7 @@
 """Zero-shot and retrieval read clip_benchmark's webdataset layout and TFDS splits, and give
 the metric the same images give through vlpre's own shards."""
 import importlib
+import importlib.util
 import io
 import json
 import os
@@ -161,7 +162,7 @@ def test_zeroshot_same_metric_in_every_format(eval_sets, tiny_clip):
   cb = _run(tiny_clip, zeroshot, dict(format="clip_benchmark", data=str(eval_sets / "wds_cifar10")))
   tf = _run(tiny_clip, zeroshot, dict(format="tfds", data="vlpre_eval_cifar", split="test",
                                        tfds_data_dir=tfds_dir))
-  assert list(ours) == ["e/top1"] and ours == cb == tf
+  assert list(ours) == ["e/top1", "e/mean_per_class_recall"] and ours == cb == tf
   # Beneath the metric: the same images, labels and embeddings, in the same order.
   s, predictor = tiny_clip
   outputs = []
@@ -209,3 +210,53 @@ def test_bad_eval_sets_are_one_line_errors(eval_sets, tmp_path):
   problems = check._check_evals({"evals": evals})  # pylint: disable=protected-access
   assert [p.split(":")[0] for p in problems] == ["evals.a.data", "evals.b.data", "evals.c.format"]
   assert all("\n" not in p for p in problems)
+
+
+def test_mean_per_class_recall_matches_a_naive_reference():
+  rng = np.random.default_rng(0)
+  labels = rng.choice(7, size=200, p=[0.5, 0.2, 0.1, 0.1, 0.05, 0.05, 0.0])  # class 6 absent
+  pred = np.where(rng.random(200) < 0.6, labels, rng.integers(0, 8, 200))  # 7: never a label
+  recalls = []
+  for c in range(8):
+    rows = [i for i in range(200) if labels[i] == c]
+    if rows:
+      recalls.append(sum(pred[i] == c for i in rows) / len(rows))
+  got = common.mean_per_class_recall(pred, labels)
+  np.testing.assert_allclose(got, np.mean(recalls), rtol=1e-12)
+  assert abs(got - np.mean(pred == labels)) > 0.01  # imbalanced: not the plain accuracy
+  assert common.mean_per_class_recall(np.array([0, 0, 0, 1]), np.array([0, 0, 0, 0])) == 0.75
+
+
+class _RecordingPredictor:
+  """Stands in for common.Predictor: a fixed embedding per prompt, prompts recorded."""
+
+  def __init__(self):
+    self.prompts = []
+
+  def text_embeddings(self, variables, texts, max_len):
+    del variables, max_len
+    self.prompts += list(texts)
+    return np.stack([np.random.default_rng(abs(hash(t)) % 2**32).normal(size=8) for t in texts])
+
+
+def test_openai_imagenet_templates_are_clips_80_and_ensembled(data_dir):
+  # open_clip's own list; its file imports nothing (importing open_clip would need torchvision).
+  spec = importlib.util.find_spec("open_clip")
+  path = os.path.join(os.path.dirname(spec.origin), "zero_shot_metadata.py")
+  metadata = importlib.util.module_from_spec(importlib.util.spec_from_file_location("zsm", path))
+  metadata.__spec__.loader.exec_module(metadata)
+  want = tuple(t("{}") for t in metadata.OPENAI_IMAGENET_TEMPLATES)
+  assert len(want) == 80 and zeroshot.TEMPLATES["openai_imagenet"] == want
+  predictor = _RecordingPredictor()
+  ev = zeroshot.Evaluator("e", dict(data="cifar10/test-*.tar", data_dir=data_dir,
+                                    classnames="cifar10", templates="openai_imagenet"), predictor)
+  z_CxE = ev.class_embeddings(None)
+  assert z_CxE.shape == (10, 8) and len(predictor.prompts) == 800
+  assert predictor.prompts[:2] == ["a bad photo of a airplane.", "a photo of many airplane."]
+  # Each class: its 80 prompt embeddings, l2-normalised, averaged, normalised again.
+  z = predictor.text_embeddings(None, predictor.prompts[80:160], 0)
+  mean = (z / np.linalg.norm(z, axis=1, keepdims=True)).mean(0)
+  np.testing.assert_allclose(z_CxE[1], mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="no template set 'openai80'; sets: photo, clip7, openai_imagenet"):
+    zeroshot.Evaluator("e", dict(data="cifar10/test-*.tar", data_dir=data_dir,
+                                 classnames="cifar10", templates="openai80"), predictor)

@@ -20,12 +20,13 @@ import tarfile
 import numpy as np
 from PIL import Image
 import pytest
+from safetensors import safe_open
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file
 import torch
 from transformers import AutoImageProcessor, AutoModel
 
-from vlpre import export, methods, train
+from vlpre import checkpoint, export, methods, train
 from vlpre.data import eval_input
 from vlpre.nn.vit import ViT
 from vlpre.text_encoders import store as store_lib
@@ -120,7 +121,7 @@ def _vlpre_features(config, workdir, image_BxHxWx3):
            "classifier": ("vit", "head")}[config.model_name]
   if config.model.get("logit_bias_init") is not None:
     names += ("logit_bias",)
-  params = export.restore_params(workdir, names)
+  params = checkpoint.restore_params(workdir, names)
   encoded = vit.apply({"params": params[tower.prefix]}, image_BxHxWx3, method=ViT.encode,
                       all_levels=False)
   if config.model_name == "lift":
@@ -192,6 +193,9 @@ def test_exported_tower_gives_vlpres_features(case, trained, images):
   with open(os.path.join(out, "config.json")) as f:
     assert json.load(f)["hidden_act"] == "gelu_pytorch_tanh"
   assert "pooled" in open(os.path.join(out, "README.md")).read().lower()
+  if case == "lift":  # the frozen text encoder the head was trained against, and its recipe
+    with safe_open(os.path.join(out, "head.safetensors"), "np") as f:
+      assert json.loads(f.metadata()["text_encoder"]) == config.text_encoder.to_dict()
 
 
 @pytest.mark.parametrize("change, message", [

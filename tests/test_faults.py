@@ -12,29 +12,48 @@ then resumed; see the section's own comment. This file doubles as the fault-inje
 entry point its subprocess tests start: `python -m tests.test_faults FAULT --config=...`.
 """
 import errno
+import io
+import json
 import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
+import zlib
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from PIL import Image
 import pytest
+from tensorboardX import record_writer
 
+from vlpre import check
 from vlpre import checkpoint as checkpoint_lib
+from vlpre import config_lib
 from vlpre import data
 from vlpre import evaluators
 from vlpre import metrics
+from vlpre import storage
 from vlpre import train
+from vlpre.data import convert
+from vlpre.data import documents
+from vlpre.data import interleaved
+from vlpre.data import records
 from vlpre.data import sources
+from vlpre.data import tar_index
 from vlpre.data import tar_scan
 from vlpre.data import transforms as T
+from vlpre.evaluators import sugarcrepe
+from vlpre.llm import assets
+from vlpre.llm import checkpoints
+from vlpre.text_encoders import store as store_lib
 
 from tests import helpers
 
@@ -82,6 +101,18 @@ def _cut(path, size):
     f.truncate(size)
 
 
+def _rewrite_size(path, header, field):
+  """Writes `field` (12 bytes) into the size field of the header at `header`, checksum fixed."""
+  with open(path, "r+b") as f:
+    f.seek(header)
+    block = bytearray(f.read(512))
+    block[124:136] = field
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    f.seek(header)
+    f.write(block)
+
+
 @pytest.mark.parametrize("where", ["mid_data", "after_header", "mid_header"])
 def test_truncated_shard_keeps_whole_samples(shard, where):
   """An interrupted copy: the cut sample is one bad record, the whole ones before it decode."""
@@ -98,15 +129,7 @@ def test_truncated_shard_keeps_whole_samples(shard, where):
 def test_member_past_end_of_file(shard):
   """A header whose size runs past EOF (here: the first member of sample 5 claims 1 MB)."""
   path, keys, members = shard
-  header, _ = members[f"{keys[5]}.png"]
-  with open(path, "r+b") as f:
-    f.seek(header)
-    block = bytearray(f.read(512))
-    block[124:136] = b"%011o\0" % (1 << 20)
-    block[148:156] = b" " * 8
-    block[148:156] = b"%06o\0 " % sum(block)
-    f.seek(header)
-    f.write(block)
+  _rewrite_size(path, members[f"{keys[5]}.png"][0], b"%011o\0" % (1 << 20))
   # The next header is found after the claimed size fails: only sample 5 is lost.
   _check(_records(path), keys[:5] + keys[6:], 1, "corrupt size field")
 
@@ -272,6 +295,258 @@ def test_past_max_bad_fraction_fails_with_one_line(shard):
   assert guard.bad + guard.good >= guard.min_samples
 
 
+# ---------------------------------------------------------- crafted and silently wrong data
+
+
+def _within(seconds, fn, *args):
+  """fn(*args) in a daemon thread: a hang fails the test instead of the whole suite. The
+  bound is generous (a correct scan of these shards takes milliseconds)."""
+  out = []
+  thread = threading.Thread(target=lambda: out.append(fn(*args)), daemon=True)
+  thread.start()
+  thread.join(seconds)
+  assert not thread.is_alive(), f"{fn.__name__} still running after {seconds} s: an endless loop"
+  assert out, f"{fn.__name__} raised (see the thread's traceback above)"
+  return out[0]
+
+
+_SIZE_FIELDS = {
+    "negative": b"-0000001000\0",  # int(x, 8) reads -512: a scan stepping backwards
+    "negative_base256": b"\xff" + (-2048 % (1 << 88)).to_bytes(11, "big"),  # GNU: tarfile path
+    "absurd": b"77777777777\0",  # 8 GiB, far past the end of the file
+}
+
+
+@pytest.mark.parametrize("size_field", list(_SIZE_FIELDS))
+def test_crafted_size_field_is_a_damaged_shard_not_a_hang(shard, size_field):
+  """A header with a negative or absurd size and a valid checksum: counted as damage, the
+  scan goes on (a negative size once made it loop forever, `--check` too)."""
+  path, keys, members = shard
+  _rewrite_size(path, members[f"{keys[5]}.png"][0], _SIZE_FIELDS[size_field])
+  records = _within(10, _records, path)
+  if size_field == "negative":  # a bad header: the scan resumes at the next one
+    _check(records, keys[:5] + keys[6:], 2, "negative size field")
+  elif size_field == "absurd":  # a corrupt size: the next valid header follows
+    _check(records, keys[:5] + keys[6:], 1, "corrupt size field")
+  else:  # tarfile stops at it: the rest of the shard is lost and counted
+    decoded = [_decoded(r) for r in records]
+    assert [r["__key__"] for r in decoded if not T.is_bad(r)] == keys[:5]
+    bad = [r[T.BAD] for r in decoded if T.is_bad(r)]
+    assert 4 <= len(bad) <= 8 and "negative size field" in bad[0]  # samples 5..11, estimated
+  members_found, faults = _within(10, tar_scan.scan, path)  # what `--check` reads
+  assert faults and len(members_found) >= 10
+
+
+def test_check_returns_on_a_crafted_size_field(shard, data_dir):
+  path, keys, members = shard
+  _rewrite_size(path, members[f"{keys[0]}.png"][0], _SIZE_FIELDS["negative"])
+  config = helpers.tiny_clip_config(data_dir)
+  config.input.train = path
+  # It returns (never a hang). This CIFAR shard has no captions, so the one-record decode
+  # check reports it, naming the damaged header it stepped over on the way.
+  problems = _within(30, check.check_config, config)
+  assert all(p.startswith("input.train:") for p in problems), problems
+  assert all("negative size field" in p for p in problems), problems
+
+
+def _relabelled_shard(shard, tmp_path, labels):
+  """A copy of the CIFAR shard whose samples' .cls members say `labels[key]` where given."""
+  path, keys, _ = shard
+  out = str(tmp_path / "relabelled-00000.tar")
+  with tarfile.open(path) as src, tarfile.open(out, "w", format=tarfile.USTAR_FORMAT) as dst:
+    for info in src:
+      payload = src.extractfile(info).read()
+      key, ext = info.name.split(".", 1)
+      if ext == "cls" and key in labels:
+        payload = labels[key].encode()
+        info.size = len(payload)
+      dst.addfile(info, io.BytesIO(payload))
+  return out
+
+
+def test_out_of_range_labels_are_counted_bad_records(shard, tmp_path):
+  """A 1-based label past the class count, or -1, is a bad record, never an all-zero target."""
+  _, keys, _ = shard
+  path = _relabelled_shard(shard, tmp_path, {keys[2]: "10", keys[7]: "-1"})
+  cfg = _train_cfg(path, 0.5)
+  cfg.num_classes = 10
+  it = iter(data.build_train_dataset(cfg, global_batch_size=5, seed=0, tokenizer=None))
+  batches = [next(it) for _ in range(4)]  # 2 epochs of the 10 good samples
+  assert sum(b["_num_bad"] for b in batches) == 4  # 2 per epoch
+  seen = [k for b in batches for k in b["_key"]]
+  assert keys[2] not in seen and keys[7] not in seen and len(set(seen)) == 10
+  assert all(0 <= label < 10 for b in batches for label in b["label"])
+  parse = T.ParseLabel(num_classes=10)
+  reasons = [parse.map({"__key__": "k", "cls": value}).get(T.BAD) for value in (b"10", b"-1", b"9")]
+  assert "label 10 is out of range of 10 classes" in reasons[0]
+  assert "label -1 is out of range" in reasons[1] and reasons[2] is None
+  assert T.is_bad(T.ParseLabel().map({"__key__": "k", "cls": b"-1"}))  # no class count: still
+
+
+def test_member_extensions_take_any_count(tmp_path, monkeypatch):
+  """40,000 distinct extensions (past an int16) index and read back by their own name."""
+  path = tmp_path / "many-00000.tar"
+  path.write_bytes(b"x" * 1024)
+  count = 40_000
+  members = [(f"s{i}.e{i}", 0, 1, 1024) for i in range(count)]  # every member: byte 0
+  monkeypatch.setattr(tar_scan, "scan", lambda p: (members, []))
+  index = tar_index.ShardIndex([str(path)])
+  assert len(index) == count and len(index.exts) == count
+  for i in (0, 32_767, 32_768, count - 1):
+    assert index.exts[index.member_ext[index.sample_start[i]]] == f"e{i}"
+  record = sources.TarShardSource(str(path))[count - 1]
+  assert record == {"__key__": f"s{count - 1}", f"e{count - 1}": b"x"}
+
+
+def _tar(path, members):
+  with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+    for name, payload in members:
+      info = tarfile.TarInfo(name)
+      info.size = len(payload)
+      tf.addfile(info, io.BytesIO(payload))
+
+
+def test_image_references_resolve_by_full_key_and_collisions_are_refused(tmp_path):
+  """`a/cat.jpg`, `cat.v2.jpg` and `cat.jpg` are three images; two members with one key
+  (`x/cat.jpg`, `x/cat.png`) make the store refuse, in one line."""
+  _tar(tmp_path / "images-00000.tar", [("a/cat.jpg", b"A"), ("a/cat.json", b"{}"),
+                                       ("cat.v2.jpg", b"B"), ("cat.jpg", b"C")])
+  store = documents.ImageStore(str(tmp_path / "images-*.tar"))
+  elements, _ = documents.read_document(
+      {"texts": [None, None, None, "t"], "images": ["a/cat.jpg", "cat.v2.jpg", "cat.jpg", None]})
+  got = [store.get(e[1]) for e in elements if e[0] == documents.IMAGE]
+  assert [(r["__key__"], r["jpg"]) for r in got] == [
+      ("a/cat", b"A"), ("cat.v2", b"B"), ("cat", b"C")]
+  assert len(store) == 3 and store.get("a/cat.v2") is None
+  _tar(tmp_path / "clash-00000.tar", [("x/cat.jpg", b"A"), ("x/cat.png", b"B")])
+  with pytest.raises(ValueError) as err:
+    documents.ImageStore(str(tmp_path / "clash-*.tar"))
+  assert "\n" not in str(err.value)
+  assert "'x/cat' ('x/cat.jpg' in clash-00000.tar, 'x/cat.png' in clash-00000.tar)" in (
+      str(err.value))
+
+
+@pytest.mark.parametrize("doc", [
+    {"texts": [5, None], "images": [None, "a.jpg"]},            # OBELICS: a number
+    {"texts": [{"t": "x"}], "images": [None]},                  # OBELICS: an object
+    {"text_list": ["fine", None], "image_info": []},            # MMC4: a null sentence
+    {"text_list": "not a list", "image_info": []},
+    {"texts": [None], "images": [7]},                           # an image reference
+    {"text_list": ["s"], "image_info": [{"image_name": 3, "matched_text_index": 0}]},
+])
+def test_non_string_text_in_a_document_is_a_bad_record(doc):
+  record = interleaved.ParseDocument().map({"__key__": "docs:0", "json": json.dumps(doc).encode()})
+  assert T.is_bad(record) and record[T.BAD].startswith("'docs:0': bad document: TypeError: ")
+  assert "\n" not in record[T.BAD]
+
+
+def test_embed_store_settings_are_written_first_and_checked_on_resume(data_dir, shard, tmp_path,
+                                                                        monkeypatch):
+  """An interrupted store says what began it; a rerun with other encoder settings refuses
+  in one line before embedding anything, instead of adding shards of another encoder."""
+  path, _, _ = shard
+  config = helpers.tiny_clip_config(data_dir)
+  config.input.train = path
+  config.text_encoder = dict(name="minilm-l6", max_len=16, pooling="", normalize=True,
+                             template="{text}", layer=-1)
+  config.text_cache = str(tmp_path / "store")
+
+  class Killed(Exception):
+    """Stands for a kill while the encoder loads."""
+
+  def interrupted(_):
+    raise Killed
+  monkeypatch.setattr(store_lib, "text_encoder", interrupted)
+  with pytest.raises(Killed):
+    store_lib.build_store(config, progress=False, shard_size=4)
+  meta = json.loads((tmp_path / "store" / "meta.json").read_text())
+  assert meta == {"settings": store_lib.encoder_settings(config), "shard_size": 4,
+                  "num_samples": NUM_SAMPLES, "complete": False}
+  config.text_encoder.max_len = 32
+  with pytest.raises(ValueError) as err:  # refused before the encoder would load
+    store_lib.build_store(config, progress=False, shard_size=4)
+  assert "\n" not in str(err.value) and "max_len: 16 -> 32" in str(err.value)
+  config.text_encoder.max_len = 16
+  with pytest.raises(ValueError, match="shard_size: 4 -> 8"):
+    store_lib.build_store(config, progress=False, shard_size=8)
+  with pytest.raises(Killed):  # the settings it began with: resumes (up to the encoder)
+    store_lib.build_store(config, progress=False, shard_size=4)
+  (tmp_path / "store" / "meta.json").unlink()  # shards of unknown settings are refused too
+  (tmp_path / "store" / "emb-00000.npy").write_bytes(b"")
+  with pytest.raises(ValueError, match="no meta.json"):
+    store_lib.build_store(config, progress=False, shard_size=4)
+
+
+def test_hub_revision_must_be_a_commit_hash():
+  config = config_lib.load(os.path.join(ROOT, "configs", "lift.py") + ":tiny")
+  config.text_encoder.update(name="HuggingFaceTB/SmolLM2-360M", allow_download=True)
+  for revision in ("main", "v1.0", "a" * 39, "A" * 40):
+    config.text_encoder.revision = revision
+    problems = check.check_config(config)
+    assert len(problems) == 1 and "\n" not in problems[0], problems
+    assert f"text_encoder.revision={revision!r} is not a commit hash" in problems[0]
+  config.text_encoder.revision = "0123456789abcdef" * 2 + "01234567"
+  assert check.check_config(config) == []
+  with pytest.raises(assets.HubDownloadRefused, match="not a commit hash"):
+    assets.resolve("HuggingFaceTB/SmolLM2-360M", allow_download=True, revision="main")
+
+
+@pytest.mark.parametrize("name", ["../outside.jpg", "a/../../outside.jpg", "/etc/passwd"])
+def test_names_read_from_data_stay_inside_their_folder(tmp_path, name):
+  """SugarCrepe's image names, the converter's caption list and a sharded-safetensors
+  index name files; one that leaves its folder is refused in one line, never read."""
+  folder = tmp_path / "in"
+  folder.mkdir()
+  (tmp_path / "outside.jpg").write_bytes(b"secret")
+  lines = []
+  with pytest.raises(ValueError) as err:
+    sugarcrepe.ImageFiles(str(folder), ["fine.jpg", name])
+  lines.append(str(err.value))
+  captions = tmp_path / "captions.jsonl"
+  captions.write_text(json.dumps({"filename": name, "caption": "a cat"}) + "\n")
+  with pytest.raises(ValueError) as err:
+    convert.convert_captions(str(folder), str(captions), str(tmp_path / "out"))
+  lines.append(str(err.value))
+  (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": name}}))
+  with pytest.raises(ValueError) as err:
+    checkpoints.read_hf_weights(folder)
+  lines.append(str(err.value))
+  for line in lines:
+    assert "\n" not in line and f"{name!r} is not a relative path inside {folder}" in line
+  inside = storage.join_inside(str(folder), "a/../b.jpg", what="x")  # '..' within: fine
+  assert inside == os.path.join(folder, "a/../b.jpg")
+
+
+def _png_declaring(width, height):
+  """A 1x1 PNG whose header says width x height (nothing beyond the header is decoded)."""
+  buf = io.BytesIO()
+  Image.new("RGB", (1, 1)).save(buf, "PNG")
+  png = bytearray(buf.getvalue())
+  png[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")  # IHDR's width, height
+  png[29:33] = zlib.crc32(bytes(png[12:29])).to_bytes(4, "big")
+  return bytes(png)
+
+
+def test_image_pixel_limit_follows_the_image_size(monkeypatch):
+  """PIL's decompression-bomb limit, derived from the config's image size: an image
+  declaring more pixels is a bad record before anything is decoded."""
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after
+  assert T.max_image_pixels(32) == T.max_image_pixels(256) == 2**26
+  assert T.max_image_pixels(512) == (32 * 512) ** 2
+  decode = records.decode_image({"image_size": 32})
+  assert decode.max_pixels == 2**26
+  bomb = decode.map({"__key__": "k", "png": _png_declaring(9_000, 9_000)})  # 81 M > 2**26
+  assert "declares 9000x9000 pixels, over the limit of 67108864" in bomb[T.BAD]
+  huge = decode.map({"__key__": "k", "png": _png_declaring(100_000, 100_000)})  # 10**10
+  assert T.is_bad(huge) and "\n" not in huge[T.BAD]
+  fine = decode.map({"__key__": "k", "png": _png_declaring(1, 1)})
+  assert fine["image"].shape == (1, 1, 3)
+  wide = records.decode_image({"image_size": 512})
+  assert wide.max_pixels == (32 * 512) ** 2
+  wide.map({"__key__": "k", "png": _png_declaring(1, 1)})  # decoding raises PIL's own limit
+  assert Image.MAX_IMAGE_PIXELS == wide.max_pixels  # so PIL never refuses what it accepts
+
+
 # ----------------------------------------------------------------------------- runs
 #
 # Every scenario trains the same tiny CLIP for 6 steps (checkpoints at 2, 4 and 6, and
@@ -419,16 +694,7 @@ def test_nan_in_a_batch_stops_with_the_last_good_checkpoint(data_dir, tmp_path, 
   (tests/test_train.py poisons the update instead: a NaN learning rate.)
   """
   workdir = str(tmp_path)
-  real_device_batch = train.Setup.device_batch
-  calls = []
-
-  def device_batch(self, batch):
-    calls.append(None)
-    if len(calls) == 3:
-      batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
-    return real_device_batch(self, batch)
-
-  monkeypatch.setattr(train.Setup, "device_batch", device_batch)
+  _nan_in_batch(monkeypatch, 3)
   with pytest.raises(FloatingPointError, match=r"at step 3.*checkpoint \(step 2\).*intact"):
     train.run(fault_config(data_dir, evals=False), workdir)
   assert _checkpoints(workdir) == ([1, 2], [])
@@ -457,6 +723,72 @@ def test_full_disk_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch
   train.run(config, workdir)
   assert _checkpoints(workdir)[0][-1] == TOTAL_STEPS
   assert _losses(workdir) == straight_losses
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("where", ["metrics.jsonl", "tensorboard"])
+def test_full_disk_in_the_metrics_keeps_the_checkpoint(data_dir, tmp_path, monkeypatch,
+                                                        straight_losses, where):
+  """ENOSPC in metrics.jsonl (EIO in TensorBoard) from step 3: MetricsWriteError, one line;
+  checkpoint 2 intact; the rerun resumes from it with the uninterrupted run's losses."""
+  config, workdir = fault_config(data_dir, evals=False), str(tmp_path)
+  _metrics_fail_from(monkeypatch, 3, where)
+  with pytest.raises(metrics.MetricsWriteError) as error:
+    train.run(config, workdir)
+  assert "\n" not in str(error.value) and "of step 3 could not be written" in str(error.value)
+  assert _checkpoints(workdir) == ([1, 2], [])
+
+  monkeypatch.undo()
+  train.run(config, workdir)
+  assert _losses(workdir) == straight_losses
+
+
+@pytest.mark.integration
+def test_keep_1_never_leaves_no_complete_checkpoint(data_dir, tmp_path, monkeypatch,
+                                                     straight_losses):
+  """checkpoint.keep=1: while each step is written the previous one is still whole (orbax
+  deletes it after the commit); a failed write (ENOSPC at step 4) leaves step 2, which
+  the rerun resumes from after removing the unfinished step 4, with the same losses."""
+  config, workdir = fault_config(data_dir, evals=False), str(tmp_path)
+  config.checkpoint.keep = 1
+  during, failed = {}, []
+
+  def record_then_fail_4(step):
+    during[step] = _checkpoints(workdir)[0]  # the complete steps while `step` is written
+    if step == 4 and not failed:
+      failed.append(step)
+      raise OSError(errno.ENOSPC, "No space left on device")
+
+  _hook_state_writes(monkeypatch, record_then_fail_4)
+  with pytest.raises(checkpoint_lib.CheckpointWriteError, match="last complete checkpoint, step 2,"):
+    train.run(config, workdir)
+  assert during == {1: [], 2: [1], 4: [2]}
+  assert _checkpoints(workdir) == ([2], [4])
+
+  train.run(config, workdir)  # the hook still records, and no longer fails
+  assert during == {1: [], 2: [1], 4: [2], 6: [4]}
+  assert _checkpoints(workdir) == ([6], [])
+  assert _losses(workdir) == straight_losses
+
+
+def test_unfinished_writes_are_removed_by_the_trainer_only(tmp_path, monkeypatch):
+  """A `<step>.orbax-checkpoint-tmp` folder (a kill mid-save) goes, with a line, when the
+  trainer opens its checkpoints; a reader (vlpre.evaluate) leaves it (it may be a live
+  trainer's write in progress)."""
+  directory = str(tmp_path / "checkpoints")
+  ckpt = checkpoint_lib.Checkpointer(directory, async_save=False)
+  ckpt.save(1, {"w": jax.numpy.ones(3)}, None, force=True)
+  ckpt.close()
+  (tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp" / "state").mkdir(parents=True)
+  (tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp" / "state" / "data").write_bytes(b"x" * 99)
+  lines = []
+  monkeypatch.setattr(checkpoint_lib.logging, "warning", lambda fmt, *a: lines.append(fmt % a))
+  checkpoint_lib.Checkpointer(directory).close()
+  assert _checkpoints(str(tmp_path)) == ([1], [2]) and not lines
+  checkpoint_lib.Checkpointer(directory, remove_unfinished=True).close()
+  assert _checkpoints(str(tmp_path)) == ([1], [])
+  assert len(lines) == 1 and "removing 1 unfinished checkpoint write" in lines[0]
+  assert "2.orbax-checkpoint-tmp" in lines[0]
 
 
 def test_bad_sample_counts_survive_a_resume(tmp_path):
@@ -490,18 +822,26 @@ def main_env(xla_cache):
 def _config_file(data_dir, tmp_path):
   path = tmp_path / "fault_config.py"
   path.write_text("from tests import test_faults\n\n\ndef get_config(arg=None):\n"
-                  f"  return test_faults.fault_config({data_dir!r}, staged=arg == 'staged')\n")
+                  f"  return test_faults.fault_config({data_dir!r}, staged=arg == 'staged',\n"
+                  "                                  evals=arg != 'no_evals')\n")
   return str(path)
 
 
-def _main(fault, config, workdir, env, *, kill_after=None, delay=0.0, timeout=300):
-  """Runs `python -m tests.test_faults FAULT` to its end, or kill -9 `delay` s after its log
-  shows `kill_after`. Returns (exit status, log)."""
+def _start(fault, config, workdir, env, flags=()):
+  """Starts `python -m tests.test_faults FAULT`; returns (process, its log file)."""
   log = f"{workdir}.{fault}.{time.time_ns()}.log"
   with open(log, "w", encoding="utf-8") as out:
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.test_faults", fault, f"--config={config}",
-         f"--workdir={workdir}"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+         f"--workdir={workdir}", *flags], cwd=ROOT, env=env, stdout=out,
+        stderr=subprocess.STDOUT)
+  return proc, log
+
+
+def _main(fault, config, workdir, env, *, flags=(), kill_after=None, delay=0.0, timeout=300):
+  """Runs `python -m tests.test_faults FAULT` to its end, or kill -9 `delay` s after its log
+  shows `kill_after`. Returns (exit status, log)."""
+  proc, log = _start(fault, config, workdir, env, flags)
   try:
     deadline = time.monotonic() + timeout
     while proc.poll() is None:
@@ -563,27 +903,183 @@ def test_staged_run_stopped_mid_stage_exits_with_the_requeue_status(data_dir, tm
   config, workdir = _config_file(data_dir, tmp_path) + ":staged", str(tmp_path / "staged")
   status, log = _main("sigterm_in_step", config, workdir, main_env)
   assert status == 143, _tail(log)
-  assert sorted(os.listdir(workdir)) == ["0_a"]
+  assert sorted(os.listdir(workdir)) == ["0_a", "config.json"]  # the run's record
   assert _checkpoints(os.path.join(workdir, "0_a")) == ([1], [])
+
+
+# What each fault's one line says (fault: pattern), for `python -m vlpre.main` under it.
+FATAL_LINES = {
+    "nan": r"loss is nan at step 3; stopping\. The last good checkpoint \(step 2\) in .* is intact",
+    "metrics_enospc": r"metrics of step 3 could not be written to .*/metrics\.jsonl \(No space "
+                      r"left on device\); stopping\. The complete checkpoints are intact",
+    "tensorboard_eio": r"metrics of step 3 could not be written to .*/tensorboard \(Input/output "
+                       r"error\); stopping",
+    "checkpoint_enospc": r"checkpoint step 4 could not be written to .* \(\[Errno 28\] No space "
+                         r"left on device\); the last complete checkpoint, step 2, is intact",
+    "read_error": r"the input of step 3 could not be read \(\[Errno 5\] Input/output error: "
+                  r"'train-00001\.tar'\); stopping: the complete checkpoints are intact",
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("fault,verbose", [(f, False) for f in FATAL_LINES] + [("nan", True)])
+def test_every_fatal_path_ends_with_one_line_and_exit_1(data_dir, tmp_path, main_env, fault,
+                                                        verbose):
+  """`python -m vlpre.main` under each fault: exit 1, its last line `vlpre: <what happened>`,
+  the only such line, no traceback unless --verbose_logs; checkpoint 2 complete."""
+  config, workdir = _config_file(data_dir, tmp_path) + ":no_evals", str(tmp_path / "run")
+  status, log = _main(fault, config, workdir, main_env,
+                      flags=["--verbose_logs"] if verbose else [])
+  lines = log.strip().splitlines()
+  assert status == 1, _tail(log)
+  assert re.match("vlpre: " + FATAL_LINES[fault], lines[-1]), _tail(log)
+  assert [line for line in lines if line.startswith("vlpre: ")] == lines[-1:]
+  assert ("Traceback (most recent call last)" in log) == verbose, _tail(log)
+  assert 2 in _checkpoints(workdir)[0]
+
+
+def _nan_in_batch(patch, step):
+  """The batch of `step` (counted from 1, as `run` counts a fresh run's steps) is all NaN."""
+  real_device_batch = train.Setup.device_batch
+  calls = []
+
+  def device_batch(self, batch):
+    calls.append(None)
+    if len(calls) == step:
+      batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+    return real_device_batch(self, batch)
+
+  patch.setattr(train.Setup, "device_batch", device_batch)
+
+
+def _metrics_fail_from(patch, step, where):
+  """From `step` on, metric writes fail: metrics.jsonl with ENOSPC (its file is swapped
+  for /dev/full, whose writes the kernel refuses so), or TensorBoard's with EIO."""
+  real_write = metrics.MetricWriter.write
+  failing = []
+
+  def write(self, at_step, values):
+    if at_step >= step and not failing:
+      failing.append(at_step)
+      if where == "metrics.jsonl":
+        self._file.close()  # pylint: disable=protected-access
+        self._file = open("/dev/full", "a", encoding="utf-8")  # pylint: disable=protected-access,consider-using-with
+    return real_write(self, at_step, values)
+
+  real_flush = record_writer.RecordWriter.flush
+
+  def flush(self):
+    if failing and where == "tensorboard":
+      raise OSError(errno.EIO, "Input/output error")
+    return real_flush(self)
+
+  patch.setattr(metrics.MetricWriter, "write", write)
+  patch.setattr(record_writer.RecordWriter, "flush", flush)
+
+
+def _read_error_in_batch(patch, step, process=None):
+  """Reading the batch of `step` raises EIO, as a lost mount or a failing disk would (on
+  `process` alone, if given: one host's input share)."""
+  real_build = data.build_train_dataset
+
+  def build(*args, **kwargs):
+    calls = []
+
+    def read(batch):
+      calls.append(None)
+      if len(calls) == step + 1 and process in (None, jax.process_index()):  # train.run
+        # draws one example batch first
+        raise OSError(errno.EIO, "Input/output error", "train-00001.tar")
+      return batch
+
+    return real_build(*args, **kwargs).map(read)
+
+  patch.setattr(data, "build_train_dataset", build)
+
+
+@pytest.mark.integration
+def test_a_second_trainer_is_refused_and_a_dead_ones_lock_taken_over(data_dir, tmp_path, main_env,
+                                                                     straight_losses):
+  """Trainer A hangs in its first checkpoint write, holding the workdir. B, on the same
+  workdir, exits 1 with one line naming A (host, pid, start time) and changes nothing.
+  A is killed (kill -9): C takes its lock over and removes A's unfinished write, each
+  with a line, and finishes with the uninterrupted run's losses."""
+  config, workdir = _config_file(data_dir, tmp_path) + ":no_evals", str(tmp_path / "run")
+  proc, log_a = _start("hang_in_save", config, workdir, main_env)
+  try:
+    deadline = time.monotonic() + 300  # a safety net, not a timing assertion
+    while "FAULT" not in open(log_a, encoding="utf-8").read():
+      assert proc.poll() is None and time.monotonic() < deadline, _tail(open(log_a).read())
+      time.sleep(0.1)
+    lock = json.loads(open(os.path.join(workdir, "trainer.lock"), encoding="utf-8").read())
+    before = _tree(workdir)
+    status, log = _main("none", config, workdir, main_env)
+    assert status == 1, _tail(log)
+    assert log.strip().splitlines()[-1] == (
+        f"vlpre: workdir {workdir} is in use by another trainer (host {socket.gethostname()}, "
+        f"pid {proc.pid}, started {lock['started']}; lock file {workdir}/trainer.lock): stop "
+        f"that trainer or wait for it to finish"), _tail(log)
+    assert _tree(workdir) == before
+  finally:
+    proc.kill()
+    proc.wait()
+  assert _checkpoints(workdir)[1], "A was to be killed mid-write"
+
+  status, log = _main("none", config, workdir, main_env)
+  assert status == 0, _tail(log)
+  assert re.search(rf"taking over the lock of a trainer that is gone \(host .*, pid {proc.pid}, "
+                   rf"started .*\): its process no longer runs", log), _tail(log)
+  assert re.search(r"removing 1 unfinished checkpoint write\(s\) left in .* by an earlier run: "
+                   r"1\.orbax-checkpoint-tmp", log), _tail(log)
+  assert _checkpoints(workdir)[1] == [] and not os.path.exists(os.path.join(workdir, "trainer.lock"))
+  assert _losses(workdir) == straight_losses
+
+
+def _tree(directory):
+  """{relative path: bytes} of every file under `directory` but the lock, whose heartbeat
+  its holder renews."""
+  return {os.path.relpath(os.path.join(d, f), directory): open(os.path.join(d, f), "rb").read()
+          for d, _, files in os.walk(directory) for f in files if f != "trainer.lock"}
 
 
 def _main_with_fault(fault: str, argv: list[str]) -> None:
   """`python -m vlpre.main` with one deterministic fault, for the subprocess tests above.
 
-    none             no fault
-    hang_in_eval     the first evaluator prints FAULT and hangs there (to be killed)
-    hang_in_save     the first checkpoint write prints FAULT and never completes
-    sigterm_in_step  a SIGTERM to itself while its first step runs
+    none               no fault
+    hang_in_eval       the first evaluator prints FAULT and hangs there (to be killed)
+    hang_in_save       the first checkpoint write prints FAULT and never completes
+    sigterm_in_step    a SIGTERM to itself while its first step runs
+    nan                step 3's batch is NaN
+    metrics_enospc     metrics.jsonl's writes fail with ENOSPC from step 3 on
+    tensorboard_eio    TensorBoard's writes fail with EIO from step 3 on
+    checkpoint_enospc  step 4's checkpoint write fails with ENOSPC
+    read_error         reading step 3's batch fails with EIO
+    read_error_on_1    the same on process 1 of a multi-process run only
   """
   from absl import app  # pylint: disable=g-import-not-at-top
   from vlpre import main  # pylint: disable=g-import-not-at-top
+  from vlpre import config_lib  # pylint: disable=g-import-not-at-top
 
   def hang(where):
     print("FAULT: hanging in", where, flush=True)
     time.sleep(3600)
 
+  def disk_full(step):
+    if step == 4:
+      raise OSError(errno.ENOSPC, "No space left on device")
+
   patch = pytest.MonkeyPatch()
-  if fault == "hang_in_eval":
+  if fault == "nan":
+    _nan_in_batch(patch, 3)
+  elif fault in ("metrics_enospc", "tensorboard_eio"):
+    _metrics_fail_from(patch, 3, "metrics.jsonl" if fault == "metrics_enospc" else "tensorboard")
+  elif fault == "checkpoint_enospc":
+    _hook_state_writes(patch, disk_full)
+  elif fault == "read_error":
+    _read_error_in_batch(patch, 3)
+  elif fault == "read_error_on_1":
+    _read_error_in_batch(patch, 3, process=1)
+  elif fault == "hang_in_eval":
     patch.setattr(evaluators.Scheduled, "run", lambda self, variables: hang(self.name))
   elif fault == "hang_in_save":
     _hook_state_writes(patch, lambda step: hang(f"the write of step {step}"))
@@ -604,7 +1100,7 @@ def _main_with_fault(fault: str, argv: list[str]) -> None:
     patch.setattr(train.Setup, "jit_train_step", jit_train_step)
   elif fault != "none":
     raise ValueError(f"unknown fault {fault!r}")
-  app.run(main.main, argv=argv, flags_parser=main._parse_flags)  # pylint: disable=protected-access
+  app.run(main.main, argv=argv, flags_parser=config_lib.parse_flags)
 
 
 if __name__ == "__main__":

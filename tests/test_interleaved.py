@@ -94,9 +94,12 @@ def test_read_mmc4_places_images_before_their_sentence(mmc4_docs):
 def test_read_obelics_and_image_keys():
   doc = {"texts": ["Intro.", None, "After.", None],
          "images": [None, "http://e.com/a/cat.01.jpg?s=2", None, "k_1"]}
-  assert documents.read_document(doc) == ([(I.TEXT, "Intro."), (I.IMAGE, "cat", None),
+  assert documents.read_document(doc) == ([(I.TEXT, "Intro."), (I.IMAGE, "e.com/a/cat.01", None),
                                            (I.TEXT, "After."), (I.IMAGE, "k_1", None)], 0)
   assert documents.image_key("95d37b64235d.jpg") == "95d37b64235d"
+  # Full keys: directories and inner dots stay, so these are three different images.
+  assert [documents.image_key(n) for n in ("a/cat.jpg", "cat.v2.jpg", "cat.jpg")] == [
+      "a/cat", "cat.v2", "cat"]
   with pytest.raises(ValueError, match="both"):
     documents.read_obelics({"texts": ["a"], "images": ["b"]})
   with pytest.raises(ValueError, match="2 texts but 1 images"):

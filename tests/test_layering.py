@@ -2,8 +2,11 @@
 inside a function only for an optional heavy dependency, with its reason), and no method
 named in the method-agnostic core."""
 import ast
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 from vlpre import methods
 
@@ -13,11 +16,12 @@ ROOT = PACKAGE.parent
 # Optional or heavy dependencies a function may import where it needs them: a run that
 # never reaches that function never pays for (or needs) the import.
 LAZY_OK = ("torch", "transformers", "matplotlib", "tensorflow_datasets", "tensorboardX",
-           "huggingface_hub", "gguf")
+           "huggingface_hub", "gguf", "pyarrow", "wandb")
 
 # The method-agnostic core: no method is named here, not even in a comment.
-CORE = ("train.py", "stages.py", "checkpoint.py", "sharding.py", "optim.py", "metrics.py",
-        "storage.py", "check.py", "export.py", "compare.py", "data")
+CORE = ("train.py", "accumulate.py", "stages.py", "checkpoint.py", "sharding.py", "optim.py",
+        "metrics.py", "storage.py", "check.py", "export.py", "compare.py", "run_record.py",
+        "profiling.py", "data", "weights")
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -123,3 +127,20 @@ def test_no_method_is_named_in_the_core():
         if match := pattern.search(text):
           problems.append(f"{path.relative_to(ROOT)}:{number}: {match.group(0)!r}: {text.strip()}")
   assert not problems, "\n".join(problems)
+
+
+def test_every_module_imports_alongside_every_other():
+  """One process imports all of vlpre: a module that defines an absl flag on import (rather
+  than under `if __name__ == "__main__":`) collides with any other module defining the same
+  name, and fails whichever test happens to import both."""
+  names = sorted(_modules())
+  code = ("import importlib, sys\n"
+          "for name in sys.argv[1:]:\n"
+          "  try:\n"
+          "    importlib.import_module(name)\n"
+          "  except Exception as e:\n"
+          "    print(f'{name}: {type(e).__name__}: {e}')\n")
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+  result = subprocess.run([sys.executable, "-c", code, *names], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600, check=True)
+  assert not result.stdout.strip(), result.stdout

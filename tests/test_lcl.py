@@ -94,6 +94,7 @@ def _row(tokens, images, soi_at, length=L):
           "visual_positions": visual}
 
 
+@pytest.mark.slow
 def test_outputs_and_visual_tokens_land_at_their_positions(scratch):
   config, s, variables, batch = scratch
   model = s.model
@@ -130,6 +131,7 @@ def test_outputs_and_visual_tokens_land_at_their_positions(scratch):
   assert not np.allclose(poked["image_latent_BxMxE"][r, m], out["image_latent_BxMxE"][r, m])
 
 
+@pytest.mark.slow
 def test_soi_at_a_piece_start_is_excluded_from_the_contrastive_loss(data_dir, files, scratch):
   _, s, variables, _ = scratch
   config = lcl_config(data_dir, files, "tiny,paired")
@@ -147,6 +149,7 @@ def test_soi_at_a_piece_start_is_excluded_from_the_contrastive_loss(data_dir, fi
   assert metrics["num_valid_images"] == (~first_token).sum()
 
 
+@pytest.mark.slow
 def test_zero_shot_text_is_the_soi_output_after_the_caption(scratch):
   config, s, variables, batch = scratch
   tok = methods.build_tokenizer(config)
@@ -182,6 +185,7 @@ def _greedy_matches_forward(s, variables, images, vocab, steps=4):
     np.testing.assert_array_equal(predicted, generated)
 
 
+@pytest.mark.slow
 def test_captioning_decodes_what_the_forward_predicts(scratch):
   config, s, variables, batch = scratch
   images = batch["images"][:2, 0]

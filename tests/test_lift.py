@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from vlpre import methods, train
+from vlpre import config_lib, methods, train
 from vlpre.data import train_input
 from vlpre.text_encoders import store as store_lib
 
@@ -49,10 +49,11 @@ def _first_batch(config):
 def test_online_and_cached_modes_give_the_same_loss(data_dir, shard, tmp_path):
   online = lift_config(data_dir, shard)
   cached = copy.deepcopy(online)
-  cached.text_mode = "cached"
-  cached.text_cache = str(tmp_path / "store")
+  cached.text_mode = "cached"  # text_cache "": the store goes under the run's workdir
+  cached = config_lib.with_workdir(cached, str(tmp_path / "run"))
   store = store_lib.build_store(cached, progress=False, shard_size=10)
   assert len(store) == 16 and store.meta["num_shards"] == 2
+  assert store.directory.startswith(str(tmp_path / "run" / "embeddings" / "smollm2-135m-L16-"))
 
   online_batch, cached_batch = _first_batch(online), _first_batch(cached)
   np.testing.assert_array_equal(online_batch["image"], cached_batch["image"])
@@ -66,6 +67,29 @@ def test_online_and_cached_modes_give_the_same_loss(data_dir, shard, tmp_path):
     _, metrics = step(s.state, s.frozen, s.device_batch(batch), jax.random.key(0))
     losses.append(float(metrics["loss"]))
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_the_store_defaults_under_the_workdir_and_only_runs_that_read_it_need_one(
+    data_dir, shard):
+  """`text_cache: ""`: <workdir>/embeddings/<encoder>-L<max_len>-<hash>, a gs:// workdir's
+  stays a URI; vlpre.embed skips runs that read no store (online LIFT without centring,
+  a config without a text encoder)."""
+  config = lift_config(data_dir, shard, encoder="minilm-l6", mode="cached")
+  with pytest.raises(ValueError, match="no workdir to keep the embedding store in"):
+    store_lib.cache_dir(config)
+  run = config_lib.with_workdir(config, "gs://bucket/runs/lift")
+  assert "workdir" not in config  # the caller's config is left as it was
+  assert store_lib.cache_dir(run).startswith("gs://bucket/runs/lift/embeddings/minilm-l6-L16-")
+  assert config_lib.with_workdir(run, "gs://bucket/runs/lift/0_stage") is run  # stages: the run's
+  lift = methods.of(config)
+  assert lift.reads_embedding_store(config)
+  config.text_mode = "online"
+  config.text_encoder.center = False
+  assert not lift.reads_embedding_store(config)
+  config.text_encoder.center = True  # centring reads the store's mean
+  assert lift.reads_embedding_store(config)
+  clip = helpers.tiny_clip_config(data_dir)
+  assert not methods.of(clip).reads_embedding_store(clip)
 
 
 @pytest.mark.slow

@@ -26,7 +26,9 @@ CONFIG = llm_lib.DecoderConfig(vocab_size=11, hidden_size=32, intermediate_size=
 
 def _random_params(module, length=6, seed=0):
   ids = jnp.zeros((1, length), jnp.int32)
-  params = module.init(jax.random.key(seed), ids, return_logits=True)["params"]
+  # jitted: an eager init compiles each of the module's ops on its own (seconds on XLA:CPU)
+  init = jax.jit(functools.partial(module.init, return_logits=True))
+  params = init(jax.random.key(seed), ids)["params"]
   # RMSNorm scales start at 1: make them matter.
   return jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(seed + 1), x.shape),
                       nn.meta.unbox(params))
@@ -220,6 +222,7 @@ def test_rope_2d_depends_on_row_and_column_offsets_only():
   assert abs(score(2, 0, 0, 0) - score(0, 2, 0, 0)) > 1e-3
 
 
+@pytest.mark.slow
 def test_extra_kv_reaches_only_its_layer_scanned_or_not(tiny):
   module, params = tiny
   ids_BxL = _ids(2, 4, seed=5)
@@ -241,6 +244,7 @@ def test_extra_kv_reaches_only_its_layer_scanned_or_not(tiny):
 # --------------------------------------------------------------------- layer layouts
 
 
+@pytest.mark.slow
 def test_scanned_unrolled_and_grouped_layers_agree(tiny):
   module, params = tiny
   ids_BxL = _ids(2, 6, seed=7)
@@ -296,6 +300,7 @@ def test_cached_decoding_equals_the_uncached_forward(tiny, scan):
   assert int(out.cache["index"]) == 7
 
 
+@pytest.mark.slow
 def test_sliding_window_in_cache_and_forward_agree():
   cfg = dataclasses.replace(CONFIG, sliding_window=3)
   module = llm_lib.Decoder(cfg)
@@ -330,6 +335,7 @@ def _tiny_llm(tiny):
                   config=CONFIG, hf_config=None)
 
 
+@pytest.mark.slow
 def test_greedy_generation_follows_the_argmax_of_the_full_forward(tiny):
   llm = _tiny_llm(tiny)
   prompts = [[3, 4, 5], [7]]  # different lengths: left padding must not matter
@@ -343,6 +349,7 @@ def test_greedy_generation_follows_the_argmax_of_the_full_forward(tiny):
     assert completion == sequence[len(prompt):]
 
 
+@pytest.mark.slow
 def test_beam_search_finds_the_most_likely_continuation(tiny):
   llm = _tiny_llm(tiny)
   prompt, steps = [2, 9, 4], 3
@@ -362,6 +369,7 @@ def test_beam_search_finds_the_most_likely_continuation(tiny):
   assert scores[tuple(narrow)] >= scores[tuple(greedy)] - 1e-9
 
 
+@pytest.mark.slow
 def test_beam_search_stops_at_a_stop_token(tiny):
   llm = _tiny_llm(tiny)
   (greedy,), = generate_lib.generate(llm, [[1, 2]], max_new_tokens=5)
@@ -375,6 +383,7 @@ def test_beam_search_stops_at_a_stop_token(tiny):
   assert ended == [] and steps == [0]  # every beam finished at once: no second step.
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_and_top_k_restricted(tiny):
   llm = _tiny_llm(tiny)
   run = functools.partial(generate_lib.generate, llm, [[1, 2, 3]], max_new_tokens=6,
@@ -412,6 +421,7 @@ def test_next_token_loss_matches_naive_reference():
   assert float(zero) == 0.0  # nothing to predict: no NaN.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [True, False])
 def test_drop_path_drops_whole_branches_per_sample_only_in_training(tiny, scan):
   module, params = tiny

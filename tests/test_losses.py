@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from bench import loss_memory
 from vlpre import losses, sharding
 
 
@@ -79,6 +80,54 @@ def test_loss_sharded_over_8_devices_sees_the_global_batch(name):
     assert abs(local - CASES[name](out)) > 1e-2
 
 
+_MESHES = {"data2_fsdp4": [("data", 2), ("fsdp", 4)], "data8": [("data", 8)],
+           "fsdp8": [("fsdp", 8)], "one_device": [("data", 1)]}
+
+
+@pytest.mark.parametrize("mesh_axes", sorted(_MESHES))
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_local_loss_equals_the_global_one_with_its_gradients(name, mesh_axes):
+  """loss_impl="local": each device's rows against the gathered (CLIP) or ring-passed
+  (SigLIP) texts give the global loss, metrics and gradients with respect to both
+  embeddings, the logit scale and the bias, to 1e-6; and the naive reference."""
+  size = int(np.prod([s for _, s in _MESHES[mesh_axes]]))
+  mesh = sharding.make_mesh(_MESHES[mesh_axes], jax.devices()[:size])
+  out = _outputs(n=32, e=16)
+  row = NamedSharding(mesh, P(sharding.BATCH_AXES))
+  placed = {k: jax.device_put(v, row if np.ndim(v) else NamedSharding(mesh, P()))
+            for k, v in out.items()}
+  local = losses.build_loss({name: 1.0}, impl="local", mesh=mesh)
+  value_and_grad = lambda fn: jax.jit(jax.value_and_grad(lambda o: fn(o, {}), has_aux=True))(placed)
+  (value, metrics), grads = value_and_grad(local)
+  (global_value, global_metrics), global_grads = value_and_grad(losses.build_loss({name: 1.0}))
+  np.testing.assert_allclose(float(value), CASES[name](out), rtol=1e-5)
+  np.testing.assert_allclose(float(value), float(global_value), rtol=1e-6)
+  assert metrics.keys() == global_metrics.keys()
+  for key in metrics:
+    np.testing.assert_allclose(metrics[key], global_metrics[key], rtol=1e-6, atol=1e-6)
+  for key in ("zimg", "ztxt", "logit_scale", "logit_bias"):
+    np.testing.assert_allclose(grads[key], global_grads[key], rtol=1e-6, atol=1e-6, err_msg=key)
+  assert abs(float(grads["logit_scale"])) > 1e-3
+  assert name == "clip" or abs(float(grads["logit_bias"])) > 1e-3
+
+
+def test_local_losses_need_the_mesh_and_a_known_impl():
+  with pytest.raises(ValueError, match="needs the mesh"):
+    losses.build_loss({"clip": 1.0}, impl="local")
+  with pytest.raises(ValueError, match="loss_impl 'ring'"):
+    losses.build_loss({"clip": 1.0}, impl="ring")
+
+
+def test_local_loss_memory_falls_with_the_device_count():
+  """The compiled per-device temporaries of loss + gradient (the B×B term's) on 1, 2, 4
+  and 8 devices: each device count needs less than the one before (bench/loss_memory.py)."""
+  for name in ("clip", "siglip"):
+    temp = [loss_memory.temp_bytes(name, "local", d, 512, 16) for d in loss_memory.DEVICE_COUNTS]
+    assert all(a > b for a, b in zip(temp, temp[1:])), (name, temp)
+    assert temp[-1] < temp[0] / 4, (name, temp)  # about 1/D of it, not a constant offset
+
+
+@pytest.mark.slow
 def test_clip_gradient_matches_finite_difference():
   out = _outputs(n=6, e=8)
   f = lambda zimg: losses.clip_loss({**out, "zimg": zimg}, {})[0]

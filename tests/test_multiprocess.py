@@ -139,17 +139,23 @@ def _kill(procs):
 def _run_all(tmp_path, name, argv):
   """`python argv --coordinator_address=... --num_processes=2 --process_id=I` as each of
   the 2 processes (jax.distributed from flags); asserts they all exit 0; their logs."""
+  status, logs = _launch(tmp_path, name, lambda i: argv)
+  assert status == [0] * PROCESSES, "\n".join(map(_tail, logs))
+  return logs
+
+
+def _launch(tmp_path, name, argv_of):
+  """Process I runs `python argv_of(I) --coordinator_address=... --num_processes=2
+  --process_id=I`; their exit statuses and logs once all have exited."""
   port = _free_port()
   logs = [str(tmp_path / f"{name}.{i}.log") for i in range(PROCESSES)]
-  procs = [_start([*argv, f"--coordinator_address=localhost:{port}",
+  procs = [_start([*argv_of(i), f"--coordinator_address=localhost:{port}",
                    f"--num_processes={PROCESSES}", f"--process_id={i}"], _env(tmp_path), log)
            for i, log in enumerate(logs)]
   try:
-    status = _wait_exit(procs, logs)
+    return _wait_exit(procs, logs), logs  # fails after TIMEOUT_S if a process hangs
   finally:
     _kill(procs)
-  assert status == [0] * PROCESSES, "\n".join(map(_tail, logs))
-  return logs
 
 
 def _keys_by_step(path):
@@ -321,6 +327,43 @@ def test_detect_reads_flags_over_environment_and_the_cluster_switch():
 
 
 @pytest.mark.integration
+def test_one_processs_fatal_error_ends_every_process_with_its_line(data_dir, tmp_path):
+  """Process 1's input fails at step 3 (its share alone), while process 0 goes on into
+  step 3's collectives: both exit 1 with process 1's line, no hang (vlpre/fatal.py)."""
+  config, workdir = _config_file(data_dir, tmp_path), str(tmp_path / "run")
+  status, logs = _launch(tmp_path, "fatal", lambda i: [
+      "-m", "tests.test_faults", "read_error_on_1", f"--config={config}", f"--workdir={workdir}"])
+  assert status == [1] * PROCESSES, "\n".join(map(_tail, logs))
+  last = [_read(log).strip().splitlines()[-1] for log in logs]
+  assert last[0] == last[1], "\n".join(map(_tail, logs))
+  assert last[0].startswith("vlpre: process 1: the input of step 3 could not be read "
+                            "([Errno 5] Input/output error"), last[0]
+  assert "Traceback" not in _read(logs[0]) + _read(logs[1])
+
+
+@pytest.mark.integration
+def test_a_workdir_each_host_sees_apart_stops_before_step_1(data_dir, tmp_path):
+  """Process 1's --workdir is another directory, as a per-host local disk at one path would
+  be: both exit 1 with one line naming it, and no checkpoint is written anywhere."""
+  config = _config_file(data_dir, tmp_path)
+  workdirs = [tmp_path / "host0" / "run", tmp_path / "host1" / "run"]
+  status, logs = _launch(tmp_path, "apart", lambda i: [
+      "-m", "vlpre.main", f"--config={config}", f"--workdir={workdirs[i]}"])
+  assert status == [1] * PROCESSES, "\n".join(map(_tail, logs))
+  # Both processes find it; the line of whichever posted first ends both (vlpre/fatal.py).
+  last = [_read(log).strip().splitlines()[-1] for log in logs]
+  assert last[0] == last[1], "\n".join(map(_tail, logs))
+  either = "|".join(re.escape(str(w)) for w in workdirs)
+  assert re.fullmatch(
+      rf"vlpre: process ([01]): workdir ({either}) is not shared: process 1 "
+      r"of 2 cannot see the lock file process 0 wrote there \(trainer.lock\); give every host "
+      r"one shared directory \(a gs:// path, NFS\) as --workdir", last[0]), last[0]
+  assert "Traceback" not in _read(logs[0]) + _read(logs[1])
+  assert not any((w / "checkpoints").exists() and any((w / "checkpoints").iterdir())
+                 for w in workdirs)
+
+
+@pytest.mark.integration
 def test_a_bad_launch_exits_with_one_line(data_dir, tmp_path):
   status, line = _check_run([f"--config={_config_file(data_dir, tmp_path)}",
                              "--coordinator_address=localhost:1", "--num_processes=2",
@@ -380,6 +423,7 @@ def _main_recording_keys_and_hanging_after_save(argv):
   from absl import app  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from vlpre import main  # pylint: disable=g-import-not-at-top
+  from vlpre import config_lib  # pylint: disable=g-import-not-at-top
 
   hang_after, keys_file, flags = int(argv[1]), argv[2], argv[3:]
   patch = pytest.MonkeyPatch()
@@ -400,7 +444,7 @@ def _main_recording_keys_and_hanging_after_save(argv):
 
   patch.setattr(train.Setup, "device_batch", device_batch)
   patch.setattr(checkpoint_lib.Checkpointer, "save", save)
-  app.run(main.main, argv=[argv[0], *flags], flags_parser=main._parse_flags)  # pylint: disable=protected-access
+  app.run(main.main, argv=[argv[0], *flags], flags_parser=config_lib.parse_flags)
 
 
 if __name__ == "__main__":

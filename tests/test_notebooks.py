@@ -16,6 +16,7 @@ import importlib.util
 import math
 import os
 import pathlib
+import re
 import time
 
 import pytest
@@ -52,9 +53,22 @@ def test_notebooks_are_built_and_stripped():
         assert cell.outputs == [] and cell.execution_count is None, f"{path}: outputs not stripped"
     assert path.read_text(encoding="utf-8") == BUILD.render(name), (
         f"{path} differs from notebooks/build_notebooks.py: rerun it")
-    badge = f"https://colab.research.google.com/github/vlpre/vlpre/blob/main/notebooks/{name}.ipynb"
-    assert badge in nb.cells[0].source
+    assert BUILD.colab_url(name) in nb.cells[0].source
     assert sum("parameters" in c.metadata.get("tags", ()) for c in nb.cells) == 1
+
+
+def test_the_repository_is_one_setting_and_gpu_runtimes_install_cuda():
+  """The badges (here and in docs/notebooks.md) and the clone all follow REPOSITORY; the
+  install cell adds the [cuda] extra where the runtime has a GPU."""
+  assert BUILD.REPOSITORY.startswith("https://github.com/") and BUILD.REPOSITORY.count("/") == 4
+  docs = (ROOT / "docs" / "notebooks.md").read_text(encoding="utf-8")
+  linked = set(re.findall(r"\(https://colab\.research\.google\.com/github/[^)]+\)", docs))
+  assert linked == {f"({BUILD.colab_url(name)})" for name in BUILD.NOTEBOOKS}
+  for name in BUILD.NOTEBOOKS:
+    install = next(c.source for c in BUILD.build(name).cells if "!git clone" in c.source)
+    assert f"!git clone -q --branch {BUILD.BRANCH} {BUILD.REPOSITORY}.git" in install
+    assert 'EXTRA = "[cuda]" if shutil.which("nvidia-smi") else ""' in install
+    assert '!pip install -q -e "/content/vlpre{EXTRA}"' in install
 
 
 def execute(name: str, parameters: dict, workdir: str, timeout: int = 900):

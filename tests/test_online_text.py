@@ -53,6 +53,7 @@ def test_buckets_are_few_and_hold_the_longest_row():
 @pytest.mark.parametrize("causal,pooling,template", [
     (True, "last", False), (True, "last", True), (True, "eos", False), (True, "mean", False),
     (False, "mean", False), (False, "cls", False), (False, "last", True)])
+@pytest.mark.slow
 def test_trimmed_embeddings_equal_the_untrimmed_ones(causal, pooling, template):
   encoder = PooledTextEncoder(backbone=llm_lib.Decoder(CONFIG, causal=causal), pooling=pooling,
                               normalize=True, eos_id=SUFFIX[-1])
@@ -67,6 +68,7 @@ def test_trimmed_embeddings_equal_the_untrimmed_ones(causal, pooling, template):
   np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_number_of_compiled_variants_stays_bounded():
   encoder = PooledTextEncoder(backbone=llm_lib.Decoder(CONFIG), pooling="last")
   params = nn.meta.unbox(encoder.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32),

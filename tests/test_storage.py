@@ -1,4 +1,5 @@
-"""Run outputs in a bucket: a train → SIGTERM → resume cycle with a `gs://` workdir.
+"""Run outputs and training data in a bucket: a train → SIGTERM → resume cycle with a
+`gs://` workdir reading `gs://` shards, and the shard indexes persisted beside them.
 
 No GCS server is reachable from a test, so the bucket is a fake one laid over a temporary
 directory: epath (which vlpre and orbax write metadata, metrics, TensorBoard events and
@@ -6,15 +7,22 @@ the input state through) by `epath.testing.mock_epath`, TensorStore (which orbax
 array data through) by pointing orbax's GCS kvstore spec at the same directory. vlpre's
 code sees `gs://` URIs throughout; the test checks that nothing lands in the working
 directory (where `os.path.abspath("gs://...")` would have put it) and that the resumed
-losses equal an uninterrupted local run's.
+losses equal an uninterrupted local run's. The bucket's shards are links to the shared
+data (never copies), in a folder of the bucket's own, where their indexes are written.
 """
+import json
+import copy
+import io
 import os
 import signal
+import tarfile
 
 from etils import epath
+import numpy as np
 import pytest
 
-from vlpre import metrics, storage, train
+from vlpre import metrics, storage, train, workdir_lock
+from vlpre.data import sources, tar_index, tar_scan
 
 from tests import helpers
 
@@ -58,6 +66,98 @@ def fake_gcs(tmp_path, monkeypatch):
     yield root
 
 
+@pytest.fixture
+def bucket_data(fake_gcs, data_dir):
+  """gs://data/flickr8k/train-0000{0,1}.tar: links to the shared shards; returns the folder."""
+  folder = fake_gcs / "data" / "flickr8k"
+  folder.mkdir(parents=True)
+  for name in ("train-00000.tar", "train-00001.tar"):
+    (folder / name).symlink_to(os.path.join(data_dir, "flickr8k", name))
+  return folder
+
+
+@pytest.fixture
+def count_scans(monkeypatch):
+  """Starts from an empty in-process index cache; returns the shards scanned since."""
+  monkeypatch.setattr(tar_index, "_INDEX_CACHE", {})
+  scanned = []
+  real_scan = tar_scan.scan
+
+  def counting(path):
+    scanned.append(path)
+    return real_scan(path)
+
+  monkeypatch.setattr(tar_scan, "scan", counting)
+  return scanned
+
+
+def _same_index(a, b):
+  assert len(a) == len(b) and a.exts == b.exts and a.bad_reasons == b.bad_reasons
+  for field in ("keys", "sample_shard", "sample_start", "member_ext", "member_offset",
+                "member_size"):
+    np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+
+
+def test_bucket_shards_read_as_local_ones_and_index_once(bucket_data, data_dir, count_scans,
+                                                         monkeypatch):
+  local = sources.TarShardSource("flickr8k/train-0000[01].tar", data_dir=data_dir)
+  count_scans.clear()
+  bucket = sources.TarShardSource("flickr8k/train-*.tar", data_dir="gs://data")
+  assert bucket.shards == ("gs://data/flickr8k/train-00000.tar", "gs://data/flickr8k/train-00001.tar")
+  assert sorted(count_scans) == list(bucket.shards)  # each once, in a random order
+  _same_index(local._index, bucket._index)  # pylint: disable=protected-access
+  for i in range(0, len(local), 97):
+    assert bucket[i] == local[i]
+  assert sorted(p.name for p in (bucket_data / tar_index.INDEX_FOLDER).iterdir()) == [
+      "train-00000.tar.json", "train-00001.tar.json"]
+
+  # Another process (an empty in-memory cache) reads the persisted indexes: no scan.
+  monkeypatch.setattr(tar_index, "_INDEX_CACHE", {})
+  count_scans.clear()
+  again = sources.TarShardSource("gs://data/flickr8k/train-*.tar")
+  assert count_scans == []
+  _same_index(local._index, again._index)  # pylint: disable=protected-access
+  assert again[len(again) - 1] == local[len(local) - 1]
+
+
+def _write_tar(path, members):
+  with tarfile.open(path, "w") as tf:
+    for name, data in members:
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tf.addfile(info, io.BytesIO(data))
+
+
+def test_a_changed_shard_is_rescanned_and_local_shards_persist_only_where_asked(
+    fake_gcs, tmp_path, count_scans, monkeypatch):
+  folder = fake_gcs / "data" / "small"
+  folder.mkdir(parents=True)
+  shard = folder / "s-0.tar"
+  _write_tar(shard, [("a.txt", b"one"), ("b.txt", b"two")])
+  assert [r["txt"] for r in sources.TarShardSource("gs://data/small/*.tar")] == [b"one", b"two"]
+  _write_tar(shard, [("a.txt", b"one"), ("b.txt", b"two"), ("c.txt", b"three")])
+  os.utime(shard, ns=(1, 10**18))  # another size and time: the persisted scan is stale
+  monkeypatch.setattr(tar_index, "_INDEX_CACHE", {})
+  count_scans.clear()
+  source = sources.TarShardSource("gs://data/small/*.tar")
+  assert count_scans == ["gs://data/small/s-0.tar"] and len(source) == 3
+  assert source[2] == {"__key__": "c", "txt": b"three"}
+
+  # Local shards: nothing written beside them; with index_dir, persisted there and reused.
+  local = tmp_path / "local"
+  local.mkdir()
+  _write_tar(local / "t-0.tar", [("x.txt", b"x")])
+  sources.TarShardSource(str(local / "*.tar"))
+  assert sorted(p.name for p in local.iterdir()) == ["t-0.tar"]
+  monkeypatch.setattr(tar_index, "_INDEX_CACHE", {})
+  sources.TarShardSource(str(local / "*.tar"), index_dir="gs://run/shard_index")
+  count_scans.clear()
+  monkeypatch.setattr(tar_index, "_INDEX_CACHE", {})
+  assert sources.TarShardSource(str(local / "*.tar"), index_dir="gs://run/shard_index")[0] == {
+      "__key__": "x", "txt": b"x"}
+  assert count_scans == [] and len(list((fake_gcs / "run" / "shard_index").iterdir())) == 1
+
+
 def test_uris_stay_uris_and_other_schemes_are_one_line_errors(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   assert str(storage.path("gs://b/run")) == "gs://b/run"
@@ -70,17 +170,20 @@ def test_uris_stay_uris_and_other_schemes_are_one_line_errors(tmp_path, monkeypa
 
 
 @pytest.mark.integration
-def test_train_and_resume_in_a_bucket(tmp_path, data_dir, fake_gcs, monkeypatch):
+def test_train_and_resume_in_a_bucket(tmp_path, data_dir, fake_gcs, bucket_data, monkeypatch):
   config = helpers.tiny_clip_config(data_dir, total_steps=4)
   config.evals = {}
   config.checkpoint.every_steps = 2
   config.checkpoint.keep = 1  # step 2 is deleted once step 4 is written
+  config.input.train = "flickr8k/train-0000[01].tar"  # the shards the bucket holds
   train.run(config, str(tmp_path / "straight"))
 
   cwd = tmp_path / "cwd"
   cwd.mkdir()
   monkeypatch.chdir(cwd)
   workdir = "gs://vlpre-test/runs/clip"
+  config = copy.deepcopy(config)  # the same shards, read from the bucket
+  config.input.data_dir = "gs://data"
 
   def preempt(step):
     if step == 2:
@@ -101,4 +204,30 @@ def test_train_and_resume_in_a_bucket(tmp_path, data_dir, fake_gcs, monkeypatch)
   resumed = {r["step"]: r["loss"] for r in metrics.read_metrics(workdir)}
   assert sorted(resumed) == [1, 2, 3, 4]
   assert resumed == straight  # bit for bit: same batches, rngs and optimizer state
+  assert (bucket_data / tar_index.INDEX_FOLDER / "train-00000.tar.json").is_file()
   assert (bucket_run / "metrics.jsonl").read_text().count("\n") == 4  # no row lost or repeated
+
+
+def test_the_workdir_lock_in_a_bucket(fake_gcs):
+  """Written, read back, refused to a second trainer and removed on release, all through epath."""
+  first = workdir_lock.WorkdirLock("gs://vlpre-test/runs/locked", settle_s=0)
+  first.workdir.mkdir(parents=True)
+  first.acquire()
+  lock_file = fake_gcs / "vlpre-test" / "runs" / "locked" / workdir_lock.LOCK_NAME
+  assert json.loads(lock_file.read_text())["token"] == first.record["token"]
+  with pytest.raises(workdir_lock.WorkdirLockedError, match=f"pid {os.getpid()}"):
+    workdir_lock.WorkdirLock("gs://vlpre-test/runs/locked", settle_s=0).acquire()
+  first.release()
+  assert not lock_file.exists()
+  # A lock whose writer lost the race: the record read back is another trainer's.
+  second = workdir_lock.WorkdirLock("gs://vlpre-test/runs/locked", settle_s=0)
+  real_create = second._create  # pylint: disable=protected-access
+
+  def create_then_overwritten():
+    real_create()
+    lock_file.write_text(json.dumps({**second.record, "token": "theirs", "pid": 1}))
+    return True
+
+  second._create = create_then_overwritten  # pylint: disable=protected-access
+  with pytest.raises(workdir_lock.WorkdirLockedError, match="pid 1,"):
+    second.acquire()

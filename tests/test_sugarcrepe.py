@@ -77,6 +77,7 @@ def test_builder_on_flickr8k_val_follows_the_rules(data_dir):
   assert set(next(iter(entries["swap"].values()))) == {"filename", "caption", "negative_caption"}
 
 
+@pytest.mark.slow
 def test_evaluator_end_to_end_on_a_tiny_clip(data_dir, tmp_path):
   shard = helpers.small_shard(data_dir, tmp_path, num_samples=16)
   entries = hn.build(data.TarShardSource(shard), per_image=2)

@@ -495,6 +495,7 @@ def test_bf16_computation_stays_close(smollm2, smollm2_batch, smollm2_embedding)
   assert cosine.min() > 0.99, cosine
 
 
+@pytest.mark.slow
 def test_embed_matches_module_apply(minilm):
   embeddings = minilm.embed(CAPTIONS, batch_size=2)  # ragged last batch.
   ids_BxL, mask_BxL = minilm.tokenizer.encode_batch(CAPTIONS, minilm.max_len)

@@ -1,5 +1,6 @@
 """Caption↔caption retrieval: the text-side score of a frozen encoder."""
 import numpy as np
+import pytest
 
 from tests import helpers
 from vlpre.methods.lift import text_score
@@ -22,6 +23,7 @@ def test_caption_retrieval_matches_naive_reference():
     assert got == {"R@1": float(np.mean(hits1)), "R@5": float(np.mean(hits5))}
 
 
+@pytest.mark.slow
 def test_score_reads_flickr8k_val_captions_and_beats_chance(data_dir):
   config = helpers.tiny_clip_config(data_dir)
   config.text_encoder = dict(name="minilm-l6", max_len=32, pooling="", normalize=True,

@@ -28,6 +28,7 @@ def _encode(model, variables, image):
   return model.apply(variables, image, method=model.encode)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pool", ["cls", "mean", "map", "none"])
 def test_last_block_after_the_final_layernorm_is_the_tokens(pool):
   model, image = _vit(pool), _image()

@@ -8,12 +8,14 @@ of as a traceback after minutes of model building (or, for an eval split, after 
 whole training). `python -m vlpre.main --check --config=...` prints them and exits 1
 (0 and "config OK" when clean); `vlpre.main` runs the same check before every run.
 
-What is checked: the method (`model_name`), the loss names, the evaluators' kinds
-and splits (their globs match files, zero-shot class names exist), the training data
-(the glob matches and the first shard opens), the pretrained models the config names
-(installed, a local path, or a hub id allowed and pinned), the mesh against the devices
-and the batch against the data-parallel axes, `init_from`, and for staged configs each
-stage's own config. Nothing is built, loaded or downloaded.
+What is checked: the method (`model_name`), the loss names and `loss_impl`, the
+evaluators' kinds and splits (their globs match files, zero-shot class names exist), the
+training data (each glob matches, its first shard opens and one of its records decodes
+as the input pipeline decodes it, so a wrong `caption_field`, `image_key` or `label`
+shows before training), the pretrained models the config names (installed, a local
+path, or a hub id allowed and pinned), the mesh against the devices, the batch against
+the data-parallel axes and `accum_steps` against the per-device batch, `init_from`, and
+for staged configs each stage's own config. Nothing is built, loaded or downloaded.
 """
 from __future__ import annotations
 
@@ -25,15 +27,20 @@ from typing import Any
 
 import jax
 
+from vlpre import accumulate
 from vlpre import evaluators
 from vlpre import losses as losses_lib
 from vlpre import methods
+from vlpre import profiling
 from vlpre import sharding
 from vlpre import stages
+from vlpre import storage
 from vlpre.data import eval_input
 from vlpre.data import records
 from vlpre.data import sources
 from vlpre.data import tar_scan
+from vlpre.data import train_input
+from vlpre.data import transforms
 from vlpre.llm import assets
 
 _SPLIT_FIELDS = ("data", "train_data", "test_data", "images")  # eval fields holding globs
@@ -91,6 +98,9 @@ def _check_losses(config, method: methods.Method | None) -> list[str]:
               for name in weights if name not in available]
   if not any(weights.values()):
     problems.append("losses: empty or all zero; give at least one loss a weight")
+  impl = _get(config, "loss_impl", "local")
+  if impl not in losses_lib.LOSS_IMPLS:
+    problems.append(f"loss_impl: {impl!r} is not one of {', '.join(losses_lib.LOSS_IMPLS)}")
   return problems
 
 
@@ -144,7 +154,7 @@ def _classnames_problem(field: str, folder: str, data_dir: str | None) -> str | 
     path = os.path.join(sources.resolve_data_dir(data_dir), folder, "classnames.json")
   except FileNotFoundError as e:
     return f"{field}: {e}"
-  return None if os.path.isfile(path) else f"{field}: {path} does not exist"
+  return None if storage.path(path).is_file() else f"{field}: {path} does not exist"
 
 
 def _check_train_data(config, method: methods.Method | None) -> list[str]:
@@ -155,13 +165,14 @@ def _check_train_data(config, method: methods.Method | None) -> list[str]:
   data_dir = _get(cfg, "data_dir")
   if kind == "tfds":
     try:
-      records.make_source(cfg)
+      source = records.make_source(cfg)
     except Exception as e:  # pylint: disable=broad-except  (TFDS raises many types)
       return [f"input: TFDS dataset {_get(cfg, 'tfds_name')!r}: {e}".splitlines()[0]]
-    return []
+    problem = _decode_problem(f"input: TFDS dataset {_get(cfg, 'tfds_name')!r}", source, cfg)
+    return [problem] if problem else []
   if kind == "tar":
-    fields = ["train"]
-  elif method is None:  # whether the method reads this kind is unknown; _method said why
+    return _check_tar_patterns(cfg)
+  if method is None:  # whether the method reads this kind is unknown; _method said why
     return []
   elif problem := _records_problem(kind, config, method):
     return [problem]
@@ -179,9 +190,50 @@ def _check_train_data(config, method: methods.Method | None) -> list[str]:
       members, faults = tar_scan.scan(files[0])
       if faults and not members:
         problems.append(f"input.{field}: {faults[0].reason}")
-    elif not os.access(files[0], os.R_OK):
+    elif not storage.is_uri(files[0]) and not os.access(files[0], os.R_OK):
       problems.append(f"input.{field}: {files[0]} is not readable")
   return problems
+
+
+def _check_tar_patterns(cfg) -> list[str]:
+  """Each glob of input.train matches, and a record of its first shard decodes as the
+  training input decodes it (a wrong caption_field, image_key or label shows here)."""
+  patterns = _get(cfg, "train")
+  if not patterns:
+    return ["input.train: no shard pattern given"]
+  problems = []
+  for pattern in [patterns] if isinstance(patterns, str) else list(patterns):
+    field = f"input.train {pattern!r}" if not isinstance(patterns, str) else "input.train"
+    problem, files = _split_problem(field, pattern, _get(cfg, "data_dir"))
+    if problem is None:
+      members, faults = tar_scan.scan(files[0])
+      if faults and not members:
+        problem = f"{field}: {faults[0].reason}"
+      else:
+        problem = _decode_problem(f"{field}: {files[0]}", sources.TarShardSource(files[0]), cfg)
+    problems += [problem] if problem else []
+  return problems
+
+
+_DECODE_TRIES = 8  # records tried: one corrupt sample must not fail a good dataset
+
+
+def _decode_problem(where: str, source: Any, cfg: Any) -> str | None:
+  """Why none of the first records of `source` decodes through the training input's
+  decoders (image, then label or caption), or None when one does."""
+  reasons = []
+  for index in range(min(len(source), _DECODE_TRIES)):
+    record = source[index]
+    for op in train_input.decode_transforms(cfg, pick="first"):
+      record = op.map(record)
+    if not transforms.is_bad(record):
+      return None
+    reasons.append(record[transforms.BAD])
+  if not reasons:
+    return f"{where}: holds no sample"
+  fields = "input.label" if _get(cfg, "label", False) else "input.caption_field"
+  return (f"{where}: none of the first {len(reasons)} samples decodes (check input.image_key "
+          f"and {fields}): {reasons[0]}")
 
 
 def _records_problem(kind: str, config, method: methods.Method) -> str | None:
@@ -225,7 +277,8 @@ def _check_mesh(config, devices: Sequence[Any]) -> list[str]:
   if batch_size <= 0 or batch_size % data_parallel:
     return [f"batch_size: {batch_size} is not divisible by the {data_parallel} data-parallel "
             f"devices (data × fsdp) of mesh {dict(mesh.shape)}"]
-  return []
+  problem = accumulate.steps_problem(batch_size // data_parallel, _get(config, "accum_steps", 1))
+  return [problem] if problem else []
 
 
 def _check_init_from(config) -> list[str]:
@@ -235,6 +288,23 @@ def _check_init_from(config) -> list[str]:
     path = _get(init, field) if init is not None else None
     if path and "://" not in str(path) and not os.path.isdir(os.path.join(path, sub)):
       problems.append(f"init_from.{field}: {os.path.join(path, sub).rstrip('/')} does not exist")
+  weights = _get(init, "weights") if init is not None else None
+  if weights and not os.path.exists(os.path.expanduser(weights)):
+    problems.append(f"init_from.weights: {weights} does not exist")
+  return problems
+
+
+def _check_hooks(config) -> list[str]:
+  """profile_steps is () or (first, last); an enabled wandb section has wandb installed."""
+  problems = []
+  if problem := profiling.steps_problem(_get(config, "profile_steps", ())):
+    problems.append(f"profile_steps: {problem}")
+  wandb = _get(config, "wandb")
+  if wandb is not None and _get(wandb, "enabled", False):
+    if importlib.util.find_spec("wandb") is None:
+      problems.append("wandb.enabled: wandb is not installed: pip install -e \".[wandb]\"")
+    if _get(wandb, "mode", "offline") not in ("offline", "online", "disabled"):
+      problems.append(f"wandb.mode: {_get(wandb, 'mode')!r}; use offline, online or disabled")
   return problems
 
 
@@ -242,7 +312,7 @@ def _check_one(config, devices: Sequence[Any]) -> list[str]:
   method, problems = _method(config)
   return (problems + _check_losses(config, method) + _check_evals(config)
           + _check_train_data(config, method) + _check_assets(config, method)
-          + _check_mesh(config, devices))
+          + _check_mesh(config, devices) + _check_hooks(config))
 
 
 def check_config(config, *, devices: Sequence[Any] | None = None) -> list[str]:

@@ -6,7 +6,10 @@ third, small JSON item holds host-side counters (the bad-sample counts of
 written before that item existed restore with no counters.
 
 Orbax writes each step to a temporary directory and renames it when complete, so a
-crash (kill -9) mid-save never leaves a half-written "latest" checkpoint. A write that
+crash (kill -9) mid-save never leaves a half-written "latest" checkpoint; the trainer
+deletes such leftovers when it starts (`remove_unfinished_writes`). An old step is
+deleted (`keep`) only once the new one is complete, so `keep=1` always leaves one whole
+checkpoint. A write that
 fails (a full disk, a lost mount) raises `CheckpointWriteError`: one line naming the step
 that was not written and the last complete one, which stays intact and resumable.
 """
@@ -15,7 +18,11 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+from absl import logging
+from etils import epath
 import grain
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from vlpre import storage
@@ -25,12 +32,33 @@ class CheckpointWriteError(OSError):
   """A checkpoint could not be written; the previous complete one is intact."""
 
 
+def remove_unfinished_writes(directory: epath.Path) -> list[str]:
+  """Deletes the step folders whose write never completed (orbax's temporary folders: a
+  `<step>.orbax-checkpoint-tmp-*` folder locally, a step without its commit marker in a
+  bucket), which a kill mid-save leaves behind for good. Returns their names."""
+  if not directory.is_dir():
+    return []
+  unfinished = [p.get() for p in ocp.path.step.all_temporary_paths(directory)]
+  if unfinished:
+    names = sorted(p.name for p in unfinished)
+    logging.warning("removing %d unfinished checkpoint write(s) left in %s by an earlier run: %s",
+                    len(names), directory, ", ".join(names))
+    for path in unfinished:
+      path.rmtree()
+  return [p.name for p in unfinished]
+
+
 class Checkpointer:
   """Async, keeps the last `keep` steps, saves every `every_steps` (or when forced)."""
 
   def __init__(self, directory: str, *, keep: int = 3, every_steps: int = 1000,
-               async_save: bool = True):
+               async_save: bool = True, remove_unfinished: bool = False):
+    """`remove_unfinished`: first delete the writes an earlier run left unfinished (the
+    trainer, which holds the workdir's lock; never a reader such as vlpre.evaluate, which
+    could delete a running trainer's write in progress)."""
     self.directory = storage.path(directory, what="checkpoint directory")  # local or gs://
+    if remove_unfinished and jax.process_index() == 0:
+      remove_unfinished_writes(self.directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=every_steps, create=True,
         enable_async_checkpointing=async_save)
@@ -92,6 +120,15 @@ class Checkpointer:
     self.wait()
     self._manager.close()
 
+  def _complete_step_on_disk(self) -> int | None:
+    """The latest complete step as the directory has it. Not the manager's own list: that
+    drops a step due for deletion (`keep`) when the next write starts, not when it ends."""
+    try:
+      self._manager.reload()
+    except Exception:  # pylint: disable=broad-exception-caught
+      return None  # the storage itself fails; the message still names what was not written
+    return self._manager.latest_step()
+
   @contextlib.contextmanager
   def _write_errors(self, step: int | None):
     """Turns a failed write of `step` into one line that says what is still safe."""
@@ -105,7 +142,33 @@ class Checkpointer:
       reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
       error = CheckpointWriteError(
           f"checkpoint step {step} could not be written to {self.directory} ({reason}); "
-          f"the last complete checkpoint, step {self._manager.latest_step()}, is intact: "
+          f"the last complete checkpoint, step {self._complete_step_on_disk()}, is intact: "
           f"fix the cause and rerun to resume from it")
       error.errno = getattr(e, "errno", None)
       raise error from e
+
+
+def restore_params(workdir: str, names, *, what: str = "init_from.workdir") -> dict[str, Any]:
+  """Top-level parameter subtrees (e.g. "img") of a vlpre run's latest checkpoint, as numpy.
+
+  Restored onto this host's first device whatever mesh saved them (orbax's fallback
+  sharding): without a target orbax rebuilds the saving topology, so a pod's (or 8 fake
+  devices') checkpoint would not restore on a 1-device laptop. `what` names the setting
+  that pointed here, for the error lines.
+  """
+  directory = storage.path(workdir, what=what) / "checkpoints"
+  if not directory.is_dir():
+    raise FileNotFoundError(f"{what}: no checkpoint in {directory}")
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                             item_handlers={"state": ocp.StandardCheckpointHandler()}) as manager:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{what}: no checkpoint in {directory}")
+    params = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(fallback_sharding=device)))["state"]["params"]
+  missing = [n for n in names if n not in params]
+  if missing:  # a run's checkpoint holds its trainable parameters only
+    raise ValueError(f"{what}: {directory} step {step} has no parameters {missing}; a frozen "
+                     "tower (LiT) lives in the run it came from (its config.init_from.workdir)")
+  return {n: jax.tree.map(np.asarray, params[n]) for n in names}

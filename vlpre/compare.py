@@ -18,6 +18,7 @@ Writes into --out (default: the folder the workdirs sit in) and prints compare.m
   compare.md, compare.csv  one row per run: `steps` (the last training step), `loss` (the
                            last training loss), `train_time_s`, then the LAST value of
                            every eval metric that any run logged; blank where a run has none
+  compare_config.csv       the config fields that differ between the runs (below)
   loss.png                 training loss vs step, one line per run (log y when it spans >10×)
   eval_<metric>.png        one per eval metric evaluated at ≥2 steps in some run
 
@@ -26,8 +27,9 @@ writes each evaluator's results as a line of their own and every training line c
 "loss" (train.run), so this takes in every evaluator (retrieval_*, zeroshot_*,
 linear_probe*, classify, captioning, attentive_probe, ...) and none of the per-step
 training metrics (clip/..., lm/..., softmax_ce/..., perf/..., input/...), whatever their
-names. It reads the raw lines for this: `metrics.read_metrics` merges a step's lines, and
-an evaluation at the last step shares that step with a training line.
+names. It reads the raw lines for this (`metrics.read_lines`; `metrics.read_metrics`
+merges a step's lines, and an evaluation at the last step shares that step with a
+training line). A workdir's metrics_eval.jsonl (vlpre.evaluate's rows) counts as well.
 
 Units: values are as logged, in the CSV and the markdown alike (markdown rounds to 4
 significant digits): R@k, top-k and accuracies are fractions in [0, 1]; captioning's
@@ -36,6 +38,14 @@ so it compares a run with itself over time, not methods with each other. `train_
 not logged as such: it is Σ perf/seconds_per_step × steps over the logged training lines,
 i.e. the training loop's time (mid-run evaluations and checkpoints included, set-up and
 the evaluations before the first / after the last step not), blank without perf/ metrics.
+
+Config fields that differ: for runs that recorded their config (`<workdir>/config.json`,
+vlpre/run_record.py), compare.md ends with a table of every field whose value differs
+between them (the first 25; compare_config.csv has all), leaving out the fields that never
+change a run (`run_record.RESUMABLE`: evaluators, logging, checkpoints, mesh).
+
+Workdirs and --out are local paths or gs:// URIs (read and written through epath); a
+line of metrics.jsonl cut off by a kill -9 is skipped (`metrics.read_lines`).
 
 A staged run (vlpre/stages.py: `<workdir>/<i>_<name>/metrics.jsonl`) is read as one run:
 its stages in order, each stage's steps offset by the steps of the stages before it, so
@@ -46,6 +56,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -55,10 +66,13 @@ import subprocess
 import sys
 from typing import Sequence
 
+from etils import epath
 from matplotlib.figure import Figure  # no pyplot: Agg renders the PNGs, no global backend
 
 from vlpre import methods
 from vlpre import metrics as metrics_lib
+from vlpre import run_record
+from vlpre import storage
 
 _STAGE_DIR = re.compile(r"(\d+)_.+")
 
@@ -70,6 +84,7 @@ class Run:
   rows: list[dict]         # one dict per step (lines of a step merged), steps ascending
   eval_keys: list[str]     # first-seen order, so an evaluator's keys stay together
   stage_starts: list[int]  # the global step where each stage after the first begins
+  config: dict | None = None  # the config the run recorded (vlpre.run_record); None: none
 
   def series(self, key: str) -> list[tuple[int, float]]:
     return [(row["step"], row[key]) for row in self.rows if key in row]
@@ -78,39 +93,57 @@ class Run:
     return [row for row in self.rows if "loss" in row]
 
 
-def _metric_dirs(workdir: str) -> list[str]:
+def _metric_dirs(workdir: str) -> list[epath.Path]:
   """[workdir] for a plain run; its stage folders in stage order for a staged one."""
-  if os.path.isfile(os.path.join(workdir, "metrics.jsonl")):
-    return [workdir]
-  names = os.listdir(workdir) if os.path.isdir(workdir) else []
-  stages = [d for d in names if _STAGE_DIR.fullmatch(d)
-            and os.path.isfile(os.path.join(workdir, d, "metrics.jsonl"))]
+  root = storage.path(workdir, what="workdir")
+  if (root / "metrics.jsonl").exists():
+    return [root]
+  names = [p.name for p in root.iterdir()] if root.is_dir() else []
+  stages = [d for d in names if _STAGE_DIR.fullmatch(d) and (root / d / "metrics.jsonl").exists()]
   if not stages:
     raise FileNotFoundError(f"{workdir}: no metrics.jsonl, nor stage folders <i>_<name>/ "
                             "holding one")
   stages.sort(key=lambda d: int(_STAGE_DIR.fullmatch(d).group(1)))
-  return [os.path.join(workdir, d) for d in stages]
+  return [root / d for d in stages]
 
 
 def read_run(workdir: str, name: str | None = None) -> Run:
-  """Reads a plain or staged run's metrics (see the module docstring)."""
+  """Reads a plain or staged run's metrics and recorded config (module docstring)."""
   merged: dict[int, dict] = {}
   eval_keys: dict[str, None] = {}  # an ordered set
   starts, offset = [], 0
   for directory in _metric_dirs(workdir):
     starts.append(offset)
-    rows = metrics_lib.read_metrics(directory)
-    for row in rows:
-      step = offset + row["step"]
-      merged.setdefault(step, {}).update(row, step=step)
-    with open(os.path.join(directory, "metrics.jsonl"), encoding="utf-8") as f:
-      for line in f:
-        entry = json.loads(line)
-        if "loss" not in entry:
-          eval_keys.update(dict.fromkeys(k for k in entry if k != "step"))
-    offset += max((row["step"] for row in rows), default=0)
-  return Run(name or os.path.basename(os.path.normpath(workdir)),
-             [merged[s] for s in sorted(merged)], list(eval_keys), starts[1:])
+    lines = metrics_lib.read_lines(os.fspath(directory))  # cut-off lines skipped
+    for line in lines:  # later lines of a step win, as in metrics.read_metrics
+      step = offset + line["step"]
+      merged.setdefault(step, {}).update(line, step=step)
+      if "loss" not in line:
+        eval_keys.update(dict.fromkeys(k for k in line if k != "step"))
+    offset += max((line["step"] for line in lines), default=0)
+  record = run_record.read(workdir)
+  return Run(name or storage.path(workdir, what="workdir").name,
+             [merged[s] for s in sorted(merged)], list(eval_keys), starts[1:],
+             record["config"] if record else None)
+
+
+def config_differences(runs: list[Run]) -> tuple[list[str], list[list]]:
+  """The header and one row per config field whose recorded value differs between the
+  runs that recorded one (fields that never change a run, `run_record.RESUMABLE`, left
+  out); values as JSON, blank where a run has no such field or no record."""
+  recorded = [run for run in runs if run.config is not None]
+  flat = {run.name: run_record.flatten(run.config) for run in recorded}
+  fields = list(dict.fromkeys(f for values in flat.values() for f in values))
+  header = ["field", *(run.name for run in runs)]
+  body = []
+  for field in fields:
+    if run_record.is_allowed(field, run_record.RESUMABLE):
+      continue
+    values = [json.dumps(flat[run.name][field]) if run.name in flat and field in flat[run.name]
+              else "" for run in runs]
+    if len(recorded) > 1 and len({v for run, v in zip(runs, values) if run.name in flat}) > 1:
+      body.append([field, *values])
+  return header, body
 
 
 def _train_time(run: Run) -> float | None:
@@ -143,7 +176,7 @@ def _cell(column: str, value) -> str:
   if value is None:
     return ""
   if isinstance(value, str) or column == "steps":
-    return str(value)
+    return str(value).replace("|", "\\|")  # a regex in a config value stays in its cell
   return f"{value:.0f}" if column == "train_time_s" else f"{value:.4g}"
 
 
@@ -160,7 +193,10 @@ _UNITS = ("Last value of each eval metric, as logged: R@k / top-k / accuracies a
           "Blank: the run has no such metric.")
 
 
-def _plot(path: str, runs: list[Run], key: str, *, marker: str | None = None,
+_MAX_CONFIG_ROWS = 25  # in compare.md; compare_config.csv has every row
+
+
+def _plot(path: epath.Path, runs: list[Run], key: str, *, marker: str | None = None,
           log_y: bool = False) -> None:
   fig = Figure(figsize=(6.4, 3.8))
   ax = fig.add_subplot()
@@ -179,42 +215,68 @@ def _plot(path: str, runs: list[Run], key: str, *, marker: str | None = None,
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  png = io.BytesIO()  # through epath: the folder may be in a bucket
+  fig.savefig(png, format="png", dpi=120)
+  path.write_bytes(png.getvalue())
 
 
 def plot(runs: list[Run], out_dir: str) -> list[str]:
   """loss.png and eval_<metric>.png (metrics evaluated at ≥2 steps in some run); the paths."""
-  paths = []
+  out, paths = storage.path(out_dir, what="--out"), []
   losses = [v for run in runs for _, v in run.series("loss") if math.isfinite(v)]
   if losses:
     log_y = min(losses) > 0 and max(losses) > 10 * min(losses)
-    paths.append(os.path.join(out_dir, "loss.png"))
+    paths.append(out / "loss.png")
     _plot(paths[-1], runs, "loss", log_y=log_y)
   for key in dict.fromkeys(k for run in runs for k in run.eval_keys):
     if any(len(run.series(key)) >= 2 for run in runs):
-      paths.append(os.path.join(out_dir, "eval_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", key) + ".png"))
+      paths.append(out / ("eval_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", key) + ".png"))
       _plot(paths[-1], runs, key, marker="o")
-  return paths
+  return [os.fspath(p) for p in paths]
+
+
+def _csv(header: list[str], body: list[list]) -> str:
+  text = io.StringIO()
+  writer = csv.writer(text)
+  writer.writerow(header)
+  writer.writerows([["" if v is None else v for v in row] for row in body])
+  return text.getvalue()
+
+
+def _runs_folder(workdirs: list[str]) -> epath.Path:
+  """The folder the workdirs sit in (workdirs/compare for workdirs/compare/*), local or not."""
+  parents = [os.fspath(storage.path(w, what="workdir").parent) for w in workdirs]
+  schemes = {p.split("://")[0] + "://" if storage.is_uri(p) else "" for p in parents}
+  if len(schemes) > 1:
+    raise ValueError("the workdirs are on different filesystems: give --out")
+  (scheme,) = schemes
+  common = os.path.commonpath([p[len(scheme):] for p in parents])
+  if not common:
+    raise ValueError("the workdirs share no folder: give --out")
+  return storage.path(scheme + common)
 
 
 def compare(workdirs: list[str], names: list[str] | None = None,
             out_dir: str | None = None) -> str:
-  """Reads the runs, writes compare.md / compare.csv / the PNGs into out_dir; the markdown."""
+  """Reads the runs, writes compare.md / compare.csv / compare_config.csv / the PNGs into
+  out_dir (local or gs://); returns the markdown."""
   if names and len(names) != len(workdirs):
     raise ValueError(f"{len(names)} names for {len(workdirs)} workdirs")
   runs = [read_run(w, n) for w, n in zip(workdirs, names or [None] * len(workdirs))]
-  if out_dir is None:  # the folder the runs sit in: workdirs/compare for workdirs/compare/*
-    out_dir = os.path.commonpath([os.path.dirname(os.path.abspath(w)) for w in workdirs])
-  os.makedirs(out_dir, exist_ok=True)
+  out = storage.path(out_dir, what="--out") if out_dir else _runs_folder(workdirs)
+  out.mkdir(parents=True, exist_ok=True)
   header, body = table(runs)
   text = f"{_UNITS}\n\n{markdown(header, body)}\n"
-  with open(os.path.join(out_dir, "compare.md"), "w", encoding="utf-8") as f:
-    f.write(text)
-  with open(os.path.join(out_dir, "compare.csv"), "w", encoding="utf-8", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(header)
-    writer.writerows([["" if v is None else v for v in row] for row in body])
-  plot(runs, out_dir)
+  config_header, config_body = config_differences(runs)
+  if config_body:
+    more = len(config_body) - _MAX_CONFIG_ROWS
+    text += (f"\nConfig fields that differ (each run's config.json):\n\n"
+             f"{markdown(config_header, config_body[:_MAX_CONFIG_ROWS])}\n"
+             + (f"\n{more} more in compare_config.csv\n" if more > 0 else ""))
+  (out / "compare.md").write_text(text, encoding="utf-8")
+  (out / "compare.csv").write_text(_csv(header, body), encoding="utf-8")
+  (out / "compare_config.csv").write_text(_csv(config_header, config_body), encoding="utf-8")
+  plot(runs, os.fspath(out))
   return text
 
 

@@ -5,9 +5,12 @@ overrides what its method changes.
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
+import sys
 
+from absl import app
 import ml_collections as mlc
 
 
@@ -18,6 +21,10 @@ def base(arg: str | None) -> mlc.ConfigDict:
   c.seed = 0
   c.total_steps = 500 if tiny else 100_000      # optimiser steps
   c.batch_size = 64 if tiny else 32_768          # global batch, split over data × fsdp
+  c.accum_steps = 1        # gradient accumulation: batch chunks per step (vlpre/accumulate.py)
+  # Contrastive losses' B×B term: "local" per device, memory falling with the devices, or
+  # "global" as one array that XLA lays out (same values; docs/scaling.md).
+  c.loss_impl = "local"
   c.dtype = "float32" if tiny else "bfloat16"    # compute dtype; params stay float32
   # Mesh axes (data, fsdp, tensor); -1 fills the remaining devices.
   c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
@@ -29,6 +36,24 @@ def base(arg: str | None) -> mlc.ConfigDict:
   c.optim = dict(name="adamw", lr=5e-4 if tiny else 1e-3, b1=0.9, b2=0.98, eps=1e-6,
                  weight_decay=0.1 if tiny else 0.2, warmup_steps=50 if tiny else 2_000,
                  schedule="cosine", grad_clip_norm=0.0)
+  c.profile_steps = ()     # (first, last): jax.profiler trace of those steps (vlpre/profiling.py)
+  # Weights & Biases, off by default (pip install -e ".[wandb]"; metrics.WandbSink): mode
+  # "offline" writes <workdir>/wandb for a later `wandb sync`, "online" needs a network.
+  c.wandb = dict(enabled=False, project="vlpre", entity="", name="", mode="offline")
+  return c
+
+
+def with_workdir(config, workdir: str) -> mlc.ConfigDict:
+  """`config` with `workdir` set to the run's: what run-relative defaults resolve against,
+  e.g. the embedding store (`text_cache: ""` → `<workdir>/embeddings/...`), so every host
+  of a run sees them (a gs:// workdir). Set by the tools that take --workdir (train.run,
+  vlpre.embed, vlpre.evaluate), not by hand; a config that has one keeps it (a staged
+  run's stages share the run's own). A copy: the caller's config is left as it was."""
+  if config.get("workdir"):
+    return config
+  c = copy.deepcopy(config)
+  with c.unlocked():
+    c.workdir = os.fspath(workdir)
   return c
 
 
@@ -37,11 +62,13 @@ def image_input(arg: str | None, train: str = "flickr8k/train-*.tar", **override
   tiny = arg == "tiny"
   cfg = dict(
       kind="tar",             # tar | tfds
-      data_dir=None,          # None: $VLPRE_DATA_DIR, else ../shared/data beside the repo
+      data_dir=None,          # None: $VLPRE_DATA_DIR, else ../shared/data by the repo; or gs://
       train=train,            # glob(s) relative to data_dir
+      index_dir="",           # persisted shard indexes: "" beside gs:// shards; a folder: there
       tfds_name="", tfds_split="train",
       caption_field="captions",
       label=False,            # emit the .cls label instead of a caption
+      num_classes=0,          # label=True: labels outside [0, num_classes) are bad (0: no bound)
       image_size=64 if tiny else 224,
       resize_size=72 if tiny else 256,
       augment="resize_random_crop" if tiny else "random_resized_crop",
@@ -122,3 +149,17 @@ def parse_arg(arg: str | None, options: dict[str, tuple[str, ...] | None],
       raise ValueError(f"option {key} must be one of {list(options[key])}, got {value!r}")
     opts[key] = value
   return variant, opts
+
+
+def parse_flags(argv):
+  """absl's parser for the commands that take --config; an override of a field the config
+  lacks is one line and exit status 1, not a traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:  # raised by config_flags, e.g. --config.lossez.clip=1
+    message = e
+    while isinstance(message, BaseException) and message.args:  # config_dict nests the KeyError
+      message = message.args[0]
+    print(f"config override: no such field {str(message).replace(chr(10), '. ')}",
+          file=sys.stderr)
+    sys.exit(1)

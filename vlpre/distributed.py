@@ -42,6 +42,8 @@ from typing import Mapping
 from absl import flags
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 
 ENV_ADDRESS, ENV_NUM, ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 # JAX's own connection deadline is this much later than the watchdog's, so that the
@@ -207,3 +209,39 @@ def initialize(launch: Launch | None, timeout_s: float = 300) -> None:
                jax.process_count(), jax.local_device_count(), jax.device_count())
   if jax.process_index() != 0:  # process 0 speaks for the run
     logging.set_verbosity(logging.WARNING)
+
+
+_TEXT_BYTES = 2048  # what `broadcast_text` carries: one line of an error message
+
+
+def broadcast_text(text: str) -> str:
+  """Process 0's `text` on every process (a one-line message, cut to 2 KB); as is when
+  the run is a single process."""
+  if jax.process_count() == 1:
+    return text
+  data = np.zeros(_TEXT_BYTES, np.uint8)
+  encoded = text.encode("utf-8")[:_TEXT_BYTES]
+  data[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+  data = np.asarray(multihost_utils.broadcast_one_to_all(data))
+  return bytes(data).rstrip(b"\0").decode("utf-8", errors="replace")
+
+
+def from_process_0(value: int | bool | None) -> int | bool | None:
+  """Process 0's answer on every process (e.g. the step to resume from: each process
+  reading the directory itself could see another state of a shared filesystem)."""
+  if jax.process_count() == 1:
+    return value
+  code = -1 if value is None else int(value)
+  if code < -1:
+    raise ValueError(f"from_process_0 takes None, a bool or an int >= 0, got {value}")
+  agreed = int(multihost_utils.broadcast_one_to_all(np.int64(code)))
+  return None if agreed == -1 else (bool(agreed) if isinstance(value, bool) else agreed)
+
+
+def processes_where(flag: bool) -> list[int]:
+  """The indices of the processes that passed a true `flag`, known to every process; []
+  in a single-process run where `flag` is false."""
+  if jax.process_count() == 1:
+    return [0] if flag else []
+  flags_ = np.asarray(multihost_utils.process_allgather(np.array([bool(flag)]))).reshape(-1)
+  return [int(i) for i in np.flatnonzero(flags_)]

@@ -1,8 +1,15 @@
-"""Runs a config's evaluators on the latest checkpoint of a workdir.
+"""Runs a run's evaluators on the latest checkpoint of its workdir.
 
+    python -m vlpre.evaluate --workdir=workdirs/clip_tiny [--config.evals.x.max_examples=64]
     python -m vlpre.evaluate --config=configs/clip.py:tiny --workdir=workdirs/clip_tiny
 
-Results are printed, and appended to workdir/metrics.jsonl at the checkpoint's step.
+Without --config the config is the one the run recorded in its config.json
+(vlpre/run_record.py); `--config.x=y` overrides it. The model is built on zeros in the
+input shapes recorded there, so no training data is read: only the evaluators' sets.
+(A run from before runs recorded them reads one training batch for the shapes.)
+Results are printed, and appended to workdir/metrics_eval.jsonl at the checkpoint's step:
+not to metrics.jsonl, which a trainer may be writing meanwhile (in a bucket each writer
+rewrites its file whole). `metrics.read_metrics` and vlpre.compare read both files.
 A multi-host run starts one process per host with the same arguments, as vlpre.main
 (vlpre/distributed.py: --coordinator_address/--num_processes/--process_id, or the
 environment); process 0 prints and writes the results.
@@ -11,45 +18,51 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 import flax.linen as nn
 import jax
-from ml_collections import config_flags
 
 from vlpre import checkpoint as checkpoint_lib
+from vlpre import config_lib
 from vlpre import data as data_lib
 from vlpre import distributed
 from vlpre import evaluators as evaluators_lib
 from vlpre import metrics as metrics_lib
 from vlpre import methods
+from vlpre import run_record
 from vlpre import train
 
 
 def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
   """Restores `step` (default: latest) of `workdir` and runs every `config.evals` entry."""
+  config = config_lib.with_workdir(config, workdir)  # the run's text store, as it trained
   tokenizer = methods.build_tokenizer(config)
-  extras = methods.input_extras(config)
-  dataset = data_lib.build_train_dataset(
-      config.input, global_batch_size=config.batch_size, seed=config.seed,
-      tokenizer=tokenizer if extras.tokenize else None, extra_transforms=extras.transforms,
-      extra_keys=extras.keys, stream=extras.stream, records=extras.records)
-  s = train.setup(config, next(iter(dataset)))  # one batch fixes the input shapes for init
+  example = run_record.input_batch(workdir)  # the input shapes the model was built on
+  if example is None:
+    logging.info("%s records no input shapes (a run from before it did): reading one training "
+                 "batch for them", run_record.path(workdir))
+    extras = methods.input_extras(config)
+    example = next(iter(data_lib.build_train_dataset(
+        config.input, global_batch_size=config.batch_size, seed=config.seed,
+        tokenizer=tokenizer if extras.tokenize else None, extra_transforms=extras.transforms,
+        extra_keys=extras.keys, stream=extras.stream, records=extras.records)))
+  s = train.setup(config, example)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   step = step if step is not None else ckpt.latest_step()
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-  abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                          s.state, s.state_shardings)
-  state = ckpt.restore_state_only(step, abstract)
+  state = ckpt.restore_state_only(step, train.with_shardings(s.state, s.state_shardings))
   ckpt.close()
   results = {}
   with s.mesh, nn.logical_axis_rules(s.rules):
     for evaluator in evaluators_lib.build_evaluators(config.get("evals", {}), s, tokenizer=tokenizer):
       results.update(evaluator.run(s.variables(state)))
   writer = metrics_lib.MetricWriter(workdir, tensorboard=False,
+                                    filename=metrics_lib.EVAL_METRICS_FILE,
                                     is_main_process=jax.process_index() == 0)
   writer.write(step, results)
   writer.close()
@@ -68,9 +81,9 @@ def main(argv, config_flag, workdir_flag, step_flag, distributed_flags=None):
 
 if __name__ == "__main__":
   # Flags are defined here, not at import: tests and vlpre.main import this module.
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (see configs/).")
+  _CONFIG = run_record.define_config_flag(sys.argv)
   _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of the run to evaluate.")
   _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
   _DISTRIBUTED = distributed.Flags()
-  flags.mark_flags_as_required(["config", "workdir"])
+  flags.mark_flags_as_required(["workdir"])
   app.run(lambda argv: main(argv, _CONFIG, _WORKDIR, _STEP, _DISTRIBUTED))

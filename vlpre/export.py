@@ -1,6 +1,9 @@
 """Exports a run's trained image tower as a Hugging Face transformers checkpoint.
 
-    python -m vlpre.export --config=configs/clip.py:tiny --workdir=workdirs/clip_tiny --out=DIR
+    python -m vlpre.export --workdir=workdirs/clip_tiny --out=DIR
+
+The config is the one the run recorded in its config.json (vlpre/run_record.py), or
+`--config=configs/...` as the run was started; `--config.x=y` overrides either.
 
 DIR gets `config.json` + `model.safetensors` (the ViT: `AutoModel.from_pretrained(DIR)`),
 `preprocessor_config.json` (vlpre's eval preprocessing as a CLIPImageProcessor),
@@ -27,7 +30,9 @@ C classes.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import sys
 import tempfile
 from typing import Any
 
@@ -37,69 +42,38 @@ from absl import logging
 from etils import epath
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 import numpy as np
-import orbax.checkpoint as ocp
 from safetensors.numpy import save_file
 
+from vlpre import checkpoint
 from vlpre import methods
+from vlpre import run_record
 from vlpre import storage
 from vlpre.data import transforms
-from vlpre.nn import layers
+from vlpre.data import tokenizers
 from vlpre.nn.vit import ViT, sincos_2d, vit_from_config
+from vlpre.weights import hf
+from vlpre.weights import layout
+from vlpre.weights import open_clip
+from vlpre.weights import towers as towers_lib
 
-HIDDEN_ACT = "gelu_pytorch_tanh"  # layers.MlpBlock's nn.gelu defaults to the tanh approximation
 # ViT fields the export maps, and those that do not change what inference computes
 # (dropout is off; remat and scan change memory and compile time; the export is float32
 # whatever the compute dtype). Any other field set away from its default is refused:
 # a new ViT option must be mapped here before its towers can be exported.
-MAPPED = ("width", "depth", "mlp_dim", "num_heads", "patch_size", "pool", "posemb")
+MAPPED = ("width", "depth", "mlp_dim", "num_heads", "patch_size", "pool", "posemb", "act",
+          "norm_eps")
 INFERENCE_NEUTRAL = ("dropout", "remat", "scan", "dtype")
 
 
-def _linear(p: dict, *, heads_in: bool = False) -> dict[str, np.ndarray]:
-  """A flax Dense/DenseGeneral → torch Linear's weight [out, in] and bias [out].
-
-  q/k/v kernels are [D, H, K] (contract the first axis), the attention output's
-  [H, K, D] (`heads_in`: contract all but the last).
-  """
-  kernel = np.asarray(p["kernel"], np.float32)
-  w = kernel.reshape(-1, kernel.shape[-1]) if heads_in else kernel.reshape(kernel.shape[0], -1)
-  out = {"weight": w.T}
-  if "bias" in p:
-    out["bias"] = np.asarray(p["bias"], np.float32).reshape(-1)
-  return out
-
-
-def _norm(p: dict) -> dict[str, np.ndarray]:
-  return {"weight": np.asarray(p["scale"], np.float32), "bias": np.asarray(p["bias"], np.float32)}
-
-
-def _put(state: dict, prefix: str, tensors: dict[str, np.ndarray]) -> None:
-  state.update({f"{prefix}.{k}": v for k, v in tensors.items()})
-
-
 # Per block: HF submodule → vlpre EncoderBlock submodule.
-_DINOV2_BLOCK = {"norm1": "ln_attn", "attention.attention.query": "attn/query",
-                 "attention.attention.key": "attn/key", "attention.attention.value": "attn/value",
-                 "attention.output.dense": "attn/out", "norm2": "ln_mlp",
-                 "mlp.fc1": "mlp/Dense_0", "mlp.fc2": "mlp/Dense_1"}
-_SIGLIP_BLOCK = {"layer_norm1": "ln_attn", "self_attn.q_proj": "attn/query",
-                 "self_attn.k_proj": "attn/key", "self_attn.v_proj": "attn/value",
-                 "self_attn.out_proj": "attn/out", "layer_norm2": "ln_mlp",
-                 "mlp.fc1": "mlp/Dense_0", "mlp.fc2": "mlp/Dense_1"}
+_DINOV2_BLOCK = {hf.DINOV2_LEGACY.get(k, k): v for k, v in hf.DINOV2_BLOCK.items()}
 
 
 def _put_blocks(state: dict, prefix: str, tower: dict, vit: ViT, names: dict[str, str]) -> None:
   """Every encoder block, from the scanned stack (leading depth axis) or block_i."""
-  for i in range(vit.depth):
-    block = (jax.tree.map(lambda x, i=i: x[i], tower["encoder"]["blocks"]) if vit.scan
-             else tower["encoder"][f"block_{i}"])
-    for hf, ours in names.items():
-      module, sub = ours.split("/") if "/" in ours else (ours, None)
-      p = block[module][sub] if sub else block[module]
-      _put(state, f"{prefix}.{i}.{hf}",
-           _norm(p) if ours.startswith("ln") else _linear(p, heads_in=ours == "attn/out"))
+  for i, block in enumerate(layout.blocks_of(tower["encoder"], vit.depth)):
+    layout.put(state, f"{prefix}.{i}", layout.torch_block(block, names))
 
 
 def _embeddings(tower: dict, vit: ViT, grid: int) -> tuple[dict, np.ndarray]:
@@ -123,12 +97,12 @@ def _dinov2(tower: dict, vit: ViT, common: dict, grid: int):
   zero_1xD = np.zeros_like(pos_NxD[:1])
   state = {"embeddings.cls_token": np.asarray(tower["cls"], np.float32),
            "embeddings.position_embeddings": np.concatenate([zero_1xD, pos_NxD])[None]}
-  _put(state, "embeddings.patch_embeddings.projection", conv)
+  layout.put(state, "embeddings.patch_embeddings.projection", conv)
   _put_blocks(state, "encoder.layer", tower, vit, _DINOV2_BLOCK)
   for i in range(vit.depth):
     for scale in ("layer_scale1", "layer_scale2"):
       state[f"encoder.layer.{i}.{scale}.lambda1"] = np.ones((vit.width,), np.float32)
-  _put(state, "layernorm", _norm(tower["encoder"]["ln_final"]))
+  layout.put(state, "layernorm", layout.to_norm(tower["encoder"]["ln_final"]))
   return config, state
 
 
@@ -139,19 +113,11 @@ def _siglip(tower: dict, vit: ViT, common: dict, grid: int):
                               architectures=["SiglipVisionModel"])
   conv, pos_NxD = _embeddings(tower, vit, grid)
   state = {"vision_model.embeddings.position_embedding.weight": pos_NxD}
-  _put(state, "vision_model.embeddings.patch_embedding", conv)
-  _put_blocks(state, "vision_model.encoder.layers", tower, vit, _SIGLIP_BLOCK)
-  _put(state, "vision_model.post_layernorm", _norm(tower["encoder"]["ln_final"]))
+  layout.put(state, "vision_model.embeddings.patch_embedding", conv)
+  _put_blocks(state, "vision_model.encoder.layers", tower, vit, hf.CLIP_BLOCK)
+  layout.put(state, "vision_model.post_layernorm", layout.to_norm(tower["encoder"]["ln_final"]))
   if vit.pool == "map":  # layers.MapHead → SiglipMultiheadAttentionPoolingHead
-    head, h = tower["map_head"], "vision_model.head"
-    q, k, v = (_linear(head[n]) for n in ("query", "key", "value"))
-    state[f"{h}.probe"] = np.asarray(head["probe"], np.float32)
-    state[f"{h}.attention.in_proj_weight"] = np.concatenate([q["weight"], k["weight"], v["weight"]])
-    state[f"{h}.attention.in_proj_bias"] = np.concatenate([q["bias"], k["bias"], v["bias"]])
-    _put(state, f"{h}.attention.out_proj", _linear(head["out"], heads_in=True))
-    _put(state, f"{h}.layernorm", _norm(head["ln"]))
-    _put(state, f"{h}.mlp.fc1", _linear(head["mlp"]["Dense_0"]))
-    _put(state, f"{h}.mlp.fc2", _linear(head["mlp"]["Dense_1"]))
+    hf.write_map_head(state, "vision_model.head", tower["map_head"])
   return config, state
 
 
@@ -181,35 +147,11 @@ def tower_of(config) -> tuple[methods.ExportTower, ViT]:
   return tower, vit
 
 
-def restore_params(workdir: str, names: tuple[str, ...]) -> dict[str, Any]:
-  """Top-level parameter subtrees of `workdir`'s latest checkpoint, as numpy arrays.
-
-  As `train.load_from_workdir`, but onto this host's first device whatever mesh saved them
-  (orbax's fallback sharding): without a target orbax rebuilds the saving topology, so a
-  pod's (or 8 fake devices') checkpoint would not restore on a 1-device laptop.
-  """
-  directory = storage.path(workdir, what="workdir") / "checkpoints"
-  if not directory.is_dir():
-    raise FileNotFoundError(f"vlpre.export: no checkpoint in {directory}")
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                             item_handlers={"state": ocp.StandardCheckpointHandler()}) as manager:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"vlpre.export: no checkpoint in {directory}")
-    params = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(fallback_sharding=device)))["state"]["params"]
-  missing = [n for n in names if n not in params]
-  if missing:  # a run's checkpoint holds its trainable parameters only
-    raise ValueError(f"vlpre.export: {directory} step {step} has no parameters {missing}; a frozen "
-                     "tower (LiT) is exported from the run it came from (config.init_from.workdir)")
-  return {n: jax.tree.map(np.asarray, params[n]) for n in names}
-
-
 def export(config, workdir: str, out: str) -> Any:
   """Writes `out` (see the module docstring); returns the transformers config."""
   tower, vit = tower_of(config)
-  params = restore_params(workdir, (tower.prefix, *tower.head.values()))
+  params = checkpoint.restore_params(workdir, (tower.prefix, *tower.head.values()),
+                                      what="vlpre.export")
   image_size = int(config.input.image_size)
   grid = image_size // vit.patch_size
   if vit.posemb == "learn" and params[tower.prefix]["pos_embedding"].shape[1] != grid * grid:
@@ -217,8 +159,8 @@ def export(config, workdir: str, out: str) -> Any:
                      f"{grid}x{grid} patches of config.input.image_size")
   common = dict(hidden_size=vit.width, num_hidden_layers=vit.depth,
                 num_attention_heads=vit.num_heads, image_size=image_size,
-                patch_size=vit.patch_size, num_channels=3, hidden_act=HIDDEN_ACT,
-                layer_norm_eps=layers.layer_norm(jnp.float32).epsilon)
+                patch_size=vit.patch_size, num_channels=3, hidden_act=hf.ACT_TO_HF[vit.act],
+                layer_norm_eps=vit.norm_eps)
   build = _dinov2 if vit.pool == "cls" else _siglip
   hf_config, state = build(params[tower.prefix], vit, common, grid)
   # Written without torch (a TPU VM rarely has it); "pt" is the layout of the names and
@@ -242,23 +184,23 @@ def _write_export(config, workdir, out, tower, vit, params, hf_config, state, im
   hf_config.save_pretrained(out)
   save_file({k: np.ascontiguousarray(v) for k, v in state.items()},
             os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-  transformers.CLIPImageProcessor(  # resample 3: bicubic, as vlpre's ResizeCenterCrop
-      size={"shortest_edge": int(config.input.get("resize_size") or image_size)},
-      crop_size={"height": image_size, "width": image_size}, resample=3,
-      image_mean=list(transforms.CLIP_MEAN), image_std=list(transforms.CLIP_STD),
-  ).save_pretrained(out)
+  image_processor(config, image_size).save_pretrained(out)
   head = {}
   for name, ours in tower.head.items():
-    _put(head, name, _linear(params[ours]))
+    layout.put(head, name, layout.to_linear(params[ours]))
+  record = tower.record(config) if tower.record else {}
   save_file({k: np.ascontiguousarray(v) for k, v in head.items()},
             os.path.join(out, "head.safetensors"),
-            metadata={"method": config.model_name, "formula": tower.formula})
+            metadata={"method": config.model_name, "formula": tower.formula,
+                      **{k: json.dumps(v) for k, v in record.items()}})
   cls_first = vit.pool == "cls"
   with open(os.path.join(out, "README.md"), "w") as f:
     f.write(_CARD.format(
         cls=hf_config.architectures[0], method=config.model_name, workdir=workdir,
         head=tower.formula,
         pooled=_POOLED[vit.pool], tokens="[:, 1:] (after the cls token)" if cls_first else ""))
+    for key, value in record.items():  # e.g. the frozen text encoder and its recipe
+      f.write(f"- {key} (also in head.safetensors' metadata): `{json.dumps(value)}`\n")
 
 
 _POOLED = {"cls": "outputs.pooler_output (= last_hidden_state[:, 0], the cls token)",
@@ -281,16 +223,142 @@ outputs = AutoModel.from_pretrained(DIR)(**processor(images, return_tensors="pt"
 """
 
 
-def main(argv, config_flag, workdir_flag, out_flag):
+def image_processor(config, image_size: int):
+  """vlpre's eval preprocessing as a CLIPImageProcessor."""
+  import transformers  # pylint: disable=g-import-not-at-top  (heavy: export only)
+  return transformers.CLIPImageProcessor(  # resample 3: bicubic, as vlpre's ResizeCenterCrop
+      size={"shortest_edge": int(config.input.get("resize_size") or image_size)},
+      crop_size={"height": image_size, "width": image_size}, resample=3,
+      image_mean=list(transforms.CLIP_MEAN), image_std=list(transforms.CLIP_STD))
+
+
+# --- whole two-tower models -----------------------------------------------------------------
+
+def model_towers(config, workdir: str) -> towers_lib.Towers:
+  """The latest checkpoint's two towers (the method's descriptor `two_towers` says where)."""
+  layout_ = methods.of(config).two_towers
+  if layout_ is None:
+    raise ValueError(f"vlpre.export: method '{config.model_name}' is no two-tower model; "
+                     "--format=tower exports its image tower")
+  model = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
+  options = layout_.options(model)
+  names = [layout_.image, layout_.text, layout_.text_head, layout_.logit_scale]
+  names += [layout_.image_head] if options["image_head"] else []
+  names += [layout_.logit_bias] if options["logit_bias"] else []
+  params = checkpoint.restore_params(workdir, tuple(names), what="vlpre.export --workdir")
+  return towers_lib.from_params(params, options["image"], options["text"], names=layout_,
+                                source=workdir)
+
+
+def export_model(config, workdir: str, out: str, fmt: str) -> str:
+  """Writes the run as a whole model: fmt "hf" (a CLIPModel or SiglipModel folder, as its
+  architecture is) or "open_clip"; returns what was written."""
+  towers = model_towers(config, workdir)
+  image_size = int(config.input.image_size)
+  tokenizer = methods.build_tokenizer(config)
+  if fmt == "open_clip":
+    if problem := open_clip.problem(towers, image_size):
+      raise ValueError(f"vlpre.export: the run is no open_clip CLIP: {problem}")
+    kind = "open_clip"
+  elif (clip := hf.problem(towers, "CLIP")) is None:
+    kind = "CLIPModel"
+  elif (siglip := hf.problem(towers, "SigLIP")) is None:
+    kind = "SiglipModel"
+  else:
+    raise ValueError(f"vlpre.export: the run is neither a CLIPModel ({clip}) nor a SiglipModel "
+                     f"({siglip}); --format=tower exports its image tower")
+  target = storage.path(out, what="export directory")
+  with tempfile.TemporaryDirectory(prefix="vlpre-export-") as staging:
+    local = os.fspath(staging if storage.is_uri(target) else target)
+    os.makedirs(local, exist_ok=True)
+    if kind == "open_clip":
+      preprocess = {"size": image_size, "mean": list(transforms.CLIP_MEAN),
+                    "std": list(transforms.CLIP_STD), "interpolation": "bicubic",
+                    "resize_mode": "shortest"}
+      open_clip.write(towers, local, image_size, preprocess)
+    else:
+      _write_hf_model(config, towers, local, kind, image_size, tokenizer)
+    with open(os.path.join(local, "README.md"), "w") as f:
+      f.write(_MODEL_CARD[kind].format(workdir=workdir, method=config.model_name))
+    if storage.is_uri(target):
+      storage.upload_dir(epath.Path(staging), target)
+  logging.info("exported %s as %s to %s", workdir, kind, target)
+  return kind
+
+
+def _write_hf_model(config, towers, out, kind, image_size, tokenizer) -> None:
+  eos = getattr(tokenizer, "eos_id", None)
+  if kind == "CLIPModel":
+    hf_config, state = hf.to_clip(towers, image_size, eos_token_id=eos)
+  else:
+    hf_config, state = hf.to_siglip(towers, image_size, dict(
+        pad_token_id=getattr(tokenizer, "pad_id", None), eos_token_id=eos,
+        bos_token_id=getattr(tokenizer, "bos_id", None)))
+  hf_config.save_pretrained(out)
+  # np.array, not ascontiguousarray: that makes the 0-d logit_scale 1-d.
+  save_file({k: np.array(v, order="C") for k, v in state.items()},
+            os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+  image_processor(config, image_size).save_pretrained(out)
+  if isinstance(tokenizer, tokenizers.ClipBpeTokenizer):
+    import transformers  # pylint: disable=g-import-not-at-top  (heavy: export only)
+    vocab, merges = tokenizers.load_clip_vocab()
+    transformers.CLIPTokenizer(
+        vocab=vocab, merges=[tuple(m) for m in merges], unk_token=tokenizers.CLIP_EOT,
+        bos_token=tokenizers.CLIP_SOT, eos_token=tokenizers.CLIP_EOT, pad_token="!",
+        model_max_length=towers.text_options["max_len"]).save_pretrained(out)
+  else:
+    logging.warning("vlpre.export: tokenizer %s has no Hugging Face files; the folder has "
+                    "none (bring the tokenizer the run used)", tokenizer)
+
+
+_MODEL_CARD = {kind: f"""# vlpre two-tower model ({{method}})
+
+`python -m vlpre.export --format={fmt}` of `{{workdir}}`: {what}
+""" for kind, fmt, what in (
+    ("CLIPModel", "hf", "a transformers `CLIPModel` with its tokenizer and image processor: "
+     "`AutoModel.from_pretrained(DIR)`, `AutoProcessor.from_pretrained(DIR)`, or "
+     "`pipeline(\"zero-shot-image-classification\", model=DIR)`."),
+    ("SiglipModel", "hf", "a transformers `SiglipModel` with its tokenizer and image processor "
+     "(texts padded to the model's length, as it was trained): "
+     "`AutoModel.from_pretrained(DIR)`."),
+    ("open_clip", "open_clip", "open_clip's hub format: "
+     "`open_clip.create_model(\"local-dir:DIR\")`; texts tokenised as `open_clip.tokenize`."))}
+
+
+def push_to_hub(out: str, repo_id: str) -> None:
+  """Uploads the export folder to the Hugging Face Hub (a machine with a network and a token)."""
+  import huggingface_hub  # pylint: disable=g-import-not-at-top  (optional: --push_to_hub only)
+  huggingface_hub.HfApi().create_repo(repo_id, exist_ok=True)
+  huggingface_hub.HfApi().upload_folder(folder_path=out, repo_id=repo_id)
+
+
+FORMATS = ("tower", "hf", "open_clip")
+
+
+def main(argv, config_flag, workdir_flag, out_flag, format_flag, hub_flag):
   del argv
   logging.set_verbosity(logging.INFO)
-  export(config_flag.value, workdir_flag.value, out_flag.value)
+  if format_flag.value not in FORMATS:
+    raise app.UsageError(f"--format={format_flag.value}: one of {FORMATS}")
+  if hub_flag.value and storage.is_uri(storage.path(out_flag.value, what="export directory")):
+    raise app.UsageError("--push_to_hub uploads a local --out folder")
+  if format_flag.value == "tower":
+    export(config_flag.value, workdir_flag.value, out_flag.value)
+  else:
+    export_model(config_flag.value, workdir_flag.value, out_flag.value, format_flag.value)
+  if hub_flag.value:
+    push_to_hub(out_flag.value, hub_flag.value)
 
 
 if __name__ == "__main__":
   # Flags are defined here, not at import, as in vlpre.evaluate.
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file of the run (configs/).")
+  _CONFIG = run_record.define_config_flag(sys.argv)
   _WORKDIR = flags.DEFINE_string("workdir", None, "The run: its latest checkpoint is exported.")
   _OUT = flags.DEFINE_string("out", None, "Output folder of the Hugging Face checkpoint.")
-  flags.mark_flags_as_required(["config", "workdir", "out"])
-  app.run(lambda argv: main(argv, _CONFIG, _WORKDIR, _OUT))
+  _FORMAT = flags.DEFINE_string(
+      "format", "tower", "tower: the image tower and head (AutoModel); hf: a two-tower run as "
+      "a CLIPModel or SiglipModel; open_clip: a two-tower run in open_clip's hub format.")
+  _HUB = flags.DEFINE_string("push_to_hub", "", "Hub repository id (user/name) to upload the "
+                             "export to (needs a network and a Hugging Face token).")
+  flags.mark_flags_as_required(["workdir", "out"])
+  app.run(lambda argv: main(argv, _CONFIG, _WORKDIR, _OUT, _FORMAT, _HUB))

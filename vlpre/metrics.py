@@ -1,7 +1,9 @@
-"""Metric sinks (JSONL + TensorBoard), the console progress (a bar on a terminal, else a
-line), a quiet console."""
+"""Metric sinks (JSONL + TensorBoard, optionally Weights & Biases), the console progress
+(a bar on a terminal, else a line), a quiet console."""
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging as std_logging
 import math
@@ -11,35 +13,73 @@ import time
 from typing import Any, Mapping
 
 from absl import logging
-from tensorboardX import SummaryWriter
+from tensorboardX import event_file_writer
+from tensorboardX import record_writer
+from tensorboardX import summary
+from tensorboardX.proto import event_pb2
 import tqdm
 
 from vlpre import storage
 
 
 class VlpreInfoOnly(std_logging.Filter):
-  """Keeps INFO lines that vlpre itself writes; every WARNING and ERROR passes.
+  """Keeps INFO lines that vlpre's own modules write; every WARNING and ERROR passes, a
+  library's without its traceback.
 
-  The libraries under the trainer (orbax, absl, grain, jax) log through the same absl
-  logger, and their INFO lines drown the progress line (about 95% of a run's console).
+  The libraries under the trainer (orbax, absl, grain, jax) log through the absl logger
+  or their own loggers, and their INFO lines drown the progress line (about 95% of a
+  run's console). The module that wrote a line decides: a library's own logger by its
+  name (`jax._src.xla_bridge`); absl's, which names every record "absl", by the module
+  loaded from the record's source file. It must be `vlpre` or a submodule, or the script
+  being run (`__main__`, e.g. a bench script calling `quiet_console`). A file's place on
+  disk does not decide: a checkout named `vlpre` with its venv inside puts every
+  library's files under a folder named vlpre.
   """
 
+  def __init__(self):
+    super().__init__()
+    self._module_of: dict[str, str] = {}  # source file -> module name ("" if none)
+
   def filter(self, record: std_logging.LogRecord) -> bool:
-    if record.levelno >= std_logging.WARNING:
-      return True
-    path = record.pathname.replace(os.sep, "/")
-    return "/vlpre/" in path or "/bench/" in path
+    if record.levelno < std_logging.WARNING:
+      return self._from_vlpre(record)
+    if record.exc_info and not self._from_vlpre(record):
+      # A library's traceback (orbax logs a failed write's): the failure reaches vlpre,
+      # which ends the run with one line; --verbose_logs shows the traceback.
+      record.exc_info = record.exc_text = None
+    return True
+
+  def _from_vlpre(self, record: std_logging.LogRecord) -> bool:
+    if record.name != logging.get_absl_logger().name:
+      module = record.name
+    else:
+      module = self._module_of.get(record.pathname)
+      if module is None:
+        module = self._module_of[record.pathname] = _module_of_file(record.pathname)
+    return module == "__main__" or module == "vlpre" or module.startswith("vlpre.")
+
+
+def _module_of_file(path: str) -> str:
+  """The name of the loaded module whose source is `path`; "" when none is."""
+  want = os.path.normcase(os.path.abspath(path))
+  for name, module in list(sys.modules.items()):
+    file = getattr(module, "__file__", None)
+    if file and os.path.normcase(os.path.abspath(file)) == want:
+      return name
+  return ""
 
 
 def quiet_console(verbose: bool = False) -> None:
   """Quiet by default: vlpre's own INFO lines (progress, eval results) and all warnings;
   `verbose` shows every library's INFO lines too."""
   logging.set_verbosity(logging.INFO)
-  logger = logging.get_absl_logger()  # a logger's filter sees every record it creates
-  for f in [f for f in logger.filters if isinstance(f, VlpreInfoOnly)]:
-    logger.removeFilter(f)
-  if not verbose:
-    logger.addFilter(VlpreInfoOnly())
+  # absl's logger's filter sees every record it creates; its handler's, the records of
+  # the libraries' own loggers too, which reach it through the root logger.
+  for target in (logging.get_absl_logger(), logging.get_absl_handler()):
+    for f in [f for f in target.filters if isinstance(f, VlpreInfoOnly)]:
+      target.removeFilter(f)
+    if not verbose:
+      target.addFilter(VlpreInfoOnly())
 
 
 def format_results(values: Mapping[str, float]) -> str:
@@ -47,57 +87,149 @@ def format_results(values: Mapping[str, float]) -> str:
   return " | ".join(f"{k} {v:.4g}" for k, v in values.items())
 
 
+METRICS_FILE = "metrics.jsonl"  # the trainer's rows
+# vlpre.evaluate's rows: a file of its own, since it may run beside the trainer, and a
+# bucket object is rewritten whole on every write (the writers would erase each other's rows).
+EVAL_METRICS_FILE = "metrics_eval.jsonl"
+
+
+class MetricsWriteError(OSError):
+  """Metrics could not be written (a full disk, an I/O error); the message is one line."""
+
+
+class WandbSink:
+  """Sends metric rows to Weights & Biases: `config.wandb.enabled`, off by default.
+
+  wandb is an optional extra (`pip install -e ".[wandb]"`), imported only here. Offline by
+  default (`mode="offline"`: the run is written under `<workdir>/wandb/`, uploaded later
+  with `wandb sync`), so a machine without a network trains as usual. The run id comes
+  from the workdir, so a resumed run continues the same wandb run. If wandb cannot start
+  (no login for "online", no network), the run goes on without it, with a warning.
+  """
+
+  def __init__(self, cfg: Mapping[str, Any], workdir: str, run_config: Any = None):
+    import wandb  # pylint: disable=g-import-not-at-top  # optional extra: only with wandb.enabled
+    local = None if storage.is_uri(workdir) else os.path.abspath(workdir)
+    run_id = cfg.get("id") or hashlib.sha1(
+        (local or str(workdir)).encode("utf-8")).hexdigest()[:16]
+    if hasattr(run_config, "to_dict"):
+      run_config = run_config.to_dict()
+    try:
+      self._run = wandb.init(
+          project=cfg.get("project") or "vlpre", entity=cfg.get("entity") or None,
+          name=cfg.get("name") or os.path.basename(os.path.normpath(str(workdir))),
+          id=run_id, resume="allow", mode=cfg.get("mode") or "offline", dir=local,
+          config=run_config)
+    except Exception as e:  # pylint: disable=broad-except  (wandb raises many types)
+      logging.warning("wandb could not start (%s: %s); metrics go to metrics.jsonl and "
+                      "TensorBoard only", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+      self._run = None
+
+  def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    if self._run is not None:
+      self._run.log(dict(metrics), step=int(step))
+
+  def close(self) -> None:
+    if self._run is not None:
+      self._run.finish()
+      self._run = None
+
+
 class MetricWriter:
-  """Appends `{"step": s, **metrics}` lines to workdir/metrics.jsonl and to TensorBoard.
+  """Appends `{"step": s, **metrics}` lines to workdir/metrics.jsonl, to TensorBoard, and,
+  where `wandb` (a config's `wandb` section) is enabled, to Weights & Biases (`WandbSink`).
 
   The workdir is local or a `gs://` URI (`vlpre.storage`). A bucket object cannot be
   appended to, so there the file is rewritten whole (its earlier rows read once at
-  start) on every write; locally lines are appended.
+  start) on every write; locally lines are appended. `filename`: another file of the
+  workdir (vlpre.evaluate writes `EVAL_METRICS_FILE`). A failed write (ENOSPC, EIO)
+  raises `MetricsWriteError`; TensorBoard events are written in the caller's thread, so
+  their failures surface there too. `run_config` is recorded with the wandb run.
   """
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True, is_main_process: bool = True):
+  def __init__(self, workdir: str, *, tensorboard: bool = True, is_main_process: bool = True,
+               filename: str = METRICS_FILE, wandb: Mapping[str, Any] | None = None,
+               run_config: Any = None):
     self.enabled = is_main_process
     directory = storage.path(workdir, what="workdir")
-    self.path = directory / "metrics.jsonl"
+    self.path = directory / filename
     self._tb = None
     self._file = None
+    self._wandb = None
+    self._failed = False
     self._lines: list[str] = []  # a URI's whole content, rewritten on every write
+    if self.enabled and wandb and wandb.get("enabled"):
+      self._wandb = WandbSink(wandb, workdir, run_config)
     if self.enabled:
-      directory.mkdir(parents=True, exist_ok=True)
-      if storage.is_uri(self.path):
-        if self.path.exists():
-          text = self.path.read_text(encoding="utf-8")
-          self._lines = [text + ("" if text.endswith("\n") else "\n")] if text else []
-      else:
-        self._file = self.path.open("a", encoding="utf-8")
-        if self._file.tell() and not _ends_with_newline(self.path):
-          self._file.write("\n")  # a line cut off by a kill stays alone on its line
+      with self._write_errors("at start", self.path):
+        directory.mkdir(parents=True, exist_ok=True)
+        if storage.is_uri(self.path):
+          if self.path.exists():
+            text = self.path.read_text(encoding="utf-8")
+            self._lines = [text + ("" if text.endswith("\n") else "\n")] if text else []
+        else:
+          self._file = self.path.open("a", encoding="utf-8")
+          if self._file.tell() and not _ends_with_newline(self.path):
+            self._file.write("\n")  # a line cut off by a kill stays alone on its line
       if tensorboard:
-        storage.use_epath_for_tensorboard()
-        self._tb = SummaryWriter(os.fspath(directory / "tensorboard"))
+        logdir = os.fspath(directory / "tensorboard")
+        with self._write_errors("at start", logdir):
+          storage.use_epath_for_tensorboard()
+          record_writer.directory_check(logdir)
+          # SummaryWriter's own file name; its events are written by a background thread,
+          # whose failures would be a traceback there and silence here.
+          self._tb = event_file_writer.EventsWriter(os.path.join(logdir, "events"))
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled or not metrics:
       return
     clean = {k: float(v) for k, v in metrics.items()}
     line = json.dumps({"step": int(step), **clean}) + "\n"
-    if self._file is not None:
-      self._file.write(line)
-      self._file.flush()
-    else:
-      self._lines.append(line)
-      storage.write_atomic(self.path, "".join(self._lines))
+    with self._write_errors(f"of step {step}", self.path):
+      if self._file is not None:
+        self._file.write(line)
+        self._file.flush()
+      else:
+        self._lines.append(line)
+        storage.write_atomic(self.path, "".join(self._lines))
     if self._tb is not None:
-      for name, value in clean.items():
-        self._tb.add_scalar(name, value, step)
-      self._tb.flush()
+      with self._write_errors(f"of step {step}", self.path.parent / "tensorboard"):
+        for name, value in clean.items():
+          self._tb.write_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                               summary=summary.scalar(name, value)))
+        self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.write(step, clean)
 
   def close(self) -> None:
-    if self.enabled:
-      if self._file is not None:
-        self._file.close()
-      if self._tb is not None:
-        self._tb.close()
+    if not self.enabled:
+      return
+    try:
+      with self._write_errors("at close", self.path):
+        if self._file is not None:
+          self._file.close()
+        if self._tb is not None:
+          self._tb.close()
+      if self._wandb is not None:
+        self._wandb.close()
+    except MetricsWriteError:
+      if not self._failed:
+        raise
+      # After a failed write the run is already ending with that write's line.
+
+  @contextlib.contextmanager
+  def _write_errors(self, what: str, target: Any):
+    try:
+      yield
+    except OSError as e:
+      if self._failed:
+        raise MetricsWriteError(f"metrics could not be written to {target}") from e
+      self._failed = True
+      reason = e.strerror or str(e) or type(e).__name__
+      raise MetricsWriteError(
+          f"metrics {what} could not be written to {target} ({reason}); stopping. The "
+          f"complete checkpoints are intact: fix the cause and rerun to resume from the "
+          f"latest") from e
 
 
 def _ends_with_newline(path) -> bool:
@@ -106,25 +238,39 @@ def _ends_with_newline(path) -> bool:
     return f.read(1) == b"\n"
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  """All metric rows of a run; for a resumed run, later rows of a step win.
+def read_lines(workdir: str, files: tuple[str, ...] = (METRICS_FILE, EVAL_METRICS_FILE)
+               ) -> list[dict]:
+  """The rows of a run's metric files as written (local or gs://): metrics.jsonl's, then
+  vlpre.evaluate's metrics_eval.jsonl's (those of `files` that exist), each in order.
 
   A line cut off by a kill (the process died while writing it) is skipped: the resumed
   run writes that row again (it retrains the steps after its checkpoint and reruns the
   evaluators whose results are missing at the step it resumes from).
   """
-  rows = {}
-  path = storage.path(workdir, what="workdir") / "metrics.jsonl"
-  if not path.exists():
-    raise FileNotFoundError(f"no metrics at {path}")
-  for line in path.read_text(encoding="utf-8").splitlines():
-    if not line.strip():
+  directory = storage.path(workdir, what="workdir")
+  paths = [directory / name for name in files]
+  if not any(p.exists() for p in paths):
+    raise FileNotFoundError(f"no metrics at {paths[0]}")
+  rows = []
+  for path in paths:
+    if not path.exists():
       continue
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError:
-      logging.warning("metrics.jsonl: skipping a cut-off line %r", line[:80])
-      continue
+    for line in path.read_text(encoding="utf-8").splitlines():
+      if not line.strip():
+        continue
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        logging.warning("%s: skipping a cut-off line %r", path, line[:80])
+  return rows
+
+
+def read_metrics(workdir: str, files: tuple[str, ...] = (METRICS_FILE, EVAL_METRICS_FILE)
+                 ) -> list[dict]:
+  """All metric rows of a run, one per step (its lines merged); later rows of a step win
+  (a resumed run's, then vlpre.evaluate's). Cut-off lines are skipped (`read_lines`)."""
+  rows: dict[int, dict] = {}
+  for row in read_lines(workdir, files):
     rows.setdefault(row["step"], {}).update(row)
   return [rows[s] for s in sorted(rows)]
 

@@ -18,6 +18,11 @@ from every parameter of stage i−1's final state (trainable and frozen, exporte
 draws its data with seed `config.seed + i`. A finished stage is skipped on a rerun; a
 run killed inside a stage resumes inside it, from that stage's latest checkpoint.
 
+The whole config is recorded in `<workdir>/config.json` and a rerun is checked against it
+(`vlpre.run_record`: a change to any stage is refused unless `allow_config_change`
+names it, e.g. `stages.1.optim.lr`); each stage folder records its own stage's config, as
+any run does, for `vlpre.evaluate` and `vlpre.export`.
+
 Evaluators: unless a stage sets its own `evals`, the first stage runs the config's
 evaluators marked `at_start` (numbers before any training), the last stage those marked
 `at_end` (default), and stages in between none.
@@ -31,8 +36,12 @@ from typing import Any
 from absl import logging
 import ml_collections as mlc
 
+from vlpre import config_lib
+from vlpre import distributed
+from vlpre import run_record
 from vlpre import storage
 from vlpre import train
+from vlpre import workdir_lock
 
 _STAGE_KEYS = ("name", "steps", "trainable", "frozen", "optim")
 
@@ -85,20 +94,44 @@ def stage_config(config, index: int, workdir: str) -> mlc.ConfigDict:
   return c
 
 
-def run(config, workdir: str) -> dict[str, float]:
-  """Runs the stages in order, skipping finished ones. Returns the last stage's metrics."""
+def run(config, workdir: str, *, allow_config_change=()) -> dict[str, float]:
+  """Runs the stages in order, skipping finished ones. Returns the last stage's metrics.
+
+  The workdir is locked for the whole run (vlpre/workdir_lock.py), as each stage's
+  folder is by its `train.run`: a second trainer changes neither the record nor a stage.
+  """
+  storage.path(workdir, what="workdir").mkdir(parents=True, exist_ok=True)
+  with workdir_lock.held(workdir):
+    return _run_stages(config, workdir, allow_config_change)
+
+
+def _run_stages(config, workdir: str, allow_config_change) -> dict[str, float]:
+  """`run` in a workdir this trainer holds."""
+  config = config_lib.with_workdir(config, workdir)  # the stages share the run's own
+  started = 0 if any(storage.path(stage_dir(workdir, i, st), what="stage folder").exists()
+                     for i, st in enumerate(config.stages)) else None
+  previous = run_record.read(workdir)
+  changes = run_record.check_resume(config, workdir, started, allow_config_change)
+  run_record.write(config, workdir, None, started, changes)
   last: dict[str, float] = {}
-  for index, stage in enumerate(config.stages):
-    directory = stage_dir(workdir, index, stage)
-    export = os.path.join(directory, "final_params")
-    if storage.path(export, what="stage export").is_dir():
-      logging.info("stage %d (%s) already finished: %s", index, stage.get("name"), directory)
-      continue
-    logging.info("stage %d (%s): %s steps in %s", index, stage.get("name"), stage["steps"],
-                 directory)
-    last = train.run(stage_config(config, index, workdir), directory, export_params_to=export)
-    if train.stop_requested():
-      logging.info("stop requested during stage %d (%s); rerun to resume it", index,
-                   stage.get("name"))
-      break
+  try:
+    for index, stage in enumerate(config.stages):
+      directory = stage_dir(workdir, index, stage)
+      export = os.path.join(directory, "final_params")
+      if distributed.from_process_0(storage.path(export, what="stage export").is_dir()):
+        logging.info("stage %d (%s) already finished: %s", index, stage.get("name"), directory)
+        continue
+      logging.info("stage %d (%s): %s steps in %s", index, stage.get("name"), stage["steps"],
+                   directory)
+      # Checked above as a whole: a stage checks only its steps against its checkpoint.
+      last = train.run(stage_config(config, index, workdir), directory, export_params_to=export,
+                       allow_config_change=(run_record.ANY,))
+      train.release_host_memory()  # the next stage builds its own model, step and evaluators
+      if train.stop_requested():
+        logging.info("stop requested during stage %d (%s); rerun to resume it", index,
+                     stage.get("name"))
+        break
+  except run_record.ResumeRefused:  # a stage's steps below its checkpoint: nothing changes
+    run_record.put(workdir, previous)
+    raise
   return last

@@ -39,6 +39,18 @@ def path(location: Any, *, what: str = "path") -> epath.Path:
   return epath.Path(os.path.abspath(os.path.expanduser(text)))
 
 
+def join_inside(folder: str, name: Any, *, what: str) -> str:
+  """`folder`/`name` for a file name read from data (a caption list, a JSON of image names,
+  a weight index). One that would leave `folder` (absolute, or '..' above it) is refused
+  with a one-line ValueError: a name in a data file never points elsewhere on the disk."""
+  text = os.fspath(name) if isinstance(name, (str, os.PathLike)) else None
+  if (not text or os.path.isabs(text) or os.path.splitdrive(text)[0]
+      or os.path.normpath(text).split(os.sep)[0] == os.pardir):
+    raise ValueError(f"{what} {name!r} is not a relative path inside {folder}: names that "
+                     "leave their folder (absolute, or '..' above it) are refused")
+  return os.path.join(folder, text)
+
+
 def write_atomic(target: epath.Path, data: bytes | str) -> None:
   """Writes `target` whole or not at all (a reader never sees half of it)."""
   mode = "w" if isinstance(data, str) else "wb"

@@ -19,14 +19,17 @@ finished run does only that.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import functools
+import gc
 import math
 import os
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from absl import logging
 from flax import traverse_util
@@ -39,15 +42,23 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from vlpre import accumulate
 from vlpre import checkpoint as checkpoint_lib
+from vlpre import config_lib
 from vlpre import data as data_lib
+from vlpre import distributed
 from vlpre import evaluators as evaluators_lib
+from vlpre import fatal
 from vlpre import losses as losses_lib
 from vlpre import methods
 from vlpre import metrics as metrics_lib
 from vlpre import optim
+from vlpre import profiling
+from vlpre import run_record
 from vlpre import sharding
 from vlpre import storage
+from vlpre import weights
+from vlpre import workdir_lock
 
 _STOP = threading.Event()
 
@@ -79,23 +90,24 @@ class TrainState:
 
 def train_step(state: TrainState, frozen: Any, batch: dict, rng: jax.Array, *, model: nn.Module,
                loss_fn: losses_lib.LossFn, tx: optax.GradientTransformation,
-               lr_schedule: optax.Schedule) -> tuple[TrainState, dict]:
-  """One update. Pure: jitted once with in/out shardings, the state donated."""
+               lr_schedule: optax.Schedule, accum_steps: int = 1) -> tuple[TrainState, dict]:
+  """One update. Pure: jitted once with in/out shardings, the state donated.
+
+  `accum_steps` > 1 computes the gradient over that many chunks of the batch
+  (vlpre/accumulate.py): the same update, with one chunk's activations alive at a time.
+  """
   rng = jax.random.fold_in(rng, state.step)
   mutable = list(state.model_state.keys())
 
-  def compute_loss(params):
-    variables = {"params": optim.merge(params, jax.lax.stop_gradient(frozen)), **state.model_state}
+  def apply(params, model_state, batch, rng):
+    variables = {"params": optim.merge(params, jax.lax.stop_gradient(frozen)), **model_state}
     rngs = {"dropout": rng, "aug": jax.random.fold_in(rng, 1)}
     if mutable:
-      outputs, new_model_state = model.apply(variables, batch, train=True, rngs=rngs, mutable=mutable)
-    else:
-      outputs, new_model_state = model.apply(variables, batch, train=True, rngs=rngs), {}
-    loss, metrics = loss_fn(outputs, batch)
-    return loss, (metrics, new_model_state)
+      return model.apply(variables, batch, train=True, rngs=rngs, mutable=mutable)
+    return model.apply(variables, batch, train=True, rngs=rngs), {}
 
-  (loss, (metrics, new_model_state)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
-      state.params)
+  loss, metrics, grads, new_model_state = accumulate.value_and_grad(
+      apply, loss_fn, state.params, state.model_state, batch, rng, accum_steps)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
@@ -132,7 +144,8 @@ class Setup:
 
   def jit_train_step(self) -> Callable:
     step = functools.partial(train_step, model=self.model, loss_fn=self.loss_fn, tx=self.tx,
-                             lr_schedule=self.lr_schedule)
+                             lr_schedule=self.lr_schedule,
+                             accum_steps=self.config.get("accum_steps", 1))
     replicated = sharding.replicated(self.mesh)
     return jax.jit(step, in_shardings=(self.state_shardings, self.frozen_shardings,
                                        self.batch_sharding, replicated),
@@ -157,8 +170,20 @@ def _shardings_for(abstract_variables, mesh, rules, min_fsdp_size):
   return jax.tree.map(lambda is_boxed, l, f: l if is_boxed else f, boxed, logical, fallback)
 
 
-def setup(config, example_batch: dict, *, mesh=None) -> Setup:
-  """Builds the mesh, the model, and the sharded train state (never materialised unsharded)."""
+def with_shardings(shapes, shardings):
+  """ShapeDtypeStructs of `shapes` placed as `shardings` says (the abstract `setup`)."""
+  return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                      shapes, shardings)
+
+
+def setup(config, example_batch: dict, *, mesh=None, abstract: bool = False) -> Setup:
+  """Builds the mesh, the model, and the sharded train state (never materialised unsharded).
+
+  `abstract`: no weight is materialised or loaded. The state and the frozen parameters are
+  `jax.ShapeDtypeStruct`s carrying their shardings (`example_batch` may be too), which is
+  all `jit_train_step().lower(...)` needs: vlpre.compile compiles the real step this way for
+  devices this host does not have.
+  """
   mesh = mesh or sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.get("sharding_rules"))
   built = methods.build(config)
@@ -168,32 +193,28 @@ def setup(config, example_batch: dict, *, mesh=None) -> Setup:
   if config.batch_size % dp:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the {dp} data-parallel "
                      f"devices of mesh {dict(mesh.shape)}")
-  example = {k: jnp.asarray(v) for k, v in example_batch.items() if not k.startswith("_")}
+  if problem := accumulate.steps_problem(config.batch_size // dp, config.get("accum_steps", 1)):
+    raise ValueError(problem)
+  example = {k: v if abstract else jnp.asarray(v) for k, v in example_batch.items()
+             if not k.startswith("_")}
   rng = jax.random.key(config.seed)
 
-  def init(rng):
+  def init(rng, example):
     return model.init({"params": rng, "dropout": rng, "aug": rng}, example, train=False)
 
   with mesh, nn.logical_axis_rules(rules):
-    abstract = jax.eval_shape(init, rng)
+    shapes = jax.eval_shape(init, rng, example)
     var_shardings = nn.meta.unbox(
-        _shardings_for(abstract, mesh, rules, config.get("min_fsdp_size", 2**18)))
+        _shardings_for(shapes, mesh, rules, config.get("min_fsdp_size", 2**18)))
     for prefix, axes in (built.logical_axes or {}).items():
       var_shardings["params"][prefix] = sharding.logical_names_to_shardings(axes, mesh, rules)
-    variables = nn.meta.unbox(jax.jit(init, out_shardings=var_shardings)(rng))
-  if built.pretrained:
-    variables = {**variables, "params": place_pretrained(variables["params"], built.pretrained,
-                                                         var_shardings["params"])}
-  if config.get("init_from") and config.init_from.get("params"):
-    # Every parameter from a full export (`export_params`: a staged run's previous stage).
-    variables = {**variables, "params": place_pretrained(
-        variables["params"], load_params(config.init_from.params), var_shardings["params"])}
-  elif config.get("init_from") and config.init_from.get("workdir"):
-    # A run's checkpoint holds its trainable parameters only: under a subtree the method
-    # loads pretrained (e.g. a partially bridged LLM), the frozen rest stays as placed above.
-    variables = {**variables, "params": place_pretrained(
-        variables["params"], load_from_workdir(config.init_from.workdir, config.init_from.prefixes),
-        var_shardings["params"], partial_ok=tuple(built.pretrained or ()))}
+    if abstract:
+      variables = with_shardings(nn.meta.unbox(shapes), var_shardings)
+    else:
+      variables = nn.meta.unbox(jax.jit(init, out_shardings=var_shardings)(rng, example))
+  if not abstract:  # pretrained and init_from weights replace values, not shapes
+    variables = {**variables, "params": _place_weights(config, built, variables["params"],
+                                                       var_shardings["params"])}
   params, param_sh = variables.pop("params"), var_shardings.pop("params")
   model_state, model_state_sh = variables, var_shardings
   frozen_patterns = tuple(config.get("frozen", ()))
@@ -210,35 +231,46 @@ def setup(config, example_batch: dict, *, mesh=None) -> Setup:
   replicated = sharding.replicated(mesh)
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
                                  transform_non_params=lambda _: replicated)
-  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-  state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
-                     opt_state=opt_state, model_state=model_state)
   state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh,
                         model_state=model_state_sh)
+  if abstract:
+    state = with_shardings(TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                                       opt_state=abstract_opt, model_state=model_state), state_sh)
+  else:
+    state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
+                       opt_state=jax.jit(tx.init, out_shardings=opt_sh)(params),
+                       model_state=model_state)
   logging.info("parameters: %s trainable, %s frozen",
                f"{sum(x.size for x in jax.tree.leaves(params)):,}",
                f"{sum(x.size for x in jax.tree.leaves(frozen)):,}")
   return Setup(config=config, mesh=mesh, rules=rules, built=built, state=state,
                state_shardings=state_sh, frozen=frozen, frozen_shardings=frozen_sh, tx=tx,
                lr_schedule=lr_schedule,
-               loss_fn=losses_lib.build_loss(dict(config.losses), methods.of(config).losses),
+               loss_fn=losses_lib.build_loss(dict(config.losses), methods.of(config).losses,
+                                             impl=config.get("loss_impl", "local"), mesh=mesh),
                batch_sharding=batch_sh)
 
 
-def load_from_workdir(workdir: str, prefixes) -> dict[str, Any]:
-  """Top-level parameter subtrees (e.g. "img") from another vlpre run's latest checkpoint."""
-  directory = storage.path(workdir, what="init_from.workdir") / "checkpoints"
-  with ocp.CheckpointManager(directory, item_handlers={"state": ocp.StandardCheckpointHandler()}) as m:
-    step = m.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"init_from.workdir: no checkpoint in {directory}")
-    state = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  params = state["params"]
-  missing = [p for p in prefixes if p not in params]
-  if missing:
-    raise ValueError(f"checkpoint {directory} step {step} has no parameters {missing}")
-  logging.info("initialising %s from %s step %d", list(prefixes), directory, step)
-  return {p: jax.tree.map(np.asarray, params[p]) for p in prefixes}
+def _place_weights(config, built: methods.Built, params: dict, shardings: dict) -> dict:
+  """The initialised `params` with the method's pretrained subtrees and `config.init_from`."""
+  if built.pretrained:
+    params = place_pretrained(params, built.pretrained, shardings)
+  if config.get("init_from") and config.init_from.get("params"):
+    # Every parameter from a full export (`export_params`: a staged run's previous stage).
+    params = place_pretrained(params, load_params(config.init_from.params), shardings)
+  elif config.get("init_from") and config.init_from.get("weights"):
+    # Public weights (open_clip, Hugging Face, big_vision), converted to the method's tree.
+    logging.info("initialising from %s", config.init_from.weights)
+    params = place_pretrained(params, weights.load(config), shardings)
+  elif config.get("init_from") and config.init_from.get("workdir"):
+    # A run's checkpoint holds its trainable parameters only: under a subtree the method
+    # loads pretrained (e.g. a partially bridged LLM), the frozen rest stays as placed above.
+    prefixes = tuple(config.init_from.prefixes)
+    logging.info("initialising %s from %s", list(prefixes), config.init_from.workdir)
+    params = place_pretrained(
+        params, checkpoint_lib.restore_params(config.init_from.workdir, prefixes), shardings,
+        partial_ok=tuple(built.pretrained or ()))
+  return params
 
 
 def export_params(path: str, params: Any) -> None:
@@ -322,6 +354,17 @@ class BadSampleGuard:
     return self.bad / max(self.bad + self.good, 1)
 
 
+def _next_batch(data_iter, step: int) -> dict:
+  """The batch of `step`; a read error (a lost mount, a failing disk) names the step."""
+  try:
+    return next(data_iter)
+  except OSError as e:
+    error = OSError(f"the input of step {step} could not be read ({e}); stopping: the complete "
+                    "checkpoints are intact, fix the cause and rerun to resume")
+    error.errno = e.errno
+    raise error from e
+
+
 def _without_results(evals: list, step: int, workdir: str) -> list:
   """Those of `evals` with no results at `step` in metrics.jsonl (a stop or crash cut them off).
 
@@ -332,13 +375,29 @@ def _without_results(evals: list, step: int, workdir: str) -> list:
   keys: set[str] = set()
   if jax.process_index() == 0:
     try:
-      keys = {k for row in metrics_lib.read_metrics(workdir) if row["step"] == step for k in row}
+      keys = {k for row in metrics_lib.read_metrics(workdir, (metrics_lib.METRICS_FILE,))
+              if row["step"] == step for k in row}
     except FileNotFoundError:
       pass
   missing = np.array([not any(k.startswith(e.name + "/") for k in keys) for e in evals])
   if jax.process_count() > 1:
     missing = multihost_utils.broadcast_one_to_all(missing)
   return [e for e, m in zip(evals, missing) if m]
+
+
+def release_host_memory() -> None:
+  """Hands back what a finished run left behind: unreferenced objects, JAX's compiled
+  programs, and the freed blocks glibc keeps in its arenas (returned to the OS). Called
+  between the stages of a staged run, so its resident size is that of its largest stage
+  rather than growing with each."""
+  gc.collect()
+  jax.clear_caches()
+  if _MALLOC_TRIM is not None:
+    _MALLOC_TRIM(0)
+
+
+_LIBC = ctypes.util.find_library("c")
+_MALLOC_TRIM = getattr(ctypes.CDLL(_LIBC), "malloc_trim", None) if _LIBC else None  # glibc only
 
 
 def data_position(saved: dict[str, int], step: int, global_batch: int,
@@ -366,8 +425,8 @@ def data_position(saved: dict[str, int], step: int, global_batch: int,
 
 
 def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
-        export_params_to: str | None = None,
-        devices: list[jax.Device] | None = None) -> dict[str, float]:
+        export_params_to: str | None = None, devices: list[jax.Device] | None = None,
+        allow_config_change: Sequence[str] = ()) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns last metrics.
 
   A stop request (SIGTERM) returns early with the last finished step saved (module
@@ -375,21 +434,43 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
   every parameter, frozen ones included, is written there (`export_params`). `workdir`
   is a local path or a `gs://` URI (`vlpre.storage`). `devices`: the mesh's devices
   (default all). A checkpoint resumes under any mesh and process count: the state is
-  restored into this run's shardings, the input as `data_position` says.
+  restored into this run's shardings, the input as `data_position` says. A resume whose
+  config differs from the workdir's config.json (`vlpre.run_record`) in a field that
+  changes the run raises `run_record.ResumeRefused`, unless `allow_config_change` names it.
+  One trainer at a time: a workdir another live trainer holds is refused
+  (vlpre/workdir_lock.py).
   """
-
   storage.path(workdir, what="workdir").mkdir(parents=True, exist_ok=True)
+  with workdir_lock.held(workdir):
+    return _run_locked(config, workdir, on_step=on_step, export_params_to=export_params_to,
+                       devices=devices, allow_config_change=allow_config_change)
+
+
+def _run_locked(config, workdir: str, *, on_step, export_params_to, devices,
+                allow_config_change) -> dict[str, float]:
+  """`run` in a workdir this trainer holds."""
+  config = config_lib.with_workdir(config, workdir)  # run-relative defaults: the text store
   _STOP.clear()
   if threading.current_thread() is threading.main_thread():
     signal.signal(signal.SIGTERM, request_stop)
 
   ckpt = checkpoint_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
-      every_steps=config.checkpoint.every_steps, async_save=config.checkpoint.get("async", True))
-  start = ckpt.latest_step()
+      every_steps=config.checkpoint.every_steps, async_save=config.checkpoint.get("async", True),
+      remove_unfinished=True)
+  start = distributed.from_process_0(ckpt.latest_step())  # one answer for every process
+  try:
+    changes = run_record.check_resume(config, workdir, start, allow_config_change)
+  except run_record.ResumeRefused:
+    ckpt.close()
+    raise
   counters = ckpt.restore_counters(start) if start is not None else {}
   start_record, same_stream = data_position(counters, start or 0, config.batch_size,
                                             jax.process_count())
+  # Process 0's reading of the checkpoint is the run's: each host reading its own could see
+  # another state of a shared filesystem, and start its share of the stream elsewhere.
+  start_record = distributed.from_process_0(start_record)
+  same_stream = distributed.from_process_0(same_stream)
   position = {"data_process_count": jax.process_count(), "data_start_record": start_record}
   built_tokenizer = methods.build_tokenizer(config)
   extras = methods.input_extras(config)
@@ -401,6 +482,7 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
       records=extras.records, start_record=start_record)
   data_iter = iter(dataset)
   example = next(iter(dataset))
+  run_record.write(config, workdir, example, start, changes)
   s = setup(config, example,
             mesh=None if devices is None else sharding.make_mesh(config.mesh, devices))
   step_fn = s.jit_train_step()
@@ -408,9 +490,8 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
   state = s.state
   if start is not None:
     logging.info("resuming from %s step %d", ckpt.directory, start)
-    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                            state, s.state_shardings)
-    state = ckpt.restore(start, abstract, data_iter if same_stream else None)
+    state = ckpt.restore(start, with_shardings(state, s.state_shardings),
+                         data_iter if same_stream else None)
     guard.restore(counters)
     if not same_stream:
       logging.warning("step %d was saved by %s processes, this run has %d: the input "
@@ -418,7 +499,9 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
                       counters["data_process_count"], jax.process_count(), start_record)
   start = start or 0
 
-  writer = metrics_lib.MetricWriter(workdir, is_main_process=jax.process_index() == 0)
+  writer = metrics_lib.MetricWriter(workdir, is_main_process=jax.process_index() == 0,
+                                    wandb=config.get("wandb"), run_config=config)
+  profiler = profiling.StepProfiler(config.get("profile_steps") or (), workdir)
   evals = evaluators_lib.build_evaluators(config.get("evals", {}), s, tokenizer=built_tokenizer)
   if start == 0:  # evaluators asked for "before training" numbers (at_start)
     first_evals = [e for e in evals if e.due(0, config.total_steps)]
@@ -481,12 +564,14 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
         if _STOP.is_set():  # it came before this step: during set-up, evaluators or a save
           break
         wait_start = time.perf_counter()
-        batch = next(data_iter)
+        batch = _next_batch(data_iter, step)
         data_waits[step] = time.perf_counter() - wait_start
         if extras.batch_transform is not None:  # e.g. token padding trimmed to a bucket
           batch = extras.batch_transform(batch)
         guard.update(batch.get("_num_bad", 0), config.batch_size // jax.process_count())
+        profiler.before(step)
         state, device_metrics = step_fn(state, s.frozen, s.device_batch(batch), rng)
+        profiler.after(step, device_metrics)
         if on_step is not None:
           on_step(step)
         if pending is not None:  # step - 1 is done by now; step runs meanwhile
@@ -513,8 +598,12 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
                      else "before the first step, nothing to save")
       elif export_params_to:
         export_params(export_params_to, optim.merge(state.params, s.frozen))
+  except Exception as e:
+    fatal.end_every_process(e)  # other processes would wait in a collective (vlpre/fatal.py)
+    raise
   finally:
     progress.close()  # a terminal's bar ends its line before what follows (a traceback)
+    profiler.close()
     ckpt.close()
     writer.close()
   return last

@@ -27,6 +27,9 @@ Usage:
   #     (--skip_existing: leave an existing <out_dir>/<split>.jsonl as it is)
   python -m vlpre.data.convert --mode=interleaved --pairs='flickr8k/train-*.tar' \
       --out_dir=workdirs/data/flickr8k_interleaved --split=train
+  # (f) a CSV or parquet table of (image path, caption) rows; paths relative to the
+  #     table's folder (or --images_dir), columns --image_column / --caption_column
+  python -m vlpre.data.convert --mode=table --table=pairs.parquet --out_dir=out/mydata
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ import gzip
 import io
 import json
 import os
+import sys
 import tarfile
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -47,6 +51,7 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from vlpre import storage
 from vlpre.data import interleaved
 from vlpre.data import sources as sources_lib
 
@@ -168,9 +173,11 @@ def make_key(name: str) -> str:
 Sample = tuple[str, Callable[[], tuple[bytes, dict[str, bytes]]]]
 
 
-def _write_samples(samples: Iterable[Sample], out_dir: str, split: str, samples_per_shard: int,
-                   resize: int | None, image_format: str) -> ConvertStats:
-  """Writes samples in key order, skipping (and reporting) undecodable images."""
+def write_samples(samples: Iterable[Sample], out_dir: str, split: str, samples_per_shard: int,
+                  resize: int | None, image_format: str) -> ConvertStats:
+  """Writes samples in key order, skipping (and reporting) undecodable images: what every
+  mode below ends in, and what a builder of a set with its own layout calls
+  (notebooks/get_data.py)."""
   if image_format not in ("auto", "jpg", "png"):
     raise ValueError(f"unknown image format {image_format!r}; use auto, jpg or png")
   stats = ConvertStats()
@@ -206,8 +213,14 @@ def _file_loader(path: str, extra: dict[str, bytes]) -> Callable[[], tuple[bytes
 # ---------------------------------------------------------------------------- sources
 
 
-def read_captions(path: str) -> dict[str, list[str]]:
-  """filename -> captions from a CSV (filename,caption rows) or JSONL file, order kept."""
+def read_captions(path: str, *, image_column: str = "filename",
+                  caption_column: str = "caption") -> dict[str, list[str]]:
+  """image -> captions from a CSV, parquet or JSONL table, in row order.
+
+  CSV and parquet: one row per (image, caption), several rows per image allowed. JSONL:
+  one object per line whose `caption_column` holds a caption, or `<caption_column>s` a
+  list of them.
+  """
   captions: dict[str, list[str]] = collections.defaultdict(list)
   if path.endswith((".jsonl", ".json")):
     with open(path, encoding="utf-8") as f:
@@ -215,28 +228,41 @@ def read_captions(path: str) -> dict[str, list[str]]:
         if not line.strip():
           continue
         row = json.loads(line)
-        value = row.get("captions", row.get("caption"))
-        if "filename" not in row or value is None:
-          raise ValueError(f"{path}:{line_no}: need 'filename' and 'caption' or 'captions'")
-        captions[row["filename"]].extend([value] if isinstance(value, str) else list(value))
+        value = row.get(caption_column + "s", row.get(caption_column))
+        if image_column not in row or value is None:
+          raise ValueError(f"{path}:{line_no}: need {image_column!r} and {caption_column!r} "
+                           f"or {caption_column + 's'!r}")
+        captions[row[image_column]].extend([value] if isinstance(value, str) else list(value))
+    return dict(captions)
+  if path.endswith(".parquet"):
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top  # only parquet tables need it
+    columns = pq.read_schema(path).names
+    rows = None
   else:
     with open(path, encoding="utf-8", newline="") as f:
       reader = csv.DictReader(f)
-      if not reader.fieldnames or not {"filename", "caption"} <= set(reader.fieldnames):
-        raise ValueError(f"{path}: CSV needs a header with columns filename,caption; got {reader.fieldnames}")
-      for row in reader:
-        captions[row["filename"]].append(row["caption"])
+      columns, rows = reader.fieldnames or [], list(reader)
+  if not {image_column, caption_column} <= set(columns):
+    raise ValueError(f"{path}: needs the columns {image_column!r} and {caption_column!r} "
+                     f"(--image_column, --caption_column); it has {list(columns)}")
+  if rows is None:
+    rows = pq.read_table(path, columns=[image_column, caption_column]).to_pylist()
+  for row in rows:
+    captions[str(row[image_column])].append(row[caption_column] or "")
   return dict(captions)
 
 
-def convert_captions(images_dir: str, captions_path: str, out_dir: str, *, split: str = "train",
-                     samples_per_shard: int = 1000, resize: int | None = None,
-                     image_format: str = "auto") -> ConvertStats:
-  """(a) Image folder + captions file -> `<key>.<img>` + `<key>.json` {"captions", "filename"}."""
-  samples = []
-  missing = []
-  for filename, caps in read_captions(captions_path).items():
-    path = os.path.join(images_dir, filename)
+def _caption_samples(captions: dict[str, list[str]], images_dir: str, where: str,
+                     key: Callable[[str], str]) -> tuple[list[Sample], list[str]]:
+  """Samples `<key>.<img>` + `<key>.json` {"captions", "filename"} of an image -> captions
+  table (paths relative to `images_dir`; `where` names the table in errors), and the rows
+  skipped."""
+  samples, missing = [], []
+  for filename, caps in captions.items():
+    if "://" in filename:
+      raise ValueError(f"{where}: image {filename!r} is a URL: this converter reads local "
+                       "files; download them first (img2dataset's shards are read as they are)")
+    path = storage.join_inside(images_dir, filename, what=f"{where}: image")
     caps = [c.strip() for c in caps if c and c.strip()]
     if not os.path.isfile(path):
       missing.append(filename)
@@ -245,14 +271,53 @@ def convert_captions(images_dir: str, captions_path: str, out_dir: str, *, split
       missing.append(f"{filename} (no non-empty caption)")
       continue
     meta = json.dumps({"captions": caps, "filename": filename}, ensure_ascii=False).encode("utf-8")
-    samples.append((make_key(filename), _file_loader(path, {"json": meta})))
-  stats = _write_samples(samples, out_dir, split, samples_per_shard, resize, image_format)
+    samples.append((key(filename), _file_loader(path, {"json": meta})))
+  return samples, missing
+
+
+def _write_caption_samples(samples: list[Sample], missing: list[str], out_dir: str, split: str,
+                           samples_per_shard: int, resize: int | None,
+                           image_format: str) -> ConvertStats:
+  stats = write_samples(samples, out_dir, split, samples_per_shard, resize, image_format)
   if missing:
     logging.warning("%d captioned files skipped (missing image or caption), e.g. %s",
                     len(missing), missing[:5])
     stats.num_bad += len(missing)
     stats.bad += [f"{m}: missing" for m in missing]
   return stats
+
+
+def convert_captions(images_dir: str, captions_path: str, out_dir: str, *, split: str = "train",
+                     samples_per_shard: int = 1000, resize: int | None = None,
+                     image_format: str = "auto") -> ConvertStats:
+  """(a) Image folder + captions file -> `<key>.<img>` + `<key>.json` {"captions", "filename"}."""
+  samples, missing = _caption_samples(read_captions(captions_path), images_dir,
+                                      f"{captions_path}: filename", make_key)
+  return _write_caption_samples(samples, missing, out_dir, split, samples_per_shard, resize,
+                                image_format)
+
+
+def convert_table(table: str, out_dir: str, *, images_dir: str | None = None,
+                  image_column: str = "image", caption_column: str = "caption",
+                  split: str = "train", samples_per_shard: int = 1000, resize: int | None = None,
+                  image_format: str = "auto") -> ConvertStats:
+  """(f) A CSV or parquet table of (image path, caption) rows -> shards as in (a).
+
+  Paths are relative to `images_dir` (default: the table's folder); one that leaves it
+  (absolute, or '..' above it) is refused, as every name read from a data file is
+  (`storage.join_inside`). Rows of the same image become one sample with all its
+  captions. Keys are the paths with '/' (and '.', ' ') turned into '_', so images of the
+  same name in different folders stay apart.
+  """
+  base = images_dir or os.path.dirname(os.path.abspath(table))
+  captions = read_captions(table, image_column=image_column, caption_column=caption_column)
+
+  def key(filename: str) -> str:
+    return make_key(os.path.normpath(filename).replace(os.sep, "/").replace("/", "_"))
+
+  samples, missing = _caption_samples(captions, base, table, key)
+  return _write_caption_samples(samples, missing, out_dir, split, samples_per_shard, resize,
+                                image_format)
 
 
 def convert_class_folders(images_dir: str, out_dir: str, *, split: str = "train",
@@ -276,7 +341,7 @@ def convert_class_folders(images_dir: str, out_dir: str, *, split: str = "train"
       key = make_key(f"{name}_{filename}")
       samples.append((key, _file_loader(os.path.join(folder, filename),
                                         {"cls": str(label).encode("ascii")})))
-  stats = _write_samples(samples, out_dir, split, samples_per_shard, resize, image_format)
+  stats = write_samples(samples, out_dir, split, samples_per_shard, resize, image_format)
   _write_classnames(out_dir, classes)
   return stats
 
@@ -300,7 +365,7 @@ def convert_tfds(name: str, tfds_split: str, out_dir: str, *, split: str | None 
 
   # Zero-padded indices as keys: sorted keys keep the TFDS order.
   samples = [(f"{i:0{width}d}", loader(i)) for i in range(len(source))]
-  stats = _write_samples(samples, out_dir, split or tfds_split.split("[")[0], samples_per_shard,
+  stats = write_samples(samples, out_dir, split or tfds_split.split("[")[0], samples_per_shard,
                          resize, image_format)
   if getattr(source, "classnames", None) and label_key:
     _write_classnames(out_dir, source.classnames)
@@ -374,7 +439,7 @@ def convert_idx(idx_dir: str, out_dir: str, *, classnames: str | list[str] = "fa
       return load
 
     samples = [(f"{split}_{i:0{width}d}", loader(i)) for i in range(count)]
-    result[split] = _write_samples(samples, out_dir, split, samples_per_shard, None, "png")
+    result[split] = write_samples(samples, out_dir, split, samples_per_shard, None, "png")
   _write_classnames(out_dir, names)
   return result
 
@@ -392,7 +457,7 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags() -> None:
-  flags.DEFINE_enum("mode", None, ["captions", "classes", "tfds", "idx", "interleaved"],
+  flags.DEFINE_enum("mode", None, ["captions", "table", "classes", "tfds", "idx", "interleaved"],
                     "What to convert.")
   flags.DEFINE_string("out_dir", None, "Output directory for the shards.")
   flags.DEFINE_string("split", "train", "Shard name prefix: <out_dir>/<split>-%05d.tar.")
@@ -400,8 +465,12 @@ def _define_flags() -> None:
   flags.DEFINE_integer("resize", 0, "Resize the shorter side to this (LANCZOS); 0 keeps the size.")
   flags.DEFINE_enum("image_format", "auto", ["auto", "jpg", "png"],
                     "Output encoding; auto keeps JPEG/PNG sources as they are.")
-  flags.DEFINE_string("images_dir", None, "(captions, classes) image folder.")
+  flags.DEFINE_string("images_dir", None, "(captions, classes) image folder; (table) the "
+                      "folder relative image paths start from (default: the table's).")
   flags.DEFINE_string("captions", None, "(captions) CSV (filename,caption) or JSONL file.")
+  flags.DEFINE_string("table", None, "(table) CSV or parquet file of (image path, caption) rows.")
+  flags.DEFINE_string("image_column", "image", "(table) column of the image paths.")
+  flags.DEFINE_string("caption_column", "caption", "(table) column of the captions.")
   flags.DEFINE_string("tfds_name", None, "(tfds) dataset name.")
   flags.DEFINE_string("tfds_split", "train", "(tfds) split.")
   flags.DEFINE_string("tfds_data_dir", None, "(tfds) TFDS data dir.")
@@ -424,6 +493,14 @@ def _define_flags() -> None:
 
 def main(argv: list[str]) -> None:
   del argv
+  try:
+    _convert()
+  except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
+    print(f"vlpre.data.convert: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _convert() -> None:
   if not FLAGS.mode or not FLAGS.out_dir:
     raise app.UsageError("--mode and --out_dir are required")
   if FLAGS.mode == "interleaved":
@@ -444,6 +521,16 @@ def main(argv: list[str]) -> None:
     if not FLAGS.images_dir or not FLAGS.captions:
       raise app.UsageError("--mode=captions needs --images_dir and --captions")
     stats = convert_captions(FLAGS.images_dir, FLAGS.captions, FLAGS.out_dir, split=FLAGS.split, **common)
+  elif FLAGS.mode == "table":
+    if not FLAGS.table:
+      raise app.UsageError("--mode=table needs --table (a .csv or .parquet file)")
+    try:
+      stats = convert_table(FLAGS.table, FLAGS.out_dir, images_dir=FLAGS.images_dir,
+                            image_column=FLAGS.image_column, caption_column=FLAGS.caption_column,
+                            split=FLAGS.split, **common)
+    except (OSError, ValueError) as e:  # a missing table, a wrong column, a URL: one line
+      print(f"{FLAGS.table}: {e}" if FLAGS.table not in str(e) else str(e), file=sys.stderr)
+      sys.exit(1)
   elif FLAGS.mode == "classes":
     if not FLAGS.images_dir:
       raise app.UsageError("--mode=classes needs --images_dir")

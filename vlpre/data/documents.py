@@ -12,13 +12,19 @@ One JSON object per line, the layout recognised by its fields:
     keep their `image_info` order; one matched to no sentence is dropped and counted.
     `similarity_matrix` and `matched_sim` are not read (no similarity threshold).
   OBELICS (parallel `texts` / `images` lists, one of the two null at each position).
-An image's key is its name (`image_name`, an OBELICS entry, or a URL's last part) up to
-the first ".", the webdataset key of a file of that name: the shards of the images
-must be written with those names (mmc4's `image_name` is the file name it suggests).
+An image's key is its full name without the last extension (`image_key`): `a/cat.jpg`
+is `a/cat`, `cat.v2.jpg` is `cat.v2`, a URL `http://e.com/a/cat.jpg?s=2` is `e.com/a/cat`
+(scheme, query and fragment dropped). `ImageStore` keys the image members of the shards
+the same way (member `a/cat.v2.jpg` is image `a/cat.v2`), so the shards of the images
+must be written with those names (mmc4's `image_name` is the file name it suggests), and
+two image members with one key are refused. Texts and image references that are not
+strings make the document bad (`ParseDocument` counts it).
 """
 from __future__ import annotations
 
 import os
+import posixpath
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,14 +38,27 @@ _expand_patterns = sources_lib._expand_patterns  # pylint: disable=protected-acc
 
 
 def image_key(ref: str) -> str:
-  """The webdataset key of an image name or URL: its last part up to the first '.'."""
-  name = ref.split("?", 1)[0].split("#", 1)[0].rstrip("/")
-  return os.path.basename(name).split(".", 1)[0]
+  """The full key of an image name or URL: the name without its last extension (module
+  docstring); distinct names give distinct keys."""
+  if not isinstance(ref, str) or not ref:
+    raise TypeError(f"image reference {ref!r} is not a non-empty string")
+  if "://" in ref:  # a URL: host and path, no scheme, query or fragment
+    url = urllib.parse.urlsplit(ref)
+    ref = url.netloc + url.path
+  return posixpath.splitext(posixpath.normpath(ref).lstrip("/"))[0]
+
+
+def _text(value: Any, where: str) -> str:
+  if not isinstance(value, str):
+    raise TypeError(f"{where} is a {type(value).__name__}, not a string")
+  return value
 
 
 def read_mmc4(doc: Record) -> tuple[list[tuple], int]:
   """Elements of an MMC4 document, and the number of images matched to no sentence."""
-  sentences = doc["text_list"]
+  if not isinstance(doc["text_list"], list):
+    raise TypeError(f"text_list is a {type(doc['text_list']).__name__}, not a list")
+  sentences = [_text(s, f"text_list[{i}]") for i, s in enumerate(doc["text_list"])]
   images_before = [[] for _ in sentences]
   unmatched = 0
   for info in doc.get("image_info") or ():
@@ -67,7 +86,7 @@ def read_obelics(doc: Record) -> list[tuple]:
     if image is not None:
       elements.append((IMAGE, image_key(image), None))
     elif text is not None:
-      elements.append((TEXT, text))
+      elements.append((TEXT, _text(text, f"texts[{i}]")))
   return elements
 
 
@@ -132,17 +151,53 @@ class JsonlSource:
 
 
 class ImageStore:
-  """Image records by key from webdataset tar shards (first sample of a key wins)."""
+  """Image records by full key (`image_key`) from the image members of webdataset tar shards.
 
-  def __init__(self, patterns: str | Sequence[str], data_dir: str | None = None):
+  A member `a/cat.v2.jpg` (webdataset's sample `a/cat`, extension `v2.jpg`) is image
+  `a/cat.v2`; `get` returns `{"__key__": key, "jpg": bytes}`, the member under its last
+  extension, or the sample's bad record.
+
+  Raises:
+    ValueError: two image members have one full key (e.g. `cat.jpg` and `cat.png`, or a
+      name in two shards): a reference to it would be ambiguous.
+  """
+
+  def __init__(self, patterns: str | Sequence[str], data_dir: str | None = None,
+               image_exts: Sequence[str] = sources_lib.IMAGE_EXTS):
     self.source = sources_lib.TarShardSource(patterns, data_dir)
+    index = self.source._index  # pylint: disable=protected-access
+    is_image = np.array([ext.rpartition(".")[2].lower() in image_exts for ext in index.exts]
+                        + [False])  # (an array even with no extension at all)
+    members_per_sample = np.diff(index.sample_start)
+    member_sample = np.repeat(np.arange(len(members_per_sample)), members_per_sample)
+    members = np.flatnonzero(is_image[index.member_ext])
+    names = [index.keys[member_sample[m]] + "." + index.exts[index.member_ext[m]] for m in members]
     # A sorted key table, compact and quick to pickle to workers (unlike a dict).
-    keys = np.asarray(self.source._index.keys, dtype=str)  # pylint: disable=protected-access
-    self._order = np.argsort(keys, kind="stable")
-    self._sorted_keys = keys[self._order]
+    keys = np.asarray([posixpath.splitext(name)[0] for name in names], dtype=str)
+    order = np.argsort(keys, kind="stable")
+    self._sorted_keys, self._member = keys[order], members[order]
+    self._sample = member_sample[self._member]
+    same = np.flatnonzero(self._sorted_keys[1:] == self._sorted_keys[:-1])
+    if len(same):
+      def where(j: int) -> str:  # j: position in `names`
+        shard = index.shards[index.sample_shard[member_sample[members[j]]]]
+        return f"{names[j]!r} in {os.path.basename(shard)}"
+      a, b = order[same[0]], order[same[0] + 1]
+      raise ValueError(
+          f"image shards {patterns!r}: {len(same)} image key(s) name two images, e.g. "
+          f"{str(keys[a])!r} ({where(a)}, {where(b)}); image references resolve by full name "
+          "without the extension, so each must be unique: rename or drop one")
+
+  def __len__(self) -> int:
+    return len(self._sorted_keys)
 
   def get(self, key: str) -> Record | None:
     i = int(np.searchsorted(self._sorted_keys, key))
-    if i < len(self._sorted_keys) and self._sorted_keys[i] == key:
-      return self.source[int(self._order[i])]
-    return None
+    if i == len(self._sorted_keys) or self._sorted_keys[i] != key:
+      return None
+    record = self.source[int(self._sample[i])]
+    if "_bad" in record:
+      return record
+    index = self.source._index  # pylint: disable=protected-access
+    ext = index.exts[index.member_ext[self._member[i]]]
+    return {"__key__": key, ext.rpartition(".")[2].lower(): record[ext]}

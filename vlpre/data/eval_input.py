@@ -12,6 +12,7 @@ from absl import logging
 import grain
 import numpy as np
 
+from vlpre import storage
 from vlpre.data import records as records_lib
 from vlpre.data import sources as sources_lib
 from vlpre.data import transforms as T
@@ -141,7 +142,7 @@ def iterate_eval(source: str | Sequence[str] | Any, *, image_size: int, resize_s
                  batch_size: int, data_dir: str | None = None, with_captions: bool = False,
                  with_labels: bool = False, image_key: str | Sequence[str] | None = None,
                  caption_field: str = "captions", num_threads: int = 4,
-                 max_examples: int = 0) -> EvalBatches:
+                 max_examples: int = 0, num_classes: int | None = None) -> EvalBatches:
   """One deterministic, ordered pass over an eval split, in fixed-size padded batches.
 
   Resize shorter side to `resize_size`, center crop `image_size`, CLIP normalize.
@@ -159,6 +160,8 @@ def iterate_eval(source: str | Sequence[str] | Any, *, image_size: int, resize_s
     data_dir: see `resolve_data_dir`.
     with_captions: add "captions": list (one per real row) of lists of str.
     with_labels: add "label": int32 [batch_size] (0 on padding).
+    num_classes: with labels, a label outside [0, num_classes) is a bad sample (None:
+      only a negative one is).
     image_key: image member extension(s); None tries jpg, jpeg, png, webp.
     caption_field: JSON field of the captions.
     num_threads: decoding threads.
@@ -178,9 +181,9 @@ def iterate_eval(source: str | Sequence[str] | Any, *, image_size: int, resize_s
     image_key = cfg.get("image_key") or image_key
     caption_field = cfg.get("caption_field") or caption_field
     source = records_lib.make_source(cfg, "pattern", labels=with_labels, captions=with_captions)
-  ops: list[Any] = [records_lib.decode_image({"image_key": image_key})]
+  ops: list[Any] = [records_lib.decode_image({"image_key": image_key, "image_size": image_size})]
   if with_labels:
-    ops.append(T.ParseLabel())
+    ops.append(T.ParseLabel(num_classes=num_classes))
   if with_captions:
     ops.append(T.ParseCaption(caption_field, pick="all"))
   ops += [T.ResizeCenterCrop(resize_size, image_size), T.Normalize(T.CLIP_MEAN, T.CLIP_STD)]
@@ -203,10 +206,11 @@ def _as_dict(cfg: Any) -> dict[str, Any]:
 
 
 def load_classnames(dataset_dir_name: str, data_dir: str | None = None) -> list[str]:
-  """Class names, in label order, from `<data_dir>/<dataset_dir_name>/classnames.json`."""
-  path = os.path.join(sources_lib.resolve_data_dir(data_dir), dataset_dir_name, "classnames.json")
-  with open(path, encoding="utf-8") as f:
-    names = json.load(f)
+  """Class names, in label order, from `<data_dir>/<dataset_dir_name>/classnames.json`
+  (local or in a bucket)."""
+  path = storage.path(os.path.join(sources_lib.resolve_data_dir(data_dir), dataset_dir_name,
+                                   "classnames.json"))
+  names = json.loads(path.read_text(encoding="utf-8"))
   if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
     raise ValueError(f"{path} must hold a JSON list of strings")
   return names

@@ -164,8 +164,10 @@ def document_records(cfg: Any, *, seed: int, process_index: int = 0, process_cou
     parts.append(records_lib.host_records(pairs, cfg, **host).map_with_index(wrap))
     weights.append(mix)
   ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
-  store = documents.ImageStore(_get(cfg, "images"), data_dir) if _get(cfg, "images") else None
-  return ds.random_map(LoadImages(store, records_lib.decode_image(cfg),
+  decode = records_lib.decode_image(cfg)
+  store = (documents.ImageStore(_get(cfg, "images"), data_dir, image_exts=decode.keys)
+           if _get(cfg, "images") else None)
+  return ds.random_map(LoadImages(store, decode,
                                   train_input.image_augment(cfg), int(_get(cfg, "image_size"))))
 
 

@@ -132,10 +132,12 @@ class SkipBad(grain.IterDataset):
 
 
 def decode_image(cfg: Any) -> T.DecodeImage:
-  """The image decoder of `cfg` (member extension(s) `image_key`; None tries them all)."""
+  """The image decoder of `cfg` (member extension(s) `image_key`; None tries them all),
+  refusing images over `transforms.max_image_pixels(cfg.image_size)` pixels."""
   image_key = cfg_get(cfg, "image_key")
   image_keys = (image_key,) if isinstance(image_key, str) else tuple(image_key or _DEFAULT_IMAGE_KEYS)
-  return T.DecodeImage(image_keys)
+  max_pixels = T.max_image_pixels(cfg_get(cfg, "image_size", 0) or 0)
+  return T.DecodeImage(image_keys, max_pixels=max_pixels)
 
 
 def make_source(cfg: Any, split_field: str = "train", *, labels: bool | None = None,
@@ -143,14 +145,15 @@ def make_source(cfg: Any, split_field: str = "train", *, labels: bool | None = N
   """The random-access source named by `cfg` (tar shards or a prepared TFDS dataset).
 
   Args:
-    cfg: kind ("tar" | "tfds"), data_dir, `split_field` (tar glob(s)), tfds_name,
+    cfg: kind ("tar" | "tfds"), data_dir, `split_field` (tar glob(s)), index_dir, tfds_name,
       tfds_split, optional tfds_image_key / tfds_label_key / tfds_text_key.
     split_field: the cfg field holding the tar glob(s).
     labels, captions: which TFDS features to read; default from cfg.label.
   """
   kind = cfg_get(cfg, "kind", "tar")
   if kind == "tar":
-    return sources_lib.TarShardSource(cfg_get(cfg, split_field), data_dir=cfg_get(cfg, "data_dir"))
+    return sources_lib.TarShardSource(cfg_get(cfg, split_field), data_dir=cfg_get(cfg, "data_dir"),
+                                      index_dir=cfg_get(cfg, "index_dir", "") or "")
   if kind == "tfds":
     use_label = bool(cfg_get(cfg, "label", False))
     labels = use_label if labels is None else labels

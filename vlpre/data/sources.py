@@ -20,8 +20,10 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from etils import epath
 import numpy as np
 
+from vlpre import storage
 from vlpre.data import tar_index
 from vlpre.data import tar_scan
 
@@ -35,7 +37,8 @@ def resolve_data_dir(path: str | None = None) -> str:
   """Returns the data directory: `$VLPRE_DATA_DIR`, else `path`, else `<repo>/../shared/data`.
 
   The env var wins over the config so one launch command can point every job at a
-  different (e.g. local SSD) copy without editing configs.
+  different (e.g. local SSD) copy without editing configs. A `gs://` URI stays one
+  (tar shards are read from the bucket: `TarShardSource`).
 
   Raises:
     FileNotFoundError: the chosen directory does not exist.
@@ -48,35 +51,75 @@ def resolve_data_dir(path: str | None = None) -> str:
   else:
     repo_root = pathlib.Path(__file__).resolve().parents[2]
     chosen, origin = str(repo_root.parent / "shared" / "data"), "the default <repo>/../shared/data"
-  chosen = os.path.abspath(os.path.expanduser(chosen))
-  if not os.path.isdir(chosen):
+  chosen = os.fspath(storage.path(chosen, what="data_dir"))
+  if not (epath.Path(chosen).is_dir() if storage.is_uri(chosen) else os.path.isdir(chosen)):
     raise FileNotFoundError(
         f"data directory {chosen!r} (from {origin}) does not exist; set ${DATA_DIR_ENV} or "
         "pass data_dir to point at the directory holding the dataset folders")
   return chosen
 
 
+def _is_absolute(pattern: str) -> bool:
+  return os.path.isabs(pattern) or storage.is_uri(pattern)
+
+
+def _glob(pattern: str) -> list[str]:
+  """The files `pattern` matches, sorted: a local glob, or epath's in a bucket (where the
+  parts before the first wildcard are the folder it lists). Hidden names are skipped in
+  a bucket as a local glob skips them, so index folders (`.vlpre_index`) never match."""
+  if not storage.is_uri(pattern):
+    return sorted(glob.glob(pattern))
+  parts = pattern.split("/")
+  fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts) - 1)
+  folder = "/".join(parts[:fixed])
+  matched = (os.fspath(p) for p in epath.Path(folder).glob("/".join(parts[fixed:])))
+  return sorted(p for p in matched
+                if not any(part.startswith(".") for part in p[len(folder) + 1:].split("/")))
+
+
+def _expand_patterns(patterns: str | Sequence[str], data_dir: str | None) -> list[str]:
+  """Globs `patterns` (relative to the data dir, or absolute: a path or a `gs://` URI)
+  into a sorted shard list."""
+  if isinstance(patterns, (str, os.PathLike)):
+    patterns = [patterns]
+  patterns = [os.fspath(p) for p in patterns]
+  if not patterns:
+    raise ValueError("no shard patterns given")
+  base = None
+  if any(not _is_absolute(p) for p in patterns):
+    base = resolve_data_dir(data_dir)
+  shards: list[str] = []
+  for pattern in patterns:
+    full = pattern if _is_absolute(pattern) else os.path.join(base, pattern)
+    matched = _glob(full)
+    if not matched:
+      raise FileNotFoundError(f"shard pattern {pattern!r} matches no file (looked for {full!r})")
+    shards.extend(matched)
+  return shards
+
+
 # --------------------------------------------------------------------------- tar shards
 
 
 class _FdCache:
-  """Per-process cache of read-only file descriptors, at most `max_open` at a time.
+  """Per-process cache of open shards (`tar_scan.open_reader`), at most `max_open` at a time.
 
-  grain reads a MapDataset from several threads at once, so reads use `os.pread`
-  (a seek and read in one call, no shared file position) and a reference count keeps a
-  descriptor open while a read is using it even if the cache evicts it meanwhile.
+  grain reads a MapDataset from several threads at once, so reads are positioned
+  (`os.pread`: a seek and read in one call, no shared file position; a bucket shard
+  locks its own) and a reference count keeps a shard open while a read is using it
+  even if the cache evicts it meanwhile.
   """
 
   def __init__(self, max_open: int = 128):
     self._max_open = max_open
     self._lock = threading.Lock()
-    self._fds: dict[str, list[int]] = {}  # path -> [fd, refcount, evicted]
+    self._fds: dict[str, list[Any]] = {}  # path -> [reader, refcount, evicted]
 
   def pread(self, path: str, offset: int, size: int) -> bytes:
     with self._lock:
       entry = self._fds.pop(path, None)
       if entry is None:
-        entry = [tar_scan.open_shard(path), 0, 0]
+        entry = [tar_scan.open_reader(path), 0, 0]
       self._fds[path] = entry  # re-insert: dict order is the LRU order
       entry[1] += 1
       while len(self._fds) > self._max_open:
@@ -84,59 +127,33 @@ class _FdCache:
         old = self._fds.pop(old_path)
         old[2] = 1
         if old[1] == 0:
-          os.close(old[0])
+          old[0].close()
     try:
-      data = os.pread(entry[0], size, offset)
-      while len(data) < size:  # pread may return short reads on some filesystems
-        more = os.pread(entry[0], size - len(data), offset + len(data))
-        if not more:
-          raise OSError(f"{path} is truncated: wanted {size} bytes at {offset}")
-        data += more
-      return data
+      return tar_scan.read_exact(entry[0], size, offset)
     finally:
       with self._lock:
         entry[1] -= 1
         if entry[2] and entry[1] == 0:
-          os.close(entry[0])
+          entry[0].close()
 
   def forget(self, path: str) -> None:
-    """Drops `path`'s descriptor (closed once unused), so the next read reopens the file."""
+    """Drops `path`'s reader (closed once unused), so the next read reopens the file."""
     with self._lock:
       entry = self._fds.pop(path, None)
       if entry is not None:
         entry[2] = 1
         if entry[1] == 0:
-          os.close(entry[0])
+          entry[0].close()
 
   def close(self) -> None:
     with self._lock:
-      for fd, refs, _ in self._fds.values():
+      for reader, refs, _ in self._fds.values():
         if refs == 0:
-          os.close(fd)
+          reader.close()
       self._fds.clear()
 
 
 _FD_INIT_LOCK = threading.Lock()
-
-
-def _expand_patterns(patterns: str | Sequence[str], data_dir: str | None) -> list[str]:
-  """Globs `patterns` (relative to the data dir, or absolute) into a sorted shard list."""
-  if isinstance(patterns, (str, os.PathLike)):
-    patterns = [patterns]
-  patterns = [os.fspath(p) for p in patterns]
-  if not patterns:
-    raise ValueError("no shard patterns given")
-  base = None
-  if any(not os.path.isabs(p) for p in patterns):
-    base = resolve_data_dir(data_dir)
-  shards: list[str] = []
-  for pattern in patterns:
-    full = pattern if os.path.isabs(pattern) else os.path.join(base, pattern)
-    matched = sorted(glob.glob(full))
-    if not matched:
-      raise FileNotFoundError(f"shard pattern {pattern!r} matches no file (looked for {full!r})")
-    shards.extend(matched)
-  return shards
 
 
 class TarShardSource:
@@ -153,15 +170,18 @@ class TarShardSource:
   records flagged "_bad", which the pipelines skip and count.
 
   Args:
-    patterns: glob(s) relative to `data_dir` (absolute globs are used as is), e.g.
-      "flickr8k/train-*.tar". Matches are sorted, patterns keep their order.
+    patterns: glob(s) relative to `data_dir` (absolute globs, local or `gs://`, are used
+      as is), e.g. "flickr8k/train-*.tar". Matches are sorted, patterns keep their order.
     data_dir: see `resolve_data_dir` ($VLPRE_DATA_DIR wins over this argument).
+    index_dir: where the shards' indexes persist (`tar_index.get_index`): "" beside
+      shards in a bucket; a folder (local or `gs://`) for any shards.
   """
 
-  def __init__(self, patterns: str | Sequence[str], data_dir: str | None = None):
+  def __init__(self, patterns: str | Sequence[str], data_dir: str | None = None,
+               index_dir: str = ""):
     self._patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     self._shards = _expand_patterns(patterns, data_dir)
-    self._index = tar_index.get_index(self._shards)
+    self._index = tar_index.get_index(self._shards, index_dir=index_dir)
     self._fds: _FdCache | None = None
     self._pid = -1
 
@@ -206,11 +226,16 @@ class TarShardSource:
       return {"__key__": key, "_bad": f"{path}: cannot read sample {key!r} ({type(e).__name__}: {e})"}
 
   def _read(self, index: int, path: str, fds: _FdCache) -> dict[str, Any]:
+    """The sample's members, read as one byte range: they are adjacent in the shard, so a
+    sample in a bucket costs one request, not one per member."""
     idx = self._index
+    first, end = int(idx.sample_start[index]), int(idx.sample_start[index + 1])
+    offsets, sizes = idx.member_offset[first:end], idx.member_size[first:end]
+    start = int(offsets.min()) if end > first else 0
+    span = fds.pread(path, start, int((offsets + sizes).max()) - start) if end > first else b""
     record: dict[str, Any] = {"__key__": idx.keys[index]}
-    for m in range(idx.sample_start[index], idx.sample_start[index + 1]):
-      ext = idx.exts[idx.member_ext[m]]
-      record[ext] = fds.pread(path, int(idx.member_offset[m]), int(idx.member_size[m]))
+    for m, offset, size in zip(range(first, end), offsets, sizes):
+      record[idx.exts[idx.member_ext[m]]] = span[offset - start:offset - start + size]
     return record
 
   def __getstate__(self) -> dict[str, Any]:

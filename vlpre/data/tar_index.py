@@ -14,7 +14,8 @@ them (SkipBad → "_num_bad" → train.BadSampleGuard and `input.max_bad_fractio
   header cut off by end of file       one bad record
   bad header (checksum mismatch,      the scan resumes at the next valid ustar header
   garbage block, zeros with data      (found by its magic and checksum, at any byte);
-  after them, not octal)              the skipped bytes are bad records
+  after them, not octal, a negative   the skipped bytes are bad records (a negative
+  size field)                         size never steps the scan back: no endless loop)
   unreadable shard (permission,       bad records for its whole size
   deleted, I/O error while indexing)
 
@@ -24,18 +25,37 @@ held, and one broken header like one sample. (A sample that lost a member to a b
 header may also fail to decode, and so count twice: the count errs on the safe side.)
 Faults after indexing (a shard deleted or cut later, an I/O error on read) are the
 reader's: `TarShardSource.__getitem__` turns them into bad records too.
+
+Persisted scans: what `tar_scan.scan` lists of a shard is written to a small JSON file
+(`index_file`), keyed by the shard's size and modification time, and read instead of
+rescanning while those match, so 64 hosts starting on thousands of shards in a bucket
+do not each read every shard (a header scan of a bucket shard downloads most of it).
+By default the files sit beside shards in a bucket (`<folder>/.vlpre_index/`); local
+shards scan in milliseconds and are not written to. `index_dir` puts them in another
+folder (local or gs://), e.g. under the workdir when the data is read-only, for any
+shards. Processes that start together scan the missing shards each in its own random
+order and read what another has persisted meanwhile, so the scans are shared out
+without a barrier. A scan that hit an I/O error is never persisted.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import random
 import threading
 from collections.abc import Sequence
 from typing import Any
 
 from absl import logging
+from etils import epath
 import numpy as np
 
+from vlpre import storage
 from vlpre.data import tar_scan
+
+INDEX_FOLDER = ".vlpre_index"  # beside bucket shards; hidden, so no shard glob matches it
+_INDEX_VERSION = 1  # bump when the persisted form changes: older files are rescanned
 
 
 class ShardIndex:
@@ -46,11 +66,16 @@ class ShardIndex:
   `bad_reasons` maps their sample index to the fault's line. They sit where the fault
   was, so the order of the samples is the order of the shards.
 
+  Args:
+    shards: the shard paths (local or gs://), in order.
+    scans: `tar_scan.scan` of each shard, if already known (persisted); None scans them.
+
   Raises:
     FileNotFoundError: the shards are damaged and not one sample in them is readable.
   """
 
-  def __init__(self, shards: Sequence[str]):
+  def __init__(self, shards: Sequence[str],
+               scans: Sequence[tuple[list[tar_scan.Member], list[tar_scan.Fault]]] | None = None):
     keys: list[str] = []
     sample_shard: list[int] = []
     sample_start: list[int] = [0]  # one entry per closed sample after the leading 0
@@ -68,7 +93,7 @@ class ShardIndex:
         good_bytes, open_bytes = good_bytes + open_bytes, 0
 
     for shard_id, path in enumerate(shards):
-      members, faults = tar_scan.scan(path)
+      members, faults = tar_scan.scan(path) if scans is None else scans[shard_id]
       faults_at: dict[int, list[tar_scan.Fault]] = {}
       for fault in faults:
         faults_at.setdefault(fault.at, []).append(fault)
@@ -119,7 +144,8 @@ class ShardIndex:
     self.keys = np.repeat(np.array(keys, dtype=object), repeats)
     self.sample_shard = np.repeat(np.asarray(sample_shard, np.int32), repeats)
     self.sample_start = np.concatenate([np.repeat(starts[:-1], repeats), starts[-1:]])
-    self.member_ext = np.asarray(member_ext, np.int16)
+    # The smallest unsigned type that numbers every distinct extension (any count).
+    self.member_ext = np.asarray(member_ext, np.min_scalar_type(max(len(exts) - 1, 0)))
     self.member_offset = np.asarray(member_offset, np.int64)
     self.member_size = np.asarray(member_size, np.int64)
     first_index = np.cumsum(repeats) - repeats  # each row's first index after the repeats
@@ -135,29 +161,95 @@ class ShardIndex:
     return len(self.keys)
 
 
+# ----------------------------------------------------------------------- persisted scans
+
+
+def _stat(path: str) -> tuple[int | None, int | None]:
+  """(size, modification time) of a shard; (None, None) if it cannot be stat'ed."""
+  try:
+    if storage.is_uri(path):
+      st = epath.Path(path).stat()
+      return st.length, st.mtime
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+  except OSError:
+    return None, None
+
+
+def index_file(shard: str, index_dir: str = "") -> epath.Path | None:
+  """Where `shard`'s scan persists: `index_dir`/<name>-<hash of the path>.json, else beside a
+  bucket shard in `.vlpre_index/<name>.json`; None for a local shard without `index_dir`."""
+  name = os.path.basename(shard)
+  if index_dir:
+    digest = hashlib.sha1(shard.encode("utf-8")).hexdigest()[:10]
+    return storage.path(index_dir, what="input.index_dir") / f"{name}-{digest}.json"
+  if storage.is_uri(shard):
+    return epath.Path(shard).parent / INDEX_FOLDER / f"{name}.json"
+  return None
+
+
+def _load_scan(file: epath.Path, stat: tuple[int | None, int | None]):
+  """The persisted scan in `file` if it was made of the shard as it is now, else None."""
+  try:
+    saved = json.loads(file.read_text(encoding="utf-8"))
+  except (OSError, ValueError):  # missing, or a partial or foreign file: rescan
+    return None
+  if (saved.get("version") != _INDEX_VERSION
+      or [saved.get("size"), saved.get("mtime")] != list(stat)):
+    return None
+  members = [tuple(m) for m in saved["members"]]
+  return members, [tar_scan.Fault(*f) for f in saved["faults"]]
+
+
+def _save_scan(file: epath.Path, stat, members, faults) -> None:
+  record = {"version": _INDEX_VERSION, "size": stat[0], "mtime": stat[1],
+            "members": [list(m) for m in members],
+            "faults": [[f.at, f.key, f.lost_bytes, f.reason] for f in faults]}
+  try:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    storage.write_atomic(file, json.dumps(record, separators=(",", ":")))
+  except OSError as e:  # a read-only bucket or folder: this run still has the scan
+    logging.warning("cannot persist the shard index %s (%s): every start rescans the shard; "
+                    "set input.index_dir to a writable folder (e.g. under the workdir)", file, e)
+
+
+def _scans(shards: Sequence[str], index_dir: str):
+  """`tar_scan.scan` of every shard, read from its persisted file where one is current."""
+  out: list[Any] = [None] * len(shards)
+  order = list(range(len(shards)))
+  random.Random().shuffle(order)  # processes starting together scan different shards first
+  scanned = 0
+  for i in order:
+    shard, file = shards[i], index_file(shards[i], index_dir)
+    stat = _stat(shard)
+    if file is not None and stat[0] is not None:
+      out[i] = _load_scan(file, stat)
+    if out[i] is None:
+      members, faults = out[i] = tar_scan.scan(shard)
+      scanned += 1
+      if (file is not None and stat[0] is not None and not any(f.io_error for f in faults)
+          and _stat(shard) == stat):  # unchanged while it was read
+        _save_scan(file, stat, members, faults)
+  if scanned and len(shards) > 1:
+    logging.info("indexed %d of %d shards (the rest from persisted indexes)", scanned, len(shards))
+  return out
+
+
 # Indexes already built in this process, keyed by the shards' (path, size, mtime): a
-# second pipeline over the same shards (train + eval, tests) does not rescan. Kept in
-# memory only; nothing is written next to the data.
+# second pipeline over the same shards (train + eval, tests) does not rescan or reread.
 _INDEX_CACHE: dict[tuple[Any, ...], ShardIndex] = {}
 _INDEX_CACHE_LOCK = threading.Lock()
 _INDEX_CACHE_MAX = 16
 
 
-def _stat_key(path: str) -> tuple[Any, ...]:
-  try:
-    st = os.stat(path)
-    return path, st.st_size, st.st_mtime_ns
-  except OSError:
-    return path, None, None
-
-
-def get_index(shards: Sequence[str]) -> ShardIndex:
-  """The index of `shards`, built once per process for the same files."""
-  stats = tuple(_stat_key(p) for p in shards)
+def get_index(shards: Sequence[str], *, index_dir: str = "") -> ShardIndex:
+  """The index of `shards`, built once per process for the same files, from persisted
+  scans where they are current (module docstring; `index_dir` as in `index_file`)."""
+  stats = tuple((p, *_stat(p)) for p in shards)
   with _INDEX_CACHE_LOCK:
     index = _INDEX_CACHE.get(stats)
   if index is None:
-    index = ShardIndex(shards)
+    index = ShardIndex(shards, _scans(shards, index_dir))
     with _INDEX_CACHE_LOCK:
       if len(_INDEX_CACHE) >= _INDEX_CACHE_MAX:
         _INDEX_CACHE.pop(next(iter(_INDEX_CACHE)))

@@ -5,14 +5,24 @@ for what each fault becomes). It never raises for damaged data: a cut-off member
 bad header (the scan resumes at the next valid header) or an unreadable file is a
 `Fault` with the bytes it cost. Plain ustar headers are parsed here, fast; pax and GNU
 extensions are left to `tarfile`.
+
+A shard is a local path or a `gs://` URI: `open_reader` gives positioned reads of either
+(a descriptor and `os.pread`, or epath's file object, the layer vlpre.storage writes run
+outputs through).
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import tarfile
+import threading
+from typing import BinaryIO
 
 from absl import logging
+from etils import epath
+
+from vlpre import storage
 
 _TAR_BLOCK = 512
 _ZERO_BLOCK = b"\0" * _TAR_BLOCK
@@ -25,8 +35,81 @@ _TAIL_CHUNK = 1 << 16  # end-of-archive padding is 1 KiB to 10 KiB
 
 
 def open_shard(path: str) -> int:
-  """A read-only descriptor of `path`: every read of shard bytes goes through here."""
+  """A read-only descriptor of the local file `path`: every local shard read goes through here."""
   return os.open(path, os.O_RDONLY)
+
+
+class _LocalShard:
+  """A local shard: positioned reads of one descriptor, safe from several threads."""
+
+  def __init__(self, path: str):
+    self._fd = open_shard(path)
+    self.size = os.fstat(self._fd).st_size
+
+  def pread(self, size: int, offset: int) -> bytes:
+    return os.pread(self._fd, size, offset)
+
+  read_range = pread  # a descriptor has no read-ahead to bypass
+
+  def fileobj(self) -> BinaryIO:
+    return os.fdopen(os.dup(self._fd), "rb")
+
+  def close(self) -> None:
+    os.close(self._fd)
+
+
+class _BucketShard:
+  """A shard in a bucket (`gs://`), through epath's file object.
+
+  Header scans read forwards through the file object, whose read-ahead serves the
+  headers between members. A sample read asks the filesystem for exactly its byte
+  range where it offers one (fsspec's `cat_file`, gcsfs's ranged GET): a seek in the
+  buffered file would fetch a whole read-ahead block (MiBs) for every random sample.
+  """
+
+  def __init__(self, path: str):
+    self._path = path
+    self._file = epath.Path(path).open("rb")
+    self._lock = threading.Lock()  # one file position, shared by grain's reader threads
+    self.size = self._file.seek(0, io.SEEK_END)
+    fs = getattr(self._file, "fs", None)
+    self._ranged = getattr(fs, "cat_file", None)
+
+  def pread(self, size: int, offset: int) -> bytes:
+    with self._lock:
+      self._file.seek(offset)
+      return self._file.read(size)
+
+  def read_range(self, size: int, offset: int) -> bytes:
+    if self._ranged is None or size <= 0:
+      return self.pread(size, offset)
+    return self._ranged(self._path, start=offset, end=min(offset + size, self.size))
+
+  def fileobj(self) -> BinaryIO:
+    return epath.Path(self._path).open("rb")
+
+  def close(self) -> None:
+    self._file.close()
+
+
+ShardReader = _LocalShard | _BucketShard
+
+
+def open_reader(path: str) -> ShardReader:
+  """Positioned reads (`pread(size, offset)`, `size`, `close()`) of a local or `gs://` shard."""
+  return _BucketShard(path) if storage.is_uri(path) else _LocalShard(path)
+
+
+def read_exact(reader: ShardReader, size: int, offset: int) -> bytes:
+  """`size` bytes at `offset` (a sample's members); OSError if the shard ends before them."""
+  read = reader.read_range
+  data = read(size, offset)
+  while len(data) < size:  # pread may return short reads on some filesystems
+    more = read(size - len(data), offset + len(data))
+    if not more:
+      raise OSError(f"shard is truncated: wanted {size} bytes at {offset}")
+    data += more
+  return data
 
 
 class _NotPlainUstar(Exception):
@@ -46,11 +129,13 @@ class Fault:
     key: the sample it cut, when known; None for a bad header.
     lost_bytes: bytes of the shard that could not be indexed because of it.
     reason: one line for the logs and the bad record.
+    io_error: the shard could not be read (not damaged data): a rescan may find it whole.
   """
   at: int
   key: str | None
   lost_bytes: int
   reason: str
+  io_error: bool = False
 
 
 def _parse_octal(field: bytes) -> int:
@@ -75,6 +160,8 @@ def _parse_header(header: bytes) -> tuple[str, bytes, int]:
   try:
     size = _parse_octal(header[124:136])
     name = header[:100].split(b"\0", 1)[0]
+    if size < 0:  # int(x, 8) takes a sign; a negative size would step the scan backwards
+      raise _BadHeader(f"negative size field ({size})")
     if header[_MAGIC_OFFSET:_MAGIC_OFFSET + 5] == b"ustar":
       prefix = header[345:500].split(b"\0", 1)[0]
       if prefix:
@@ -84,15 +171,15 @@ def _parse_header(header: bytes) -> tuple[str, bytes, int]:
     raise _BadHeader(f"unreadable field ({e})") from None
 
 
-def _next_header(fd: int, start: int, file_size: int) -> int | None:
+def _next_header(reader: ShardReader, start: int, file_size: int) -> int | None:
   """Offset of the first valid ustar header at or after `start`, at any byte; None if none."""
   pos = start
   while pos < file_size:
-    chunk = os.pread(fd, _RESYNC_CHUNK + _TAR_BLOCK, pos)
+    chunk = reader.pread(_RESYNC_CHUNK + _TAR_BLOCK, pos)
     hit = chunk.find(b"ustar", _MAGIC_OFFSET)
     while hit >= 0 and hit < _RESYNC_CHUNK + _MAGIC_OFFSET:
       offset = pos + hit - _MAGIC_OFFSET
-      header = os.pread(fd, _TAR_BLOCK, offset)
+      header = reader.pread(_TAR_BLOCK, offset)
       if len(header) == _TAR_BLOCK:
         try:
           _parse_header(header)
@@ -108,11 +195,11 @@ def _padded(size: int) -> int:
   return (size + _TAR_BLOCK - 1) // _TAR_BLOCK * _TAR_BLOCK
 
 
-def _content_end(fd: int, file_size: int) -> int:
+def _content_end(reader: ShardReader, file_size: int) -> int:
   """End of the last non-zero byte: lost bytes up to EOF exclude end-of-archive padding."""
   end = file_size
   while end > 0:
-    chunk = os.pread(fd, min(end, _TAIL_CHUNK), max(end - _TAIL_CHUNK, 0))
+    chunk = reader.pread(min(end, _TAIL_CHUNK), max(end - _TAIL_CHUNK, 0))
     stripped = chunk.rstrip(b"\0")
     if stripped:
       return end - len(chunk) + len(stripped)
@@ -124,7 +211,7 @@ def _content_end(fd: int, file_size: int) -> int:
 Member = tuple[str, int, int, int]
 
 
-def _scan_ustar(fd: int, path: str, file_size: int) -> tuple[list[Member], list[Fault]]:
+def _scan_ustar(reader: ShardReader, path: str, file_size: int) -> tuple[list[Member], list[Fault]]:
   """Whole members of a plain ustar tar, and its faults.
 
   Reads only the headers: about 15x faster than iterating `tarfile` (a 1,000-sample
@@ -139,8 +226,8 @@ def _scan_ustar(fd: int, path: str, file_size: int) -> tuple[list[Member], list[
       faults.append(Fault(len(members), None, file_size - offset,
                           f"{path}: cut off inside a tar header at byte {offset}"))
       break
-    header = os.pread(fd, _TAR_BLOCK, offset)
-    if header == _ZERO_BLOCK and _content_end(fd, file_size) <= offset:
+    header = reader.pread(_TAR_BLOCK, offset)
+    if header == _ZERO_BLOCK and _content_end(reader, file_size) <= offset:
       ended = True  # end-of-archive: only zeros follow
       break
     try:
@@ -148,8 +235,8 @@ def _scan_ustar(fd: int, path: str, file_size: int) -> tuple[list[Member], list[
         raise _BadHeader("zeros where a header should be, data after them")
       name, typeflag, size = _parse_header(header)
     except _BadHeader as e:
-      resume = _next_header(fd, offset + 1, file_size)
-      lost = (_content_end(fd, file_size) if resume is None else resume) - offset
+      resume = _next_header(reader, offset + 1, file_size)
+      lost = (_content_end(reader, file_size) if resume is None else resume) - offset
       after = ("no valid header after it" if resume is None else
                f"skipped {resume - offset} bytes to the next valid header")
       faults.append(Fault(len(members), None, lost,
@@ -166,8 +253,8 @@ def _scan_ustar(fd: int, path: str, file_size: int) -> tuple[list[Member], list[
       raise _NotPlainUstar(f"typeflag {typeflag!r}")
     data_end = offset + _TAR_BLOCK + size
     if data_end > file_size:  # cut off, unless a corrupt size field: then a header follows
-      resume = _next_header(fd, offset + _TAR_BLOCK, file_size)
-      lost = (_content_end(fd, file_size) if resume is None else resume) - offset
+      resume = _next_header(reader, offset + _TAR_BLOCK, file_size)
+      lost = (_content_end(reader, file_size) if resume is None else resume) - offset
       faults.append(Fault(
           len(members), split_name(name)[0], lost,
           f"{path}: member {name!r} is cut off (its data would end at byte {data_end}, the "
@@ -184,7 +271,8 @@ def _scan_ustar(fd: int, path: str, file_size: int) -> tuple[list[Member], list[
   return members, faults
 
 
-def _scan_tarfile(fd: int, path: str, file_size: int) -> tuple[list[Member], list[Fault]]:
+def _scan_tarfile(reader: ShardReader, path: str,
+                  file_size: int) -> tuple[list[Member], list[Fault]]:
   """Slow but general listing (pax headers, GNU long names), with the same faults.
 
   `tarfile` stops at a bad header without a word, so whatever follows its last header
@@ -193,13 +281,19 @@ def _scan_tarfile(fd: int, path: str, file_size: int) -> tuple[list[Member], lis
   members: list[Member] = []
   faults: list[Fault] = []
   stop = 0
-  with os.fdopen(os.dup(fd), "rb") as f:
+  with reader.fileobj() as f:
     try:
       with tarfile.open(fileobj=f, mode="r:") as tf:
         for info in tf:
           stop = tf.offset
           if not info.isreg():
             continue
+          if info.size < 0:  # GNU base-256 takes a sign; tarfile stops after such a header
+            faults.append(Fault(len(members), split_name(info.name)[0],
+                                max(_content_end(reader, file_size) - info.offset, 0),
+                                f"{path}: member {info.name!r} has a negative size field "
+                                f"({info.size}): a corrupt header"))
+            return members, faults
           if info.offset_data + info.size > file_size:
             faults.append(Fault(len(members), split_name(info.name)[0], file_size - info.offset,
                                 f"{path}: member {info.name!r} is cut off by the end of the file"))
@@ -209,10 +303,10 @@ def _scan_tarfile(fd: int, path: str, file_size: int) -> tuple[list[Member], lis
         stop = tf.offset
         tf.members = []
     except (tarfile.TarError, OSError, ValueError) as e:
-      faults.append(Fault(len(members), None, max(_content_end(fd, file_size) - stop, 0),
+      faults.append(Fault(len(members), None, max(_content_end(reader, file_size) - stop, 0),
                           f"{path}: unreadable tar data after byte {stop} ({type(e).__name__}: {e})"))
       return members, faults
-  lost = _content_end(fd, file_size) - stop
+  lost = _content_end(reader, file_size) - stop
   if lost > 0:
     faults.append(Fault(len(members), None, lost,
                         f"{path}: unreadable tar data after byte {stop} (a bad header?)"))
@@ -222,24 +316,25 @@ def _scan_tarfile(fd: int, path: str, file_size: int) -> tuple[list[Member], lis
 def scan(path: str) -> tuple[list[Member], list[Fault]]:
   """Whole members and faults of one shard; an unreadable file is one fault, never raised."""
   try:
-    fd = open_shard(path)
+    reader = open_reader(path)
   except OSError as e:
-    return [], [Fault(0, None, _size_or_zero(path), f"{path}: cannot open ({e})")]
+    return [], [Fault(0, None, _size_or_zero(path), f"{path}: cannot open ({e})", True)]
   try:
-    file_size = os.fstat(fd).st_size
+    file_size = reader.size
     try:
-      return _scan_ustar(fd, path, file_size)
+      return _scan_ustar(reader, path, file_size)
     except _NotPlainUstar:
-      return _scan_tarfile(fd, path, file_size)
+      return _scan_tarfile(reader, path, file_size)
   except OSError as e:  # an I/O error part way: nothing of this shard is trusted
-    return [], [Fault(0, None, _size_or_zero(path), f"{path}: read error while indexing ({e})")]
+    return [], [Fault(0, None, _size_or_zero(path), f"{path}: read error while indexing ({e})",
+                         True)]
   finally:
-    os.close(fd)
+    reader.close()
 
 
 def _size_or_zero(path: str) -> int:
   try:
-    return os.stat(path).st_size
+    return epath.Path(path).stat().length if storage.is_uri(path) else os.stat(path).st_size
   except OSError:
     return 0
 

@@ -125,6 +125,16 @@ def image_augment(cfg: Any) -> list[grain.transforms.Transformation]:
   return ops
 
 
+def decode_transforms(cfg: Any, pick: str = "random") -> list[grain.transforms.Transformation]:
+  """The decoders of a training record: its image (cfg.image_key), then its label
+  (cfg.label) or one caption (cfg.caption_field), picked as `ParseCaption`'s `pick` says."""
+  if _get(cfg, "label", False):
+    return [records_lib.decode_image(cfg),
+            T.ParseLabel(num_classes=int(_get(cfg, "num_classes", 0) or 0) or None)]
+  return [records_lib.decode_image(cfg),
+          T.ParseCaption(_get(cfg, "caption_field", "captions"), pick=pick)]
+
+
 def train_transforms(cfg: Any, tokenizer: tokenizers_lib.Tokenizer | None, *,
                      extra_transforms: Sequence[grain.transforms.Transformation] = (),
                      extra_keys: Sequence[str] = ()) -> list[grain.transforms.Transformation]:
@@ -135,14 +145,10 @@ def train_transforms(cfg: Any, tokenizer: tokenizers_lib.Tokenizer | None, *,
   kept (and batched) next to image/text/label.
   """
   use_label = bool(_get(cfg, "label", False))
-  ops: list[Any] = [records_lib.decode_image(cfg)]
-  if use_label:
-    ops.append(T.ParseLabel())
-  else:
-    if tokenizer is None and not extra_keys:
-      raise ValueError("caption data needs a tokenizer (or set cfg.label=True, or join "
-                       "precomputed text embeddings through extra_transforms/extra_keys)")
-    ops.append(T.ParseCaption(_get(cfg, "caption_field", "captions"), pick="random"))
+  if not use_label and tokenizer is None and not extra_keys:
+    raise ValueError("caption data needs a tokenizer (or set cfg.label=True, or join "
+                     "precomputed text embeddings through extra_transforms/extra_keys)")
+  ops: list[Any] = decode_transforms(cfg)
   ops.extend(image_augment(cfg))
   if use_label:
     keep = ["image", "label"]
@@ -178,7 +184,8 @@ def build_train_dataset(cfg: Any, *, global_batch_size: int, seed: int,
         another kind is read by `records`, which names the fields it reads.
       image_key: member extension(s) of the image; None tries jpg, jpeg, png, webp.
       caption_field: JSON field holding the caption(s) ("captions").
-      label: emit "label" from .cls instead of "text"/"text_mask".
+      label: emit "label" from .cls instead of "text"/"text_mask"; num_classes: labels
+        outside [0, num_classes) are bad records (0: only negative ones are).
       image_size, resize_size: crop size and shorter-side resize (default 8/7 x).
       augment: "resize_random_crop" | "random_resized_crop" (scale: crop_scale,
         default (0.08, 1)) | "center_crop"; flip: random left-right flips.

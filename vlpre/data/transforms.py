@@ -51,17 +51,44 @@ def _describe(record: Record) -> str:
 
 # ----------------------------------------------------------------------------- decoding
 
+_MIN_MAX_PIXELS = 1 << 26  # 64 megapixels: every real photo (a 50 MP camera's is 8192x6144)
+
+
+def max_image_pixels(image_size: int) -> int:
+  """The decompression-bomb limit for images cropped to `image_size`: (32·image_size)²
+  pixels, at least 2**26 (64 megapixels, so no real photo is refused).
+
+  An image 32 times the crop on each side is downsampled 32x before training, so larger
+  ones only cost memory: a PNG or WebP of a few KB can declare 10**10 pixels, which
+  decoding would try to allocate (30 GB) in every worker. The limit is 2**26 up to
+  256-pixel crops, 151 M at 384, 268 M at 512.
+  """
+  return max(_MIN_MAX_PIXELS, (32 * int(image_size)) ** 2)
+
+
+def _raise_pil_limit(max_pixels: int) -> None:
+  """PIL's own bomb check (`Image.MAX_IMAGE_PIXELS`: warns above, raises above twice) is a
+  global of each process: raised, never lowered, to the largest limit a decoder here
+  uses, so PIL never refuses what `DecodeImage` accepts; DecodeImage then enforces its
+  own limit. Called where images are decoded, so grain's worker processes set it too."""
+  if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+    Image.MAX_IMAGE_PIXELS = max_pixels
+
 
 class DecodeImage(grain.transforms.Map):
   """Decodes the first present image member into `record["image"]`: uint8 [H, W, 3] RGB.
 
   The encoded bytes are removed so records shipped between grain processes stay small.
-  Undecodable or missing images mark the record bad.
+  Undecodable or missing images mark the record bad, and so does one declaring more than
+  `max_pixels` pixels (`max_image_pixels` of the config's image size), found from its
+  header before anything is decoded.
   """
 
-  def __init__(self, keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"), out_key: str = "image"):
+  def __init__(self, keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"), out_key: str = "image",
+               max_pixels: int = _MIN_MAX_PIXELS):
     self.keys = tuple(keys)
     self.out_key = out_key
+    self.max_pixels = int(max_pixels)
 
   def map(self, record: Record) -> Record:
     if is_bad(record):
@@ -69,8 +96,14 @@ class DecodeImage(grain.transforms.Map):
     key = next((k for k in self.keys if k in record), None)
     if key is None:
       return mark_bad(record, f"{_describe(record)}: no image member among {self.keys}")
+    _raise_pil_limit(self.max_pixels)
     try:
-      with Image.open(io.BytesIO(record[key])) as img:
+      with Image.open(io.BytesIO(record[key])) as img:  # reads the header only
+        width, height = img.size
+        if width * height > self.max_pixels:
+          return mark_bad(record, f"{_describe(record)}: {key!r} declares {width}x{height} pixels, "
+                                  f"over the limit of {self.max_pixels} (max_image_pixels of the "
+                                  "image size): a decompression bomb?")
         img.load()  # decode now, inside the try: PIL is lazy
         image_HxWx3 = np.asarray(img.convert("RGB"), dtype=np.uint8)
     except Exception as e:  # pylint: disable=broad-except  # PIL raises many types
@@ -85,18 +118,26 @@ def _decode_utf8(data: bytes | str) -> str:
 
 
 def _read_captions(record: Record, field: str) -> list[str]:
-  """Raw captions from a `.json` member (`field`: str or list) or else a `.txt` member."""
+  """Raw captions: the `.json` member's `field` (str or list), else a `.txt` member.
+
+  img2dataset's shards hold the caption in `.txt` and only metadata (url, key, status,
+  sizes) in `.json`, so a `.json` without `field` falls back to the `.txt` member.
+  """
+  meta = None
   if "json" in record:
     meta = json.loads(_decode_utf8(record["json"]))
-    if not isinstance(meta, dict) or field not in meta:
-      raise KeyError(f"json member has no field {field!r}")
-    value = meta[field]
-    values = [value] if isinstance(value, str) else list(value)
-    if not all(isinstance(v, str) for v in values):
-      raise TypeError(f"json field {field!r} holds non-strings")
-    return values
+    if isinstance(meta, dict) and field in meta:
+      value = meta[field]
+      values = [value] if isinstance(value, str) else list(value)
+      if not all(isinstance(v, str) for v in values):
+        raise TypeError(f"json field {field!r} holds non-strings")
+      return values
   if "txt" in record:
     return [_decode_utf8(record["txt"])]
+  if meta is not None:
+    fields = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+    raise KeyError(f"json member has no field {field!r} (it has {fields}) and there is no "
+                   "txt member")
   raise KeyError("no json or txt member")
 
 
@@ -148,7 +189,7 @@ class ParseCaption(_ParseCaptionBase, grain.transforms.Map):
   """Parses captions: UTF-8 decode, strip, drop empty ones; none left -> bad record.
 
   Reads the `.json` member's `field` (a string or a list of strings), else a `.txt`
-  member (one caption).
+  member (one caption): img2dataset's layout, whose `.json` holds only metadata.
     pick="random": `record["caption"]` (str); returns a `RandomCaption`, a RandomMap,
       because grain routes the rng only to RandomMaps.
     pick="first":  `record["caption"]` (str), deterministic (eval, prompts).
@@ -190,11 +231,17 @@ class ParseCaption(_ParseCaptionBase, grain.transforms.Map):
 
 
 class ParseLabel(grain.transforms.Map):
-  """Parses a `.cls` member (ASCII integer) into `record["label"]`: int32 scalar."""
+  """Parses a `.cls` member (ASCII integer) into `record["label"]`: int32 scalar.
 
-  def __init__(self, key: str = "cls", out_key: str = "label"):
+  A label outside [0, num_classes) (a 1-based label set, -1 for "unknown") marks the
+  record bad: one-hot targets of such a label would be all zeros, a silent wrong loss.
+  num_classes=None checks only that the label is not negative.
+  """
+
+  def __init__(self, key: str = "cls", out_key: str = "label", num_classes: int | None = None):
     self.key = key
     self.out_key = out_key
+    self.num_classes = num_classes
 
   def map(self, record: Record) -> Record:
     if is_bad(record):
@@ -205,6 +252,10 @@ class ParseLabel(grain.transforms.Map):
       label = int(_decode_utf8(record[self.key]).strip())
     except (UnicodeDecodeError, ValueError) as e:
       return mark_bad(record, f"{_describe(record)}: bad label {record[self.key][:20]!r}: {e}")
+    if label < 0 or (self.num_classes is not None and label >= self.num_classes):
+      classes = "" if self.num_classes is None else f" of {self.num_classes} classes"
+      return mark_bad(record, f"{_describe(record)}: label {label} is out of range{classes} "
+                              "(labels count from 0)")
     record = {k: v for k, v in record.items() if k != self.key}
     record[self.out_key] = np.int32(label)
     return record

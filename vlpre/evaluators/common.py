@@ -16,12 +16,15 @@ from vlpre.data import text_batching
 
 def eval_batches(cfg: Any, split: Any, *, max_examples: int = 0, **kwargs):
   """`data.iterate_eval` over `split` (a glob of vlpre's shards, or any random-access
-  source, e.g. `data.open_eval_split(cfg).source`), its first `max_examples` samples if > 0."""
+  source, e.g. `data.open_eval_split(cfg).source`), its first `max_examples` samples if > 0.
+  Labels outside [0, cfg's num_classes), when it has one, are bad samples."""
   source: Any = split
   if isinstance(split, (str, os.PathLike, list, tuple)):
     source = data.TarShardSource(split, data_dir=cfg.get("data_dir"))
   if max_examples:
     source = grain.MapDataset.source(source)[:max_examples]
+  if kwargs.get("with_labels") and cfg.get("num_classes"):
+    kwargs.setdefault("num_classes", int(cfg["num_classes"]))
   return data.iterate_eval(source, image_size=cfg["image_size"],
                            resize_size=cfg.get("resize_size", cfg["image_size"]),
                            batch_size=cfg.get("batch_size", 256), **kwargs)
@@ -107,3 +110,13 @@ def topk_hits(scores_QxC: np.ndarray, targets: Sequence[set[int]] | np.ndarray, 
   if isinstance(targets, np.ndarray):
     return (top_QxK == targets[:, None]).any(axis=1)
   return np.array([bool(set(row.tolist()) & t) for row, t in zip(top_QxK, targets)])
+
+
+def mean_per_class_recall(pred_N: np.ndarray, labels_N: np.ndarray) -> float:
+  """The recall of each class present in `labels_N`, averaged (clip_benchmark's
+  mean_per_class_recall, sklearn's balanced_accuracy_score)."""
+  labels_N, pred_N = np.asarray(labels_N, np.int64), np.asarray(pred_N, np.int64)
+  count_C = np.bincount(labels_N)
+  hits_C = np.bincount(labels_N[pred_N == labels_N], minlength=len(count_C))
+  present = count_C > 0
+  return float(np.mean(hits_C[present] / count_C[present]))

@@ -24,7 +24,9 @@ def predict(w, x_NxD):
 
 class Evaluator:
   """cfg: train_data, test_data (globs), num_classes, image_size, resize_size, batch_size,
-  max_train_examples, max_examples, l2_grid, feature ("pre_logits" | "zimg")."""
+  max_train_examples, max_examples, l2_grid, feature ("pre_logits" | "zimg").
+
+  Metrics: top1, mean_per_class_recall (as clip_benchmark's linear probe reports), l2."""
 
   def __init__(self, name, cfg, predictor: common.Predictor):
     self.name, self.cfg, self.predictor = name, cfg, predictor
@@ -47,5 +49,7 @@ class Evaluator:
     best_l2 = max(cfg.get("l2_grid", (1e-4, 1e-3, 1e-2, 1e-1, 1.0)), key=lambda l2: np.mean(
         predict(fit_ridge(x_train[fit], y_train[fit], num_classes, l2), x_train[held]) == y_train[held]))
     w = fit_ridge(x_train, y_train, num_classes, best_l2)
-    return {f"{self.name}/top1": float(np.mean(predict(w, x_test) == y_test)),
+    pred = predict(w, x_test)
+    return {f"{self.name}/top1": float(np.mean(pred == y_test)),
+            f"{self.name}/mean_per_class_recall": common.mean_per_class_recall(pred, y_test),
             f"{self.name}/l2": float(best_l2)}

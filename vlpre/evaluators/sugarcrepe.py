@@ -27,6 +27,7 @@ from absl import logging
 import numpy as np
 
 from vlpre import data
+from vlpre import storage
 from vlpre.data import convert
 from vlpre.data import documents
 from vlpre.data import sources
@@ -64,7 +65,8 @@ class ImageFiles:
 
   def __init__(self, folder: str, names: Sequence[str]):
     self.folder, self.names = folder, list(names)
-    missing = [n for n in self.names if not os.path.isfile(os.path.join(folder, n))]
+    self.paths = [storage.join_inside(folder, n, what="image filename") for n in self.names]
+    missing = [n for n, path in zip(self.names, self.paths) if not os.path.isfile(path)]
     if missing:
       raise FileNotFoundError(f"{len(missing)} image(s) missing from {folder}, e.g. {missing[0]!r}")
 
@@ -73,7 +75,7 @@ class ImageFiles:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     name = self.names[int(index)]
-    with open(os.path.join(self.folder, name), "rb") as f:
+    with open(self.paths[int(index)], "rb") as f:
       payload = f.read()
     return {"__key__": name, sources._sniff_image_ext(payload): payload}  # pylint: disable=protected-access
 

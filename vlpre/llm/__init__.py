@@ -139,7 +139,7 @@ def load(name: str, *, dtype: Any = jnp.float32, scan: bool = True,
 # table or the LM head) is not here: the method passes it to `from_config`.
 SECTION = dict(
     name="",               # "smollm2-135m", a local .gguf file or HF folder, a hub id; "": none
-    revision="",           # a hub id's commit (or tag) to download: required to download
+    revision="",           # a hub id's commit hash (40 hex digits): required to download
     allow_download=False,  # fetch a hub id from the Hugging Face hub (assets.resolve)
     dtype="",              # computation dtype, e.g. "bfloat16"; "": the run's config.dtype
     scan=True,             # scan the layers over stacked parameters (False: a subtree each)

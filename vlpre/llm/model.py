@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from vlpre.llm import rope
 from vlpre.llm.config import DecoderConfig
 from vlpre.nn import attention as attention_lib
+from vlpre.nn import lora as lora_lib
 from vlpre.nn import stack as stack_lib
 
 @flax.struct.dataclass
@@ -82,7 +83,13 @@ class DecoderOutput:
   all_hidden: jax.Array | None = None
 
 
-def _dense(features: int, names: tuple[str, str], use_bias: bool, dtype, name: str):
+def _dense(features: int, names: tuple[str, str], use_bias: bool, dtype, name: str,
+           lora: tuple[int, float] = (0, 0.0)):
+  """A projection; with `lora` = (rank > 0, alpha) a low-rank adapted one (vlpre.nn.lora)."""
+  rank, alpha = lora
+  if rank:
+    return lora_lib.LoRADense(features, rank, alpha, names, use_bias=use_bias, dtype=dtype,
+                              name=name)
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
                   kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), names),
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (names[1],)))
@@ -105,6 +112,7 @@ class Attention(nn.Module):
   config: DecoderConfig
   dtype: Any = jnp.float32
   implementation: str = "dot_product_attention"
+  lora: tuple[int, float] = (0, 0.0)  # (rank, alpha) of adapters on q/k/v/o; rank 0: none
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS, cache_kv=None, cache_index=None,
@@ -112,11 +120,14 @@ class Attention(nn.Module):
     cfg = self.config
     batch, steps, _ = x_BxTxD.shape
     q_BxTxHxK = _dense(cfg.num_heads * cfg.head_dim, ("embed", "heads_fused"), cfg.qkv_bias,
-                       self.dtype, "q_proj")(x_BxTxD).reshape(batch, steps, cfg.num_heads, -1)
+                       self.dtype, "q_proj", self.lora)(x_BxTxD).reshape(
+                           batch, steps, cfg.num_heads, -1)
     k_BxTxGxK = _dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads_fused"), cfg.qkv_bias,
-                       self.dtype, "k_proj")(x_BxTxD).reshape(batch, steps, cfg.num_kv_heads, -1)
+                       self.dtype, "k_proj", self.lora)(x_BxTxD).reshape(
+                           batch, steps, cfg.num_kv_heads, -1)
     v_BxTxGxK = _dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads_fused"), cfg.qkv_bias,
-                       self.dtype, "v_proj")(x_BxTxD).reshape(batch, steps, cfg.num_kv_heads, -1)
+                       self.dtype, "v_proj", self.lora)(x_BxTxD).reshape(
+                           batch, steps, cfg.num_kv_heads, -1)
     if cfg.qk_norm:
       q_BxTxHxK = _rms_norm(cfg.rms_norm_eps, self.dtype, "q_norm")(q_BxTxHxK)
       k_BxTxGxK = _rms_norm(cfg.rms_norm_eps, self.dtype, "k_norm")(k_BxTxGxK)
@@ -153,7 +164,8 @@ class Attention(nn.Module):
         extra_q_BxTxHxK=q_extra_BxTxHxK, scale=cfg.head_dim**-0.5,
         implementation=self.implementation)
     out_BxTxHxK = nn.with_logical_constraint(out_BxTxHxK, ("batch", "length", "act_heads", None))
-    out_BxTxD = _dense(cfg.hidden_size, ("heads_fused", "embed"), cfg.o_bias, self.dtype, "o_proj")(
+    out_BxTxD = _dense(cfg.hidden_size, ("heads_fused", "embed"), cfg.o_bias, self.dtype, "o_proj",
+                        self.lora)(
         out_BxTxHxK.reshape(batch, steps, cfg.num_heads * cfg.head_dim))
     return out_BxTxD, new_cache
 
@@ -162,18 +174,19 @@ class SwiGLU(nn.Module):
   """down(silu(gate(x)) * up(x))."""
   config: DecoderConfig
   dtype: Any = jnp.float32
+  lora: tuple[int, float] = (0, 0.0)  # (rank, alpha) of adapters on gate/up/down; 0: none
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     cfg = self.config
     gate_BxTxF = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, self.dtype,
-                        "gate_proj")(x_BxTxD)
+                        "gate_proj", self.lora)(x_BxTxD)
     up_BxTxF = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, self.dtype,
-                      "up_proj")(x_BxTxD)
+                      "up_proj", self.lora)(x_BxTxD)
     h_BxTxF = nn.with_logical_constraint(nn.silu(gate_BxTxF) * up_BxTxF,
                                          ("batch", "length", "act_mlp"))
-    return _dense(cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, self.dtype, "down_proj")(
-        h_BxTxF)
+    return _dense(cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, self.dtype, "down_proj",
+                  self.lora)(h_BxTxF)
 
 
 class DecoderBlock(nn.Module):
@@ -189,6 +202,7 @@ class DecoderBlock(nn.Module):
   collect_hidden: bool = False
   deterministic: bool = True
   attention: str = "dot_product_attention"
+  lora: tuple[int, float] = (0, 0.0)  # (rank, alpha) of adapters on every projection
 
   def _drop_path(self, branch_BxTxD, rate):
     if self.deterministic:
@@ -200,11 +214,11 @@ class DecoderBlock(nn.Module):
     cfg = self.config
     (cache_kv, extra), drop_rate = layer_inputs
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "act_embed"))
-    h_BxTxD, new_cache = Attention(cfg, self.dtype, self.attention, name="self_attn")(
+    h_BxTxD, new_cache = Attention(cfg, self.dtype, self.attention, self.lora, name="self_attn")(
         _rms_norm(cfg.rms_norm_eps, self.dtype, "input_layernorm")(x_BxTxD), positions_BxT,
         mask_Bx1xTxS, cache_kv, cache_index, extra)
     x_BxTxD = x_BxTxD + self._drop_path(h_BxTxD, drop_rate)
-    x_BxTxD = x_BxTxD + self._drop_path(SwiGLU(cfg, self.dtype, name="mlp")(
+    x_BxTxD = x_BxTxD + self._drop_path(SwiGLU(cfg, self.dtype, self.lora, name="mlp")(
         _rms_norm(cfg.rms_norm_eps, self.dtype, "post_attention_layernorm")(x_BxTxD)), drop_rate)
     return x_BxTxD, (new_cache, x_BxTxD if self.collect_hidden else None)
 
@@ -245,6 +259,7 @@ class Decoder(nn.Module):
       first), applied when called with `deterministic=False` (rng "dropout").
     unroll: layers per iteration of a scanned group's loop (vlpre.nn.stack.resolve_unroll).
     attention: the attention implementation (vlpre.nn.attention.IMPLEMENTATIONS).
+    lora_rank, lora_alpha: low-rank adapters on the projections (below).
   """
   config: DecoderConfig
   dtype: Any = jnp.float32
@@ -258,6 +273,10 @@ class Decoder(nn.Module):
   # XLA's dot_product_attention, the decoder's numerics against the HF checkpoints since
   # it was written ("auto" would pick einsum on CPU: equal up to float32 rounding).
   attention: str = "dot_product_attention"
+  # Low-rank adapters on every attention and MLP projection (vlpre.nn.lora): rank 0 is
+  # none; `lora.merge(params, lora_alpha)` folds them in for a plain (rank 0) decoder.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
 
   @nn.compact
   def __call__(self, tokens_BxL: jax.Array | None = None, segment_ids_BxL: jax.Array | None = None,
@@ -339,7 +358,8 @@ class Decoder(nn.Module):
     embeddings_BxLxD = x_BxLxD
     x_BxLxD, group_outputs = stack_lib.stack(
         DecoderBlock, dict(config=cfg, dtype=self.dtype, collect_hidden=return_all_hidden,
-                           deterministic=deterministic, attention=self.attention),
+                           deterministic=deterministic, attention=self.attention,
+                           lora=(self.lora_rank, self.lora_alpha)),
         x_BxLxD, positions_BxL, mask_Bx1xLxS, cache_index, depth=cfg.num_layers, scan=self.scan,
         groups=self.layer_groups, remat=self.remat, unroll=self.unroll,
         drop_path_rate=self.drop_path, group_inputs=group_inputs)

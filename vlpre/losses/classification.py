@@ -17,9 +17,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vlpre.losses import reduction
 from vlpre.losses.contrastive import info_nce, l2_normalize
 
 
+@reduction.per_example()
 def softmax_ce(outputs, batch):
   """Cross-entropy of `logits` against the soft `targets` (mixup/cutmix) or one-hot labels."""
   logits_BxC = outputs["logits"].astype(jnp.float32)
@@ -67,6 +69,7 @@ def text_infonce_oneway(outputs, batch):
   return _text_infonce(outputs, batch, symmetric=False)
 
 
+@reduction.per_example()
 def text_byol(outputs, batch):
   """BYOL-style variant: mean(2 − 2·cos(zproj, txt_emb)), positives only."""
   zimg_BxE, ztxt_BxE = _text_pair(outputs, batch)

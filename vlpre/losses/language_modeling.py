@@ -15,6 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from vlpre.losses import reduction
+
 
 def next_token_cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
                              weights_BxL: jax.Array) -> tuple[jax.Array, dict]:
@@ -33,6 +35,7 @@ def next_token_cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
   return loss, {"accuracy": accuracy, "num_tokens": num_tokens, "perplexity": jnp.exp(loss)}
 
 
+@reduction.per_example("num_tokens")
 def lm_loss(outputs, batch):
   """Next-token cross-entropy of the model's aligned logits/targets/weights."""
   del batch

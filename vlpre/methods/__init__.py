@@ -14,11 +14,18 @@ A method's `METHOD = Method(...)` says everything the method-agnostic tools need
   build(config) -> Built       default: `Model(**config.model)` in `config.dtype`.
   input_extras(config) -> InputExtras   default: the standard pipeline, tokenised captions.
   build_tokenizer(config)      default: the tokenizer `config.tokenizer` names, or None.
+  reads_embedding_store(config) -> bool   whether the run reads the frozen-text store that
+                               `vlpre.embed` builds first; default: the config names a
+                               `text_encoder`.
   losses                       name → loss function (vlpre.losses' signature) the method adds
                                to the shared ones.
   pretrained                   the config fields naming a pretrained model (`--check`
                                validates each before anything is built).
-  export_tower                 where its ViT sits, for `vlpre.export` (None: not exportable).
+  export_tower                 where its ViT sits, for `vlpre.export` and for public ViT
+                               weights (init_from.weights) (None: not exportable).
+  two_towers                   a contrastive image-text model's layout, for whole-model
+                               export (CLIPModel, SiglipModel, open_clip) and public
+                               two-tower weights (None: not such a model).
   compare                      its runs in `make compare` (vlpre.compare).
   notebook                     its Colab notebook (notebooks/build_notebooks.py).
 
@@ -101,6 +108,24 @@ class ExportTower:
   head: dict[str, str]
   formula: str
   problem: Callable[[dict], str | None] = lambda model: None
+  # What the export records beside the tower, from the run's config (a JSON-able dict,
+  # e.g. the frozen text encoder the head was trained against and its recipe).
+  record: Callable[[Any], dict] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoTowers:
+  """A contrastive image-text model's layout (vlpre.weights): `options(model_config)` gives
+  {"image": ViT kwargs, "text": TextTransformer kwargs, "embed_dim", "image_head",
+  "image_head_bias", "text_head_bias" (bools), "logit_bias" (whether it learns one)}, as the
+  method builds them; the rest name its parameter subtrees."""
+  options: Callable[[dict], dict]
+  image: str = "img"
+  image_head: str = "img_head"  # absent when options' image_head is False
+  text: str = "txt"
+  text_head: str = "txt_head"
+  logit_scale: str = "t_prime"  # log of the scale
+  logit_bias: str = "logit_bias"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,10 +153,12 @@ class Method:
   build: Callable[[Any], Built] | None = None
   input_extras: Callable[[Any], InputExtras] | None = None
   build_tokenizer: Callable[[Any], Any] | None = None
+  reads_embedding_store: Callable[[Any], bool] | None = None
   losses: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
   aliases: tuple[str, ...] = ()
   pretrained: tuple[PretrainedField, ...] = ()
   export_tower: ExportTower | None = None
+  two_towers: TwoTowers | None = None
   compare: tuple[CompareRun, ...] = ()
   notebook: str | None = None  # the notebook's file stem under notebooks/ (None: none)
 
@@ -140,7 +167,8 @@ class Method:
       raise ValueError(f"method {self.name!r}: `Model` must be a class, got {self.Model!r}")
     defaults = {"build": functools.partial(_default_build, self.Model),
                 "input_extras": _default_input_extras,
-                "build_tokenizer": _default_build_tokenizer}
+                "build_tokenizer": _default_build_tokenizer,
+                "reads_embedding_store": _default_reads_embedding_store}
     for member, default in defaults.items():
       value = getattr(self, member)
       if value is None:
@@ -162,6 +190,10 @@ def _default_build(model_cls: type, config) -> Built:
 def _default_input_extras(config) -> InputExtras:
   del config
   return InputExtras()
+
+
+def _default_reads_embedding_store(config) -> bool:
+  return bool(config.get("text_encoder"))
 
 
 def _default_build_tokenizer(config):

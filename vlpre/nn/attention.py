@@ -13,6 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from vlpre.nn import platform
+
 # `implementation=` of `attention` (and of every tower's `attention` attribute):
 #   "einsum": heads-major einsum → float32 softmax → einsum, which XLA:CPU runs faster
 #     (bench/README.md "Where the step time goes");
@@ -24,10 +26,11 @@ IMPLEMENTATIONS = ("auto", "einsum", "dot_product_attention", "cudnn")
 
 
 def resolve_implementation(implementation: str) -> str:
-  """The implementation "auto" stands for on this backend; a ValueError for a bad name."""
+  """The implementation "auto" stands for on the backend the program is for
+  (`vlpre.nn.platform`); a ValueError for a bad name."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention {implementation!r} not in {IMPLEMENTATIONS}")
-  backend = jax.default_backend()
+  backend = platform.backend()
   if implementation == "cudnn" and backend != "gpu":
     raise ValueError(f"attention 'cudnn' runs on GPU only, not on this {backend} backend")
   if implementation == "auto":

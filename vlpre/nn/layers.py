@@ -5,9 +5,11 @@ H heads, K per-head dim, F MLP hidden width, R encoder blocks (depth).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from vlpre.nn import attention as attention_lib
@@ -24,9 +26,27 @@ def norm_init(init: Callable = nn.initializers.ones):
   return nn.with_logical_partitioning(init, ("norm",))
 
 
-def layer_norm(dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
-  return nn.LayerNorm(dtype=dtype, scale_init=norm_init(), bias_init=norm_init(nn.initializers.zeros),
-                      name=name)
+# The MLP's activation (`act=` of the towers), by the name Hugging Face configs give it
+# (`hidden_act`) in brackets: "gelu_tanh" (gelu_pytorch_tanh; vlpre's default and
+# SigLIP's), "gelu" (exact erf: open_clip's non-OpenAI models, DINOv2), "quick_gelu"
+# (x·σ(1.702x): OpenAI CLIP). Public weights keep the activation they were trained with.
+ACTIVATIONS = {
+    "gelu_tanh": functools.partial(nn.gelu, approximate=True),
+    "gelu": functools.partial(nn.gelu, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+NORM_EPS = 1e-6  # LayerNorm epsilon (flax's and big_vision's; CLIP's public towers use 1e-5)
+
+
+def layer_norm(dtype: Dtype, name: str | None = None, eps: float = NORM_EPS) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, scale_init=norm_init(),
+                      bias_init=norm_init(nn.initializers.zeros), name=name)
+
+
+def activation(name: str) -> Callable:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"activation {name!r} not in {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
 
 
 class MlpBlock(nn.Module):
@@ -34,13 +54,15 @@ class MlpBlock(nn.Module):
   mlp_dim: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  act: str = "gelu_tanh"  # a key of ACTIVATIONS
 
   @nn.compact
   def __call__(self, x_BxNxD, *, train: bool):
     width = x_BxNxD.shape[-1]
     h_BxNxF = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=dense_init(("embed", "mlp")),
                        bias_init=dense_init(("mlp",), nn.initializers.normal(1e-6)))(x_BxNxD)
-    h_BxNxF = nn.with_logical_constraint(nn.gelu(h_BxNxF), ("batch", "length", "act_mlp"))
+    h_BxNxF = nn.with_logical_constraint(activation(self.act)(h_BxNxF),
+                                         ("batch", "length", "act_mlp"))
     h_BxNxF = nn.Dropout(self.dropout)(h_BxNxF, deterministic=not train)
     return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init(("mlp", "embed")),
                     bias_init=dense_init(("embed",), nn.initializers.normal(1e-6)))(h_BxNxF)
@@ -90,6 +112,8 @@ class EncoderBlock(nn.Module):
   emit_output: bool = False
   dtype: Dtype = jnp.float32
   attention: str = "auto"
+  act: str = "gelu_tanh"
+  norm_eps: float = NORM_EPS
 
   @nn.compact
   def __call__(self, x_BxNxD, mask_BxN=None, train: bool = False, layer_inputs=(None, 0.0)):
@@ -104,10 +128,10 @@ class EncoderBlock(nn.Module):
     x_BxNxD = nn.with_logical_constraint(x_BxNxD, ("batch", "length", "act_embed"))
     y = Attention(self.num_heads, causal=self.causal, dtype=self.dtype,
                   implementation=self.attention, name="attn")(
-        layer_norm(self.dtype, "ln_attn")(x_BxNxD), mask_BxN)
+        layer_norm(self.dtype, "ln_attn", self.norm_eps)(x_BxNxD), mask_BxN)
     x_BxNxD = x_BxNxD + residual(y)
-    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="mlp")(
-        layer_norm(self.dtype, "ln_mlp")(x_BxNxD), train=train)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.act, name="mlp")(
+        layer_norm(self.dtype, "ln_mlp", self.norm_eps)(x_BxNxD), train=train)
     x_BxNxD = x_BxNxD + residual(y)
     return x_BxNxD, (x_BxNxD if self.emit_output else None)
 
@@ -141,18 +165,21 @@ class Encoder(nn.Module):
   unroll: int | bool | None = None
   attention: str = "auto"
   drop_path: float = 0.0
+  act: str = "gelu_tanh"       # the MLPs' activation (ACTIVATIONS)
+  norm_eps: float = NORM_EPS   # every LayerNorm's epsilon
 
   @nn.compact
   def __call__(self, x_BxNxD, mask_BxN=None, train: bool = False):
     remat = {True: "full", False: "none"}.get(self.remat, self.remat)
     kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, causal=self.causal,
                   dropout=self.dropout, drop_path=self.drop_path > 0,
-                  emit_output=self.return_all_blocks, dtype=self.dtype, attention=self.attention)
+                  emit_output=self.return_all_blocks, dtype=self.dtype, attention=self.attention,
+                  act=self.act, norm_eps=self.norm_eps)
     x_BxNxD, blocks = stack_lib.stack(
         EncoderBlock, kwargs, x_BxNxD, mask_BxN, train, depth=self.depth, scan=self.scan,
         remat=remat, static_argnums=(3,), unroll=self.unroll, drop_path_rate=self.drop_path,
         name="blocks", layer_name="block")
-    x_BxNxD = layer_norm(self.dtype, "ln_final")(x_BxNxD)
+    x_BxNxD = layer_norm(self.dtype, "ln_final", self.norm_eps)(x_BxNxD)
     if self.return_all_blocks:
       return x_BxNxD, jnp.concatenate(blocks)
     return x_BxNxD
@@ -173,6 +200,8 @@ class MapHead(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
   attention: str = "auto"
+  act: str = "gelu_tanh"
+  norm_eps: float = NORM_EPS
 
   @nn.compact
   def __call__(self, x_BxNxD, *, return_patch_latents: bool = False):
@@ -190,8 +219,9 @@ class MapHead(nn.Module):
     out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out",
                           kernel_init=dense_init(("heads", "kv", "embed")))
     x_Bx1xD = out(o)
-    y = layer_norm(self.dtype, "ln")(x_Bx1xD)
-    x_Bx1xD = x_Bx1xD + MlpBlock(self.mlp_dim, dtype=self.dtype, name="mlp")(y, train=False)
+    y = layer_norm(self.dtype, "ln", self.norm_eps)(x_Bx1xD)
+    x_Bx1xD = x_Bx1xD + MlpBlock(self.mlp_dim, dtype=self.dtype, act=self.act, name="mlp")(
+        y, train=False)
     if return_patch_latents:
       latents_BxNxD = nn.with_logical_constraint(out(v), ("batch", "length", "act_embed"))
       return x_Bx1xD[:, 0], latents_BxNxD

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlpre.nn import platform
+
 # Rematerialisation policies (`remat=`): what a block's backward pass may keep from its
 # forward pass instead of recomputing it.
 REMAT_POLICIES = {
@@ -39,7 +41,7 @@ def resolve_unroll(unroll: int | bool | None, depth: int) -> int:
   CPU, where the unrolled program runs faster (bench/README.md), and keeps one block
   per iteration on GPU/TPU (smallest program, compile time flat in depth)."""
   if unroll is None:
-    unroll = jax.default_backend() == "cpu"
+    unroll = platform.backend() == "cpu"
   if isinstance(unroll, bool):
     return depth if unroll else 1
   if not 1 <= unroll <= depth:

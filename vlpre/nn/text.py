@@ -14,6 +14,9 @@ class TextTransformer(nn.Module):
 
   The end-of-text token is the last non-padding position of each row (`text_mask`), so
   any tokenizer that appends an EOS works, not only CLIP's (where it is the argmax id).
+  `pool="final"` reads the row's final position instead, padding included, and attention
+  then sees the padding too: the text tower of SigLIP (big_vision's `pool_type="last"`),
+  trained on rows padded to a fixed length.
   """
   vocab_size: int = 49_408
   max_len: int = 77
@@ -22,12 +25,14 @@ class TextTransformer(nn.Module):
   mlp_dim: int = 768
   num_heads: int = 3
   causal: bool = True
-  pool: str = "last"  # last | mean
+  pool: str = "last"  # last | mean | final
   dropout: float = 0.0
   remat: bool = False
   scan: bool = True
   unroll: int | bool | None = None  # layers.Encoder: None = auto (full on CPU, 1 on GPU/TPU)
   attention: str = "auto"            # vlpre.nn.attention.IMPLEMENTATIONS
+  act: str = "gelu_tanh"             # the MLPs' activation (layers.ACTIVATIONS)
+  norm_eps: float = layers.NORM_EPS  # every LayerNorm's epsilon (CLIP's towers: 1e-5)
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -44,15 +49,18 @@ class TextTransformer(nn.Module):
     length = text_BxL.shape[1]
     x_BxLxD = embed(text_BxL) + pos_1xLxD[:, :length].astype(self.dtype)
     # Causal attention needs no padding mask: padding sits after the EOS we read out.
-    mask = None if self.causal else text_mask_BxL
+    mask = None if self.causal or self.pool == "final" else text_mask_BxL
     x_BxLxD = layers.Encoder(self.depth, self.num_heads, self.mlp_dim, causal=self.causal,
                              dropout=self.dropout, remat=self.remat, scan=self.scan,
-                             unroll=self.unroll, attention=self.attention,
-                             dtype=self.dtype, name="encoder")(x_BxLxD, mask, train=train)
+                             unroll=self.unroll, attention=self.attention, act=self.act,
+                             norm_eps=self.norm_eps, dtype=self.dtype, name="encoder")(
+                                 x_BxLxD, mask, train=train)
     if self.pool == "last":
       last_B = jnp.maximum(text_mask_BxL.sum(axis=1) - 1, 0)
       return x_BxLxD[jnp.arange(x_BxLxD.shape[0]), last_B]
     if self.pool == "mean":
       m = text_mask_BxL[..., None].astype(x_BxLxD.dtype)
       return (x_BxLxD * m).sum(1) / jnp.maximum(m.sum(1), 1)
+    if self.pool == "final":
+      return x_BxLxD[:, -1]
     raise ValueError(f"unknown text pooling '{self.pool}'")

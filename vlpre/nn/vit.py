@@ -41,7 +41,10 @@ def sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.n
 
 
 class ViT(nn.Module):
-  """Patchify → (+pos, +cls) → encoder → pooled feature.
+  """Patchify → (+pos, +cls) → (ln_pre) → encoder → pooled feature.
+
+  The cls token gets no position: a position added to it would be a constant, which the
+  learned token holds (a CLIP checkpoint's cls position is folded into it, vlpre.weights).
 
   `__call__` returns (pooled_BxD, tokens_BxNxD); `pool` is cls | mean | map (attention
   pooling with a learned query) | none (pooled is None). `encode` returns the same and
@@ -59,6 +62,9 @@ class ViT(nn.Module):
   scan: bool = True
   unroll: int | bool | None = None  # layers.Encoder: None = auto (full on CPU, 1 on GPU/TPU)
   attention: str = "auto"            # vlpre.nn.attention.IMPLEMENTATIONS
+  pre_norm: bool = False             # a LayerNorm before the blocks (`ln_pre`: CLIP's towers)
+  act: str = "gelu_tanh"             # the MLPs' activation (layers.ACTIVATIONS)
+  norm_eps: float = layers.NORM_EPS  # every LayerNorm's epsilon (CLIP's towers: 1e-5)
   dtype: Any = jnp.float32
 
   def __call__(self, image_BxHxWx3, *, train: bool = False):
@@ -105,11 +111,14 @@ class ViT(nn.Module):
                              (1, 1, self.width))
       x_BxNxD = jnp.concatenate([jnp.tile(cls_1x1xD, (batch, 1, 1)).astype(self.dtype), x_BxNxD], 1)
       num_prefix = 1
+    if self.pre_norm:
+      x_BxNxD = layers.layer_norm(self.dtype, "ln_pre", self.norm_eps)(x_BxNxD)
     x_BxNxD = nn.Dropout(self.dropout)(x_BxNxD, deterministic=not train)
     encoded = layers.Encoder(self.depth, self.num_heads, self.mlp_dim, dropout=self.dropout,
                              remat=self.remat, scan=self.scan, return_all_blocks=all_levels,
-                             unroll=self.unroll, attention=self.attention,
-                             dtype=self.dtype, name="encoder")(x_BxNxD, train=train)
+                             unroll=self.unroll, attention=self.attention, act=self.act,
+                             norm_eps=self.norm_eps, dtype=self.dtype, name="encoder")(
+                                 x_BxNxD, train=train)
     x_BxNxD, blocks_RxBxNxD = encoded if all_levels else (encoded, None)
     out = {"tokens": x_BxNxD[:, num_prefix:]}
     if all_levels:
@@ -121,7 +130,7 @@ class ViT(nn.Module):
       out["pooled"] = x_BxNxD.mean(axis=1)
     elif self.pool == "map":
       map_head = layers.MapHead(self.num_heads, self.mlp_dim, self.dtype, self.attention,
-                                name="map_head")
+                                act=self.act, norm_eps=self.norm_eps, name="map_head")
       if all_levels:
         out["pooled"], out["patch_latents"] = map_head(x_BxNxD, return_patch_latents=True)
       else:

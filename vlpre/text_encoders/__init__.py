@@ -34,6 +34,7 @@ from vlpre.llm.assets import MissingAssetError
 from vlpre.llm.assets import PACKAGED_ASSETS
 from vlpre.llm.tokenizer import TextTokenizer
 from vlpre.text_encoders import bert
+from vlpre.text_encoders import recipes
 from vlpre.text_encoders.pooling import POOLING_KINDS
 from vlpre.text_encoders.pooling import PooledTextEncoder
 from vlpre.text_encoders.pooling import pool_hidden_states
@@ -103,27 +104,50 @@ class FrozenTextEncoder:
     return out_NxD
 
 
+def _apply_recipe(name: str, template: str | None, pooling: str | None,
+                  append_eos: bool | None, causal: bool | None):
+  """(source name, template, pooling, append_eos, causal) after a saved recipe's settings
+  (vlpre.text_encoders.recipes); an argument that contradicts the recipe is an error."""
+  recipe = recipes.find(name)
+  if recipe is None:
+    return name, template or "{text}", pooling, append_eos, True if causal is None else causal
+  given = dict(template=template, pooling=pooling, append_eos=append_eos, causal=causal)
+  tuned = dict(template=recipe.template, pooling=recipe.pooling, append_eos=recipe.append_eos,
+               causal=recipe.causal)
+  clash = [f"{k}={given[k]!r} (tuned with {tuned[k]!r})" for k in given
+           if given[k] is not None and given[k] != tuned[k]]
+  if clash:
+    raise ValueError(f"text encoder {name!r} is a tuned recipe: {', '.join(clash)}; leave "
+                     "these settings empty to use the recipe's")
+  return (recipe.directory, recipe.template, recipe.pooling, recipe.append_eos, recipe.causal)
+
+
 def load_text_encoder(name: str, *, max_len: int = 77, dtype: Any = jnp.float32,
                       pooling: str | None = None, normalize: bool = True,
-                      template: str = "{text}", layer: int = -1,
-                      append_eos: bool | None = None, scan: bool = True) -> FrozenTextEncoder:
+                      template: str | None = None, layer: int = -1,
+                      append_eos: bool | None = None, scan: bool = True,
+                      causal: bool | None = None) -> FrozenTextEncoder:
   """Loads a pretrained text encoder with its weights and tokenizer.
 
   Args:
     name: "smollm2-135m", "minilm-l6", a local HF folder (safetensors or Flax weights), a
-      local .gguf file, or a Hugging Face hub id. Llama/Mistral/Qwen2/Qwen3 checkpoints run
-      on vlpre's decoder, BERT ones on vlpre's BERT encoder.
+      local .gguf file, a Hugging Face hub id, or a saved recipe (a tuned decoder:
+      vlpre.text_encoders.recipes, by folder or name), whose template, pooling,
+      append_eos and causal apply. Llama/Mistral/Qwen2/Qwen3 checkpoints run on vlpre's
+      decoder, BERT ones on vlpre's BERT encoder.
     max_len: token length L of every encoded text (special tokens included).
     dtype: computation dtype (e.g. jnp.bfloat16); parameters stay float32.
     pooling: one of POOLING_KINDS; default "last" for decoders, "mean" for BERT.
     normalize: L2-normalise the pooled embedding.
     template: where the text goes, e.g. `This sentence : "{text}" means in one word:"`
-      (PromptEOL) or an instruction prefix `Query: {text}`.
+      (PromptEOL) or an instruction prefix `Query: {text}`; None: a recipe's, else "{text}".
     layer: decoders only: -1 reads the final (normed) hidden states; 1..num_layers-1 the
       residual stream after that many blocks (transformers' `hidden_states[layer]`).
     append_eos: end decoder rows with EOS (default: only without a template, so a
       template's own last token is what "last" pooling reads, as PromptEOL does).
     scan: scan the decoder's layers (stacked parameters, flat compile time).
+    causal: decoders: causal attention as pretrained; False bidirectional (LLM2Vec);
+      None: a recipe's, else causal.
 
   Returns:
     A FrozenTextEncoder.
@@ -136,6 +160,9 @@ def load_text_encoder(name: str, *, max_len: int = 77, dtype: Any = jnp.float32,
   """
   if pooling is not None and pooling not in POOLING_KINDS:
     raise ValueError(f"pooling {pooling!r} not in {POOLING_KINDS}")
+  shown = name
+  name, template, pooling, append_eos, causal = _apply_recipe(name, template, pooling,
+                                                              append_eos, causal)
   if append_eos is None:
     append_eos = template == "{text}"
   start = time.perf_counter()
@@ -147,14 +174,15 @@ def load_text_encoder(name: str, *, max_len: int = 77, dtype: Any = jnp.float32,
     if layer != -1 and not 0 < layer < num_layers:
       raise ValueError(f"layer={layer}: {name!r} has {num_layers} layers (use -1 for the last, "
                        f"or 1..{num_layers - 1})")
-    llm = llm_lib.load(name, dtype=dtype, scan=scan, lm_head=False,
+    llm = llm_lib.load(name, dtype=dtype, scan=scan, lm_head=False, causal=causal,
                        num_layers=None if layer == -1 else layer, final_norm=layer == -1,
                        template=template, max_len=max_len, append_eos=append_eos)
     backbone, backbone_params = llm.module, llm.params
     pooling = pooling or _DECODER_POOLING
   elif model_type == "bert":
-    if layer != -1:
-      raise NotImplementedError("layer= selects decoder layers; BERT encoders use the last")
+    if layer != -1 or not causal:
+      raise NotImplementedError("layer= and causal= are decoder settings; BERT encoders use "
+                                "their last layer, bidirectional")
     backbone, backbone_params = bert.load(hf_config, source.state_dict, dtype=dtype)
     pooling = pooling or _BERT_POOLING
   else:
@@ -172,6 +200,6 @@ def load_text_encoder(name: str, *, max_len: int = 77, dtype: Any = jnp.float32,
   logging.info("loaded text encoder %s (%s) in %.1fs", name, model_type,
                time.perf_counter() - start)
   return FrozenTextEncoder(
-      name=name, module=module, params={"backbone": backbone_params},
+      name=shown, module=module, params={"backbone": backbone_params},
       tokenizer=source.tokenizer, dim=hf_config.hidden_size, pooling=pooling,
       normalize=normalize, max_len=max_len, hf_config=hf_config)

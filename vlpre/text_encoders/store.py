@@ -1,6 +1,7 @@
 """The embedding store: frozen text-encoder embeddings of a dataset's captions, by key.
 
-Built by `python -m vlpre.embed --config=configs/lift.py:tiny` (`build_store`), read by
+Built by `python -m vlpre.embed --config=configs/lift.py:tiny --workdir=workdirs/lift`
+(`build_store`; by default under the run's workdir, `cache_dir`), read by
 the input pipeline through `LookupEmbedding`. `text_encoder(config)` is the frozen encoder
 a config's `text_encoder` section names (loaded once per process).
 
@@ -12,11 +13,15 @@ The texts are the split's captions, or, for a config with a `describe` section
 
 Store layout (`config.text_cache`): `meta.json` (the encoder settings it was built
 with), and per shard of samples `emb-NNNNN.npy` (float32 [captions, E], memory-mapped)
-with `index-NNNNN.json` ({key: [first row, number of captions]}). Shards are written
-to a temporary name and renamed when complete, so an interrupted run resumes at the
-first missing shard. Multi-host: one process per host with the same arguments, as
-vlpre.main (vlpre/distributed.py); the encoder is sharded over every host's devices and
-process 0 writes the store, which must be a place all hosts see (gs://, a shared disk).
+with `index-NNNNN.json` ({key: [first row, number of captions]}). `meta.json` is
+written first, before any shard, with `complete: false`; a rerun checks it (settings,
+shard size, sample count) and refuses other settings in one line, so a store never
+mixes shards of two encoders. Shards are written to a temporary name and renamed when
+complete, so an interrupted run resumes at the first missing shard; `meta.json` is
+rewritten with `complete: true` at the end. Multi-host: one process per host with the
+same arguments, as vlpre.main (vlpre/distributed.py); the encoder is sharded over every
+host's devices and process 0 writes the store, which must be a place all hosts see
+(gs://, a shared disk).
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ import tqdm
 from vlpre import sharding
 from vlpre import storage
 from vlpre import text_encoders
+from vlpre.text_encoders import recipes
 from vlpre.data import sources
 from vlpre.data import text_batching
 from vlpre.data import transforms
@@ -47,7 +53,8 @@ from vlpre.data import transforms
 
 @functools.lru_cache(maxsize=4)
 def _load_encoder(name: str, max_len: int, dtype: str, pooling: str | None, normalize: bool,
-                  template: str, layer: int, scan: bool = True):
+                  template: str | None, layer: int, scan: bool = True, recipe_digest: str = ""):
+  del recipe_digest  # part of the cache key only: a recipe re-saved under its name reloads
   return text_encoders.load_text_encoder(name, max_len=max_len, dtype=jnp.dtype(dtype),
                                          pooling=pooling, normalize=normalize,
                                          template=template, layer=layer, scan=scan)
@@ -57,12 +64,14 @@ def text_encoder(config):
   """The frozen encoder named by `config.text_encoder` (loaded once per process).
 
   `text_encoder.scan` (default True) scans the decoder's layers; False unrolls them
-  (one parameter subtree per layer; XLA's cost analysis then counts every layer).
+  (one parameter subtree per layer; XLA's cost analysis then counts every layer). An
+  empty template or pooling takes the encoder's own: a saved recipe's
+  (vlpre.text_encoders.recipes), else the text alone and the native pooling.
   """
   t = config.text_encoder
   return _load_encoder(t.name, t.max_len, t.get("dtype", "float32"), t.get("pooling") or None,
-                       t.get("normalize", True), t.get("template", "{text}"), t.get("layer", -1),
-                       bool(t.get("scan", True)))
+                       t.get("normalize", True), t.get("template") or None, t.get("layer", -1),
+                       bool(t.get("scan", True)), getattr(recipes.find(t.name), "digest", ""))
 
 
 def descriptions_file(config) -> str:
@@ -108,6 +117,9 @@ def encoder_settings(config) -> dict[str, Any]:
   settings = {"name": t.name, "max_len": int(t.max_len), "pooling": t.get("pooling") or None,
               "normalize": bool(t.get("normalize", True)), "template": t.get("template", "{text}"),
               "layer": int(t.get("layer", -1)), "caption_field": config.input.caption_field}
+  recipe = recipes.find(t.name)
+  if recipe is not None:  # a tuned recipe: its settings and weights, not just its name
+    settings["recipe"] = recipe.digest
   if config.get("describe"):  # texts from describe's output: the store follows its content
     path = storage.path(descriptions_file(config))
     if not path.exists():
@@ -118,14 +130,23 @@ def encoder_settings(config) -> dict[str, Any]:
 
 
 def cache_dir(config) -> str:
-  """`config.text_cache`, or a default named after the encoder and its settings."""
+  """`config.text_cache`, or by default `embeddings/<encoder>-L<max_len>-<hash of settings and
+  data>` under the run's workdir (`config_lib.with_workdir`): a place every host of the run
+  sees, local or gs://, the same for vlpre.embed and the run it feeds. Embedded
+  descriptions (`config.describe`) sit beside them instead, in `describe.output_dir`:
+  every run over those descriptions shares them."""
   if config.get("text_cache"):
     return config.text_cache
+  root = config.describe.output_dir if config.get("describe") else config.get("workdir")
+  if not root:
+    raise ValueError("text_cache is empty and there is no workdir to keep the embedding "
+                     "store in: pass --workdir (the run's) or set --config.text_cache")
   settings = encoder_settings(config)
   digest = hashlib.sha1(json.dumps({**settings, "train": str(config.input.train)},
                                    sort_keys=True).encode()).hexdigest()[:8]
   name = re.sub(r"[^A-Za-z0-9_.-]+", "_", settings["name"]).strip("_")
-  return os.path.join("workdirs", "embeddings", f"{name}-L{settings['max_len']}-{digest}")
+  return os.path.join(os.fspath(storage.path(root, what="workdir")), "embeddings",
+                      f"{name}-L{settings['max_len']}-{digest}")
 
 
 class EmbeddingStore:
@@ -238,12 +259,11 @@ def build_store(config, *, split_patterns: Sequence[str] | str | None = None,
   root.mkdir(parents=True, exist_ok=True)
   settings = encoder_settings(config)
   meta_path = root / "meta.json"
-  if meta_path.exists():
-    old = json.loads(meta_path.read_text(encoding="utf-8"))
-    if old["settings"] != settings:
-      raise ValueError(f"{directory} holds embeddings built with {old['settings']}; "
-                       f"the config asks for {settings}. Use another text_cache directory.")
   source = sources.TarShardSource(split_patterns or config.input.train, config.input.data_dir)
+  started = {"settings": settings, "shard_size": shard_size, "num_samples": len(source)}
+  _check_resume(root, directory, started)
+  if jax.process_index() == 0 and not meta_path.exists():  # before any shard (module docstring)
+    storage.write_atomic(meta_path, json.dumps({**started, "complete": False}, indent=1))
   descriptions = None
   if config.get("describe"):
     descriptions = read_descriptions(descriptions_file(config))
@@ -304,11 +324,33 @@ def build_store(config, *, split_patterns: Sequence[str] | str | None = None,
       count += len(rows)
     storage.write_atomic(root / "mean.npy", _npy_bytes((total / max(count, 1)).astype(np.float32)))
     storage.write_atomic(meta_path, json.dumps(
-        {"settings": settings, "dim": encoder.dim, "num_shards": num_shards,
-         "num_samples": len(source), "complete": True}, indent=1))
+        {**started, "dim": encoder.dim, "num_shards": num_shards, "complete": True}, indent=1))
     logging.info("embedding store complete: %s (%d samples)", directory, len(source))
   _sync_processes("vlpre.embed: store complete")
   return EmbeddingStore(directory, settings)
+
+
+def _check_resume(root, directory: str, started: dict[str, Any]) -> None:
+  """Refuses, in one line, to add shards to a store begun with other settings, shard size
+  or data (`started`: what this run would write into meta.json), or to one whose shards
+  have no meta.json to say what built them."""
+  meta_path = root / "meta.json"
+  if not meta_path.exists():
+    if any(root.glob("emb-*.npy")) or any(root.glob("index-*.json")):
+      raise ValueError(f"{directory} holds embedding shards but no meta.json: the settings "
+                       "that built them are unknown; delete them or use another text_cache")
+    return
+  old = json.loads(meta_path.read_text(encoding="utf-8"))
+  before, now = old.get("settings") or {}, started["settings"]
+  changed = [f"{name}: {before.get(name)!r} -> {now.get(name)!r}"
+             for name in dict.fromkeys([*before, *now]) if before.get(name) != now.get(name)]
+  changed += [f"{name}: {old[name]!r} -> {started[name]!r}"
+              for name in ("shard_size", "num_samples")
+              if old.get(name, started[name]) != started[name]]  # absent: an older store
+  if changed:
+    raise ValueError(f"{directory} holds embeddings begun with other settings "
+                     f"({'; '.join(changed)}): finish it with the settings it was begun "
+                     "with, or use another text_cache")
 
 
 def _sync_processes(name: str) -> None:

@@ -27,9 +27,9 @@ from absl import flags
 import numpy as np
 from flax import traverse_util
 
+from vlpre import checkpoint
 from vlpre import llm as llm_lib
 from vlpre import sharding
-from vlpre import train
 
 
 def block_outlier_shares(params: Mapping[str, Any], threshold: float = 1.0) -> list[float]:
@@ -56,7 +56,7 @@ def block_outlier_shares(params: Mapping[str, Any], threshold: float = 1.0) -> l
 
 
 def _latest_params(workdir: str, prefix: str) -> Any:
-  return train.load_from_workdir(workdir, [prefix])[prefix]
+  return checkpoint.restore_params(workdir, [prefix], what="--workdir")[prefix]
 
 
 def analyze(out_dir: str, *, llm: str = "smollm2-135m", num_layers: int = 0,
@@ -94,14 +94,6 @@ def analyze(out_dir: str, *, llm: str = "smollm2-135m", num_layers: int = 0,
   return rows
 
 
-_OUT = flags.DEFINE_string("out", "workdirs/outliers", "where outliers.md / outliers.png go")
-_LLM = flags.DEFINE_string("llm", "smollm2-135m", "the pretrained decoder")
-_NUM_LAYERS = flags.DEFINE_integer("num_layers", 0, "its first N blocks (0: all)")
-_BRIDGE = flags.DEFINE_string("bridge_workdir", "", "a bridge run (its `llm` weights)")
-_VIT = flags.DEFINE_string("vit_workdir", "", "a vlpre run with an `img` ViT (CLIP, LIFT)")
-_THRESHOLD = flags.DEFINE_float("threshold", 1.0, "|w| above this is an outlier")
-
-
 def main(argv):
   del argv
   analyze(_OUT.value, llm=_LLM.value, num_layers=_NUM_LAYERS.value,
@@ -111,4 +103,11 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags are defined here, not on import: other modules define flags of the same names.
+  _OUT = flags.DEFINE_string("out", "workdirs/outliers", "where outliers.md / outliers.png go")
+  _LLM = flags.DEFINE_string("llm", "smollm2-135m", "the pretrained decoder")
+  _NUM_LAYERS = flags.DEFINE_integer("num_layers", 0, "its first N blocks (0: all)")
+  _BRIDGE = flags.DEFINE_string("bridge_workdir", "", "a bridge run (its `llm` weights)")
+  _VIT = flags.DEFINE_string("vit_workdir", "", "a vlpre run with an `img` ViT (CLIP, LIFT)")
+  _THRESHOLD = flags.DEFINE_float("threshold", 1.0, "|w| above this is an outlier")
   app.run(main)

@@ -18,6 +18,7 @@ METHOD = methods.Method(
     build=model.build,
     input_extras=model.input_extras,
     build_tokenizer=model.build_tokenizer,
+    reads_embedding_store=model.text_loss_enabled,  # the CE-only baseline embeds nothing
     pretrained=(methods.PretrainedField("text_encoder", "name"),
                 methods.PretrainedField(
                     "describe.llm", "name",

@@ -41,7 +41,7 @@ import jax
 from ml_collections import config_flags
 import tqdm
 
-from vlpre import config_lib, data, methods, optim, stages, train
+from vlpre import checkpoint, config_lib, data, methods, optim, stages, train
 from vlpre import llm as llm_lib
 from vlpre import storage
 from vlpre.evaluators import captioning, common
@@ -304,7 +304,8 @@ def caption_images(config, *, progress: bool = True) -> dict[str, str]:
     params = train.load_params(os.path.join(
         stages.stage_dir(cap["workdir"], last, cap_config.stages[last]), "final_params"))
   else:
-    params = optim.merge(params, train.load_from_workdir(cap["workdir"], tuple(s.state.params)))
+    params = optim.merge(params, checkpoint.restore_params(cap["workdir"], tuple(s.state.params),
+                                                             what="describe.captioner.workdir"))
   variables = {**jax.device_get(s.variables(s.state)), "params": params}
   size = cap_config.input.image_size
   cfg = dict(image_size=size, resize_size=size, max_new_tokens=int(config.describe.max_new_tokens),

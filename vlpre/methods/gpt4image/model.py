@@ -2,7 +2,7 @@
 
 GPT4Image (arXiv 2306.00693) trains an ordinary classifier with L = CE + λ·L_text, where
 L_text aligns a projection of the pooled feature with a frozen text encoder's embedding
-of an LLM-written description of the image (see vlpre/describe.py, vlpre/embed.py and
+of an LLM-written description of the image (see describe.py here, vlpre/embed.py and
 vlpre/losses/classification.py). The projector, Linear(d→2D, no bias) → BatchNorm → ReLU →
 Linear(2D→D), is used only in training: evaluation reads `classify` / `embed_image`.
 

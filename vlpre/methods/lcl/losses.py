@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from vlpre.losses import reduction
 from vlpre.losses.contrastive import info_nce, l2_normalize
 from vlpre.losses.language_modeling import next_token_cross_entropy
 
@@ -75,6 +76,7 @@ def lcl_contrastive(outputs, batch):
                 "logit_scale": outputs["logit_scale"]}
 
 
+@reduction.per_example("num_tokens")
 def lcl_generation(outputs, batch):
   """Next-token cross-entropy where `target_mask` marks a text token as the next one.
 

@@ -17,7 +17,7 @@ The causal model is vlpre.llm's Decoder (`llm`), either
       are `hidden @ special_embed.T`, appended after the LLM's, as a grown tied table
       would give (so every id of a row, specials included, is a valid target index).
 The decoder's output at each `<soi>` (final norm applied by the decoder) → `txt_proj` is
-soi_embedding_BxMxE, L_con's text side; its logits serve L_gen (vlpre/losses/lcl.py).
+soi_embedding_BxMxE, L_con's text side; its logits serve L_gen (losses.py here).
 
 Evaluators: `embed_image` (zimg = projected global latent, pre_logits = the latent);
 `embed_patches` = the ViT's final per-patch tokens (as every other method's, so probes

@@ -106,6 +106,11 @@ def input_extras(config) -> methods.InputExtras:
                             tokenize=False)
 
 
+def reads_embedding_store(config) -> bool:
+  """Cached mode joins the store's embeddings; centring reads its mean in either mode."""
+  return config.text_mode == "cached" or bool(config.text_encoder.get("center", False))
+
+
 def build(config) -> methods.Built:
   encoder = store_lib.text_encoder(config)
   center = bool(config.text_encoder.get("center", False))

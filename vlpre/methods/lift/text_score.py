@@ -9,7 +9,7 @@ nearest neighbours (cosine); a fixed text target that cannot tell one photo's ca
 from another's cannot teach an image tower either (LIFT, METHODS.md). Chance R@1 is
 4 / (N − 1).
 
-`bench/text_recipes.py` runs this over templates × layers × pooling for the README table.
+`vlpre.methods.lift.text_recipes` runs this over templates × layers × pooling for the README table.
 """
 from __future__ import annotations
 
@@ -76,7 +76,6 @@ def score(config, *, pattern: str = "flickr8k/val-*.tar", max_images: int = 0,
 
 
 _CONFIG = None
-_MAX_IMAGES = flags.DEFINE_integer("max_images", 0, "score the first N images' captions (0: all)")
 
 
 def main(argv):
@@ -88,6 +87,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags are defined here, not on import: other modules define flags of the same names.
+  _MAX_IMAGES = flags.DEFINE_integer("max_images", 0, "score the first N images' captions (0: all)")
   _CONFIG = config_flags.DEFINE_config_file("config", None, "A LIFT config (its text_encoder).")
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -1,6 +1,6 @@
 """Text-side table: caption↔caption R@1 on Flickr8k val for each text-embedding recipe.
 
-    python bench/text_recipes.py [--max_images 500] [--out bench/text_recipes.md]
+    python -m vlpre.methods.lift.text_recipes [--max_images 500] [--out vlpre/methods/lift/text_recipes.md]
 
 For SmolLM2-135M-Instruct, each template runs the decoder once per batch with every
 layer's output kept (`return_all_hidden`), so all (layer, pooling, centring) choices of
@@ -12,13 +12,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # pylint: disable=g-import-not-at-top
+import jax
 import numpy as np
 
 from vlpre import text_encoders

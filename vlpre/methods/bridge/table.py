@@ -1,7 +1,7 @@
 """Bridge training on CPU: transfer after bridging, every variant at equal compute → a table.
 
     make fashion-mnist                 # once: the second target's shards
-    python bench/bridge_table.py       # the runs, then table.md, outliers.md/png
+    python -m vlpre.methods.bridge.table       # the runs, then table.md, outliers.md/png
 
 Variants (configs/bridge.py:tiny — SmolLM2's first 4 blocks, 8 px patches, 32 px images):
   (a) LLM blocks + full bridge          random-label bridge training of every block
@@ -18,18 +18,19 @@ rerun (their results are read back from `--root`).
 """
 from __future__ import annotations
 
-import common  # pylint: disable=g-bad-import-order  (sets XLA_FLAGS before jax)
-
-common.use_one_device()
-
-import os  # pylint: disable=g-import-not-at-top,wrong-import-position
+import os
 import time
 
 from absl import app
 from absl import flags
-from absl import logging
 
-ROOT = common.ROOT
+from vlpre.methods import tables
+from vlpre import config_lib
+from vlpre import metrics
+from vlpre import train
+from vlpre.methods.bridge import analyze_outliers
+
+ROOT = tables.CHECKOUT
 
 # name → (configs/bridge.py options, bridged?)
 VARIANTS = {
@@ -47,17 +48,8 @@ LABELS = {
     "d_random_init_bridge": "(d) random init + full bridge",
 }
 
-_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "Which variants.")
-_TARGETS = flags.DEFINE_list("targets", ["cifar10", "fashion_mnist"], "Transfer targets.")
-_BRIDGE_STEPS = flags.DEFINE_integer("bridge_steps", 300, "Stage-1 steps (random labels).")
-_FT_STEPS = flags.DEFINE_integer("finetune_steps", 200, "Stage-2 fine-tuning steps.")
-_OUT = flags.DEFINE_string("root", "workdirs/bridge_bench", "Workdirs, results.json, table.md.")
-_VIT = flags.DEFINE_string("outlier_vit_workdir", "workdirs/lift_smollm2_prompteol",
-                           "A vision-trained vlpre run for the outlier comparison ('' for none).")
-
 
 def load_config(arg: str):
-  from vlpre import config_lib  # pylint: disable=g-import-not-at-top
   return config_lib.load(os.path.join(ROOT, "configs", "bridge.py") + ":" + arg)
 
 
@@ -66,7 +58,6 @@ def _arg(*parts: str) -> str:
 
 
 def bridge(variant: str) -> dict:
-  from vlpre import train  # pylint: disable=g-import-not-at-top
   config = load_config(_arg(VARIANTS[variant][0]))
   config.total_steps = _BRIDGE_STEPS.value
   config.checkpoint.every_steps = 10**9  # only the final save
@@ -77,7 +68,6 @@ def bridge(variant: str) -> dict:
 
 
 def finetune(variant: str, target: str) -> dict:
-  from vlpre import train  # pylint: disable=g-import-not-at-top
   options, bridged = VARIANTS[variant]
   config = load_config(_arg("finetune", f"target={target}", options))
   config.total_steps = _FT_STEPS.value
@@ -87,7 +77,6 @@ def finetune(variant: str, target: str) -> dict:
   workdir = os.path.join(_OUT.value, f"{variant}_ft_{target}")
   start = time.time()
   final = train.run(config, workdir)
-  from vlpre import metrics  # pylint: disable=g-import-not-at-top
   probe = [r for r in metrics.read_metrics(workdir) if "linear_probe/top1" in r]
   return {"probe": probe[0]["linear_probe/top1"], "finetune": final["classify/top1"],
           "loss": final["loss"], "seconds": time.time() - start}
@@ -113,8 +102,7 @@ def table(results: dict) -> str:
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
-  results = common.Results(_OUT.value)
+  results = tables.start(_OUT.value)
 
   for variant in _VARIANTS.value:
     if VARIANTS[variant][1]:
@@ -122,11 +110,8 @@ def main(argv):
     for target in _TARGETS.value:
       results.record(f"{variant}/{target}", finetune, variant, target)
   text = table({k: v for k, v in results.data.items() if not k.endswith("/bridge")})
-  with open(os.path.join(_OUT.value, "table.md"), "w") as f:
-    f.write(text)
-  print(text)
+  results.write(text)
   if "a_full_bridge" in _VARIANTS.value:
-    from vlpre.methods.bridge import analyze_outliers  # pylint: disable=g-import-not-at-top
     vit = _VIT.value if _VIT.value and os.path.isdir(_VIT.value) else ""
     analyze_outliers.analyze(_OUT.value, num_layers=4, vit_workdir=vit,
                              bridge_workdir=os.path.join(_OUT.value, "a_full_bridge"))
@@ -135,4 +120,12 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags are defined here, not on import: other modules define flags of the same names.
+  _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "Which variants.")
+  _TARGETS = flags.DEFINE_list("targets", ["cifar10", "fashion_mnist"], "Transfer targets.")
+  _BRIDGE_STEPS = flags.DEFINE_integer("bridge_steps", 300, "Stage-1 steps (random labels).")
+  _FT_STEPS = flags.DEFINE_integer("finetune_steps", 200, "Stage-2 fine-tuning steps.")
+  _OUT = flags.DEFINE_string("root", "workdirs/bridge_bench", "Workdirs, results.json, table.md.")
+  _VIT = flags.DEFINE_string("outlier_vit_workdir", "workdirs/lift_smollm2_prompteol",
+                             "A vision-trained vlpre run for the outlier comparison ('' for none).")
   app.run(main)

@@ -2,7 +2,7 @@
 
     python -m vlpre.methods.gpt4image.describe --config=configs/gpt4image.py:tiny   # once: descriptions
     python -m vlpre.embed    --config=configs/gpt4image.py:tiny   # once: their embeddings
-    python bench/gpt4image_table.py                              # 12 runs, then the table
+    python -m vlpre.methods.gpt4image.table                              # 12 runs, then the table
 
 Every run is the real `train.run` of `configs/gpt4image.py:<variant>` on one CPU device,
 with only the step count, seed and λ (`text_loss_weight`) changed, followed by top-1 on
@@ -12,15 +12,12 @@ runs are skipped on a rerun (their results are read back from `--root`).
 """
 from __future__ import annotations
 
-import common  # pylint: disable=g-bad-import-order  (sets XLA_FLAGS before jax)
-
-common.use_one_device()
-
-import ast  # pylint: disable=g-import-not-at-top,wrong-import-position
+import ast
 import functools
 import json
 import os
 import re
+import shutil
 import statistics
 import time
 
@@ -28,18 +25,12 @@ from absl import app
 from absl import flags
 from absl import logging
 
-ROOT = common.ROOT
+from vlpre.methods import tables
+from vlpre import config_lib
+from vlpre import train
+from vlpre.methods.gpt4image import describe
 
-_VARIANTS = flags.DEFINE_list("variants", ["tiny_resnet", "tiny_vit"], "configs/gpt4image.py args.")
-_WEIGHTS = flags.DEFINE_list("weights", ["0", "0.3"], "text_loss_weight values (0 = CE only).")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (init, data order, augmentation).")
-_STEPS = flags.DEFINE_integer("steps", 0, "Training steps per run (0: the config's).")
-_TEST = flags.DEFINE_integer("test_examples", 0, "Test images evaluated (0: all 10,000).")
-_OUT = flags.DEFINE_string("root", "workdirs/gpt4image_bench", "Workdirs, results.json, table.md.")
-_SET = flags.DEFINE_string("set", "", "Config overrides for every run, comma-separated "
-                           "section.key=value items, e.g. describe.output_dir=workdirs/d/x "
-                           "(use another --root); a comma not followed by section.key= stays "
-                           "in the value (describe.captioner.config=configs/hive.py:tiny,pool=cls).")
+ROOT = tables.CHECKOUT
 
 
 def split_overrides(text: str) -> list[str]:
@@ -48,7 +39,6 @@ def split_overrides(text: str) -> list[str]:
 
 
 def load_config(arg: str):
-  from vlpre import config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.load(os.path.join(ROOT, "configs", "gpt4image.py") + ":" + arg)
   for item in split_overrides(_SET.value):
     path, value = item.split("=", 1)
@@ -63,7 +53,6 @@ def load_config(arg: str):
 
 
 def run_one(variant: str, weight: float, seed: int, workdir: str) -> dict:
-  from vlpre import train  # pylint: disable=g-import-not-at-top
   config = load_config(variant)
   config.text_loss_weight = weight
   config.seed = seed
@@ -116,6 +105,7 @@ def table(results: list[dict], describer: str, encoder: str) -> str:
 
 def main(argv):
   del argv
+  tables.use_one_device()
   logging.set_verbosity(logging.WARNING)
   os.makedirs(_OUT.value, exist_ok=True)
   results_path = os.path.join(_OUT.value, "results.json")
@@ -134,7 +124,6 @@ def main(argv):
       continue
     workdir = _workdir(variant, weight, seed, steps)
     if os.path.exists(workdir):  # a run interrupted mid-way: start it over, not resume it
-      import shutil  # pylint: disable=g-import-not-at-top
       shutil.rmtree(workdir)
     print(f"[{i + 1}/{len(plan)}] {variant} text_loss_weight={weight:g} seed={seed}", flush=True)
     result = run_one(variant, weight, seed, workdir)
@@ -143,7 +132,6 @@ def main(argv):
     with open(results_path, "w", encoding="utf-8") as f:
       json.dump(results, f, indent=1)
 
-  from vlpre.methods.gpt4image import describe  # pylint: disable=g-import-not-at-top
   meta_path = os.path.join(config.describe.output_dir, "meta.json")
   with open(meta_path, encoding="utf-8") as f:
     describer = describe.describer_name(json.load(f))
@@ -151,7 +139,7 @@ def main(argv):
   shown = [r for r in results if (r["variant"], r["weight"], r["seed"]) in wanted
            and r["steps"] == steps_of[r["variant"]]]
   for r in shown:
-    r["seconds_per_step"] = common.seconds_per_step(_workdir(r["variant"], r["weight"], r["seed"],
+    r["seconds_per_step"] = tables.seconds_per_step(_workdir(r["variant"], r["weight"], r["seed"],
                                                       r["steps"]))
   text = table(shown, describer, config.text_encoder.name)
   with open(os.path.join(_OUT.value, "table.md"), "w", encoding="utf-8") as f:
@@ -160,4 +148,15 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags are defined here, not on import: other modules define flags of the same names.
+  _VARIANTS = flags.DEFINE_list("variants", ["tiny_resnet", "tiny_vit"], "configs/gpt4image.py args.")
+  _WEIGHTS = flags.DEFINE_list("weights", ["0", "0.3"], "text_loss_weight values (0 = CE only).")
+  _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (init, data order, augmentation).")
+  _STEPS = flags.DEFINE_integer("steps", 0, "Training steps per run (0: the config's).")
+  _TEST = flags.DEFINE_integer("test_examples", 0, "Test images evaluated (0: all 10,000).")
+  _OUT = flags.DEFINE_string("root", "workdirs/gpt4image_bench", "Workdirs, results.json, table.md.")
+  _SET = flags.DEFINE_string("set", "", "Config overrides for every run, comma-separated "
+                             "section.key=value items, e.g. describe.output_dir=workdirs/d/x "
+                             "(use another --root); a comma not followed by section.key= stays "
+                             "in the value (describe.captioner.config=configs/hive.py:tiny,pool=cls).")
   app.run(main)

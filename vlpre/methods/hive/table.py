@@ -1,6 +1,6 @@
 """HIVE vs SA on CPU, equal steps → a markdown table.
 
-    python bench/hive_table.py --vit_workdir=workdirs/lift_smollm2_prompteol
+    python -m vlpre.methods.hive.table --vit_workdir=workdirs/lift_smollm2_prompteol
 
 Both captioners (configs/hive.py:tiny, mode=hive and mode=sa) start from the same ViT
 (`--vit_workdir`, a vlpre run with an `img` tower: the tiny LIFT run; its pooling given
@@ -13,30 +13,20 @@ a rerun.
 """
 from __future__ import annotations
 
-import common  # pylint: disable=g-bad-import-order  (sets XLA_FLAGS before jax)
-
-common.use_one_device()
-
-import os  # pylint: disable=g-import-not-at-top,wrong-import-position
+import os
 import time
 
 from absl import app
 from absl import flags
-from absl import logging
 
-ROOT = common.ROOT
+from vlpre.methods import tables
+from vlpre import config_lib
+from vlpre import stages
 
-_VIT = flags.DEFINE_string("vit_workdir", "workdirs/lift_smollm2_prompteol",
-                           "The ViT's run ('' : from scratch).")
-_POOL = flags.DEFINE_string("pool", "mean", "That run's ViT pooling.")
-_STEPS = flags.DEFINE_list("steps", ["60", "60", "60"], "Steps of the three stages.")
-_BATCH = flags.DEFINE_integer("batch_size", 16, "Captions per step.")
-_CAPTIONS = flags.DEFINE_integer("caption_examples", 200, "Flickr8k val images captioned.")
-_OUT = flags.DEFINE_string("root", "workdirs/hive_bench", "Workdirs, results.json, table.md.")
+ROOT = tables.CHECKOUT
 
 
 def config_for(mode: str):
-  from vlpre import config_lib  # pylint: disable=g-import-not-at-top
   c = config_lib.load(os.path.join(ROOT, "configs", "hive.py") + f":tiny,mode={mode},pool={_POOL.value}")
   c.init_from.workdir = _VIT.value
   c.batch_size = _BATCH.value
@@ -47,14 +37,13 @@ def config_for(mode: str):
 
 
 def run_one(mode: str) -> dict:
-  from vlpre import stages  # pylint: disable=g-import-not-at-top
   config = config_for(mode)
   workdir = os.path.join(_OUT.value, mode)
   start = time.time()
   stages.run(config, workdir)
   dirs = [stages.stage_dir(workdir, i, s) for i, s in enumerate(config.stages)]
-  before = common.metrics_at(dirs[0], 0)
-  after = common.metrics_at(dirs[-1], config.stages[-1]["steps"])
+  before = tables.metrics_at(dirs[0], 0)
+  after = tables.metrics_at(dirs[-1], config.stages[-1]["steps"])
   return {"before": before, "after": after, "seconds": time.time() - start}
 
 
@@ -79,15 +68,20 @@ def table(results: dict) -> str:
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
-  results = common.Results(_OUT.value)
+  results = tables.start(_OUT.value)
   for mode in ("hive", "sa"):
     results.record(mode, run_one, mode)
   text = table(results.data)
-  with open(os.path.join(_OUT.value, "table.md"), "w") as f:
-    f.write(text)
-  print(text)
+  results.write(text)
 
 
 if __name__ == "__main__":
+  # Flags are defined here, not on import: other modules define flags of the same names.
+  _VIT = flags.DEFINE_string("vit_workdir", "workdirs/lift_smollm2_prompteol",
+                             "The ViT's run ('' : from scratch).")
+  _POOL = flags.DEFINE_string("pool", "mean", "That run's ViT pooling.")
+  _STEPS = flags.DEFINE_list("steps", ["60", "60", "60"], "Steps of the three stages.")
+  _BATCH = flags.DEFINE_integer("batch_size", 16, "Captions per step.")
+  _CAPTIONS = flags.DEFINE_integer("caption_examples", 200, "Flickr8k val images captioned.")
+  _OUT = flags.DEFINE_string("root", "workdirs/hive_bench", "Workdirs, results.json, table.md.")
   app.run(main)

@@ -2,7 +2,7 @@
 
     python -m vlpre.data.convert --mode=interleaved --pairs='flickr8k/train-*.tar' \
         --out_dir=workdirs/data/flickr8k_interleaved --split=train   # once
-    python bench/lcl_table.py --steps=200
+    python -m vlpre.methods.lcl.table --steps=200
 
 Three real `train.run`s on one CPU device, seed 0, the same step count and the same
 Flickr8k train images: `configs/lcl.py:tiny,paired` (pairs as 2-element documents),
@@ -14,23 +14,20 @@ decoder) captioning BLEU-4 / CIDEr on Flickr8k val. Finished runs are skipped on
 """
 from __future__ import annotations
 
-import common  # pylint: disable=g-bad-import-order  (sets XLA_FLAGS before jax)
-
-common.use_one_device()
-
-import math  # pylint: disable=g-import-not-at-top,wrong-import-position
+import math
 import os
 import time
 
 from absl import app
 from absl import flags
-from absl import logging
+import ml_collections as mlc
 
-ROOT = common.ROOT
+from vlpre.methods import tables
+from vlpre import config_lib
+from vlpre import train
 
-_STEPS = flags.DEFINE_integer("steps", 200, "Training steps of every run.")
-_RUNS = flags.DEFINE_list("runs", ["lcl_paired", "lcl_interleaved", "clip"], "Runs, in order.")
-_OUT = flags.DEFINE_string("root", "workdirs/lcl_bench", "Workdirs, results.json, table.md.")
+ROOT = tables.CHECKOUT
+
 
 CONFIGS = {"lcl_paired": "lcl.py:tiny,paired", "lcl_interleaved": "lcl.py:tiny",
            "clip": "clip.py:tiny"}
@@ -39,8 +36,6 @@ NAMES = {"lcl_paired": "LCL (paired)", "lcl_interleaved": "LCL (interleaved + pa
 
 
 def config_for(run: str):
-  from vlpre import config_lib  # pylint: disable=g-import-not-at-top
-  import ml_collections as mlc  # pylint: disable=g-import-not-at-top
   c = config_lib.load(os.path.join(ROOT, "configs", CONFIGS[run]))
   c.total_steps = _STEPS.value
   c.checkpoint.every_steps = 10**9
@@ -55,13 +50,12 @@ def config_for(run: str):
 
 
 def run_one(run: str) -> dict:
-  from vlpre import train  # pylint: disable=g-import-not-at-top
   config = config_for(run)
   workdir = os.path.join(_OUT.value, run)
   start = time.time()
   train.run(config, workdir)
-  final = common.metrics_at(workdir, config.total_steps)
-  final["median_step_seconds"] = common.seconds_per_step(workdir)
+  final = tables.metrics_at(workdir, config.total_steps)
+  final["median_step_seconds"] = tables.seconds_per_step(workdir)
   final["seconds"] = time.time() - start
   return final
 
@@ -93,15 +87,16 @@ def table(results: dict) -> str:
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
-  results = common.Results(_OUT.value)
+  results = tables.start(_OUT.value)
   for run in _RUNS.value:
     results.record(run, run_one, run)
   text = table({k: results.data[k] for k in _RUNS.value})
-  with open(os.path.join(_OUT.value, "table.md"), "w") as f:
-    f.write(text)
-  print(text)
+  results.write(text)
 
 
 if __name__ == "__main__":
+  # Flags are defined here, not on import: other modules define flags of the same names.
+  _STEPS = flags.DEFINE_integer("steps", 200, "Training steps of every run.")
+  _RUNS = flags.DEFINE_list("runs", ["lcl_paired", "lcl_interleaved", "clip"], "Runs, in order.")
+  _OUT = flags.DEFINE_string("root", "workdirs/lcl_bench", "Workdirs, results.json, table.md.")
   app.run(main)

@@ -1,7 +1,7 @@
 """GPT4Image with three describers: does describing the IMAGE add anything over the label?
 
-    python bench/lcl_table.py --runs=clip          # the tiny CLIP run whose ViT HIVE starts from
-    python bench/describer_table.py --vit_workdir=workdirs/lcl_bench/clip
+    python -m vlpre.methods.lcl.table --runs=clip          # the tiny CLIP run whose ViT HIVE starts from
+    python -m vlpre.methods.gpt4image.describer_table --vit_workdir=workdirs/lcl_bench/clip
 
 1. A HIVE captioner (configs/hive.py:tiny, pool=cls) from that ViT and the packaged
    SmolLM2, through HIVE's three stages (`--hive_steps` each, `--hive_batch` captions per
@@ -14,17 +14,13 @@
    `captioner`  the HIVE captioner writes one greedy caption from each training IMAGE
                 (`vlpre-captioner`, the paper's mechanism).
    Each is embedded with the config's frozen text encoder (`vlpre.embed`).
-3. `bench/gpt4image_table.py` for each: CE only and CE + 0.3·L_text, seeds 0/1/2, at
+3. `vlpre.methods.gpt4image.table` for each: CE only and CE + 0.3·L_text, seeds 0/1/2, at
    `--variant` (the CE-only arm reads no descriptions: it is run once, under class_llm).
 Every stage resumes or skips what is done. The combined table goes to `<root>/table.md`.
 """
 from __future__ import annotations
 
-import common  # pylint: disable=g-bad-import-order  (sets XLA_FLAGS before jax)
-
-common.use_one_device()
-
-import json  # pylint: disable=g-import-not-at-top,wrong-import-position
+import json
 import os
 import statistics
 import subprocess
@@ -33,16 +29,15 @@ import time
 
 from absl import app
 from absl import flags
-from absl import logging
 
-ROOT = common.ROOT
+from vlpre.methods import tables
+from vlpre import config_lib
+from vlpre import data
+from vlpre import stages
+from vlpre.methods.gpt4image import describe
 
-_VIT = flags.DEFINE_string("vit_workdir", "workdirs/lcl_bench/clip", "The ViT's run (CLIP tiny).")
-_HIVE_STEPS = flags.DEFINE_list("hive_steps", ["60", "60", "60"], "Steps of HIVE's three stages.")
-_HIVE_BATCH = flags.DEFINE_integer("hive_batch", 16, "Captions per HIVE step.")
-_VARIANT = flags.DEFINE_string("variant", "tiny_vit", "configs/gpt4image.py variant.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the classifier runs.")
-_OUT = flags.DEFINE_string("root", "workdirs/describer_bench", "Everything this script writes.")
+ROOT = tables.CHECKOUT
+
 
 HIVE_CONFIG = "configs/hive.py:tiny,pool=cls"
 DESCRIBERS = ("class_llm", "fixed", "captioner")
@@ -52,7 +47,6 @@ NAMES = {"class_llm": "SmolLM2 from the class name (8 per class)",
 
 
 def hive_config():
-  from vlpre import config_lib  # pylint: disable=g-import-not-at-top
   c = config_lib.load(os.path.join(ROOT, HIVE_CONFIG))
   c.init_from.workdir = _VIT.value
   c.batch_size = _HIVE_BATCH.value
@@ -63,13 +57,12 @@ def hive_config():
 
 
 def train_captioner() -> dict:
-  from vlpre import stages  # pylint: disable=g-import-not-at-top
   config = hive_config()
   workdir = os.path.join(_OUT.value, "hive")
   start = time.time()
   stages.run(config, workdir)
   last = stages.stage_dir(workdir, len(config.stages) - 1, config.stages[-1])
-  final = common.metrics_at(last, config.stages[-1]["steps"])
+  final = tables.metrics_at(last, config.stages[-1]["steps"])
   return {"bleu4": final["captioning/bleu4"], "cider": final["captioning/cider"],
           "seconds": time.time() - start}
 
@@ -87,7 +80,6 @@ def describer_overrides(name: str) -> list[str]:
 
 def write_fixed_text() -> None:
   """key → "a photo of a {class}." for every training image of the GPT4Image config."""
-  from vlpre import config_lib, data, describe  # pylint: disable=g-import-not-at-top
   path = os.path.join(_OUT.value, "fixed_text.jsonl")
   if os.path.exists(path):
     return
@@ -116,7 +108,7 @@ def prepare(name: str) -> None:
 
 def train_arms(name: str) -> None:
   weights = "0,0.3" if name == "class_llm" else "0.3"
-  _python("bench/gpt4image_table.py", f"--root={_OUT.value}/runs_{name}",
+  _python("-m", "vlpre.methods.gpt4image.table", f"--root={_OUT.value}/runs_{name}",
           f"--variants={_VARIANT.value}", f"--weights={weights}", f"--seeds={','.join(_SEEDS.value)}",
           "--set=" + ",".join(describer_overrides(name)))
 
@@ -153,8 +145,7 @@ def table(captioner: dict) -> str:
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
-  results = common.Results(_OUT.value)
+  results = tables.start(_OUT.value)
   captioner = results.record("captioner", train_captioner)
   write_fixed_text()
   for name in DESCRIBERS:
@@ -162,10 +153,15 @@ def main(argv):
   for name in DESCRIBERS:
     train_arms(name)
   text = table(captioner)
-  with open(os.path.join(_OUT.value, "table.md"), "w", encoding="utf-8") as f:
-    f.write(text)
-  print(text)
+  results.write(text)
 
 
 if __name__ == "__main__":
+  # Flags are defined here, not on import: other modules define flags of the same names.
+  _VIT = flags.DEFINE_string("vit_workdir", "workdirs/lcl_bench/clip", "The ViT's run (CLIP tiny).")
+  _HIVE_STEPS = flags.DEFINE_list("hive_steps", ["60", "60", "60"], "Steps of HIVE's three stages.")
+  _HIVE_BATCH = flags.DEFINE_integer("hive_batch", 16, "Captions per HIVE step.")
+  _VARIANT = flags.DEFINE_string("variant", "tiny_vit", "configs/gpt4image.py variant.")
+  _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the classifier runs.")
+  _OUT = flags.DEFINE_string("root", "workdirs/describer_bench", "Everything this script writes.")
   app.run(main)

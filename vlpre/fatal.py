@@ -1,0 +1,145 @@
+"""A fatal error ends a command with one line and exit 1; the traceback only on request.
+
+    with fatal.one_line_errors(verbose=_VERBOSE.value):
+      train.run(config, workdir)
+
+Every failure the trainer reports (NaN/Inf, too many bad samples, a checkpoint, metrics
+or TensorBoard write that failed, a data read error, a workdir held by another trainer,
+a bad setting) raises an exception whose message says what happened and what is safe.
+This prints that message as `vlpre: <message>` on stderr and exits 1. `verbose`
+(`--verbose_logs`) prints the traceback above it. An exception of another type (a bug)
+gets its type name in the line and a pointer to `--verbose_logs`.
+
+Multi-process runs: an error on one process (its bad-sample limit, a read error of its
+input share) would leave the others waiting in the next collective for good. So the
+failing process posts its line in jax.distributed's key-value store (`end_every_process`,
+called where the trainer's loop fails, before its clean-up could wait on the others);
+every other process watches that key from a thread (`watch_other_processes`, started by
+`one_line_errors`) and exits 1 with the same line, prefixed by the failing process's
+index. The failing process waits up to `ACK_WAIT_S` for each to say it saw the line,
+then exits 1 too. Those exits skip clean-up: a checkpoint being written stays
+unfinished (the next start removes it) and process 0's workdir lock is left for the
+next trainer to take over (vlpre/workdir_lock.py).
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import sys
+import threading
+import time
+import traceback
+from typing import Iterator
+
+import jax
+from jax._src import distributed as jax_distributed  # the coordination service's client,
+# reached as orbax reaches it (orbax.checkpoint's multihost.get_jax_distributed_client)
+
+# The types vlpre raises for failures it explains: their message is the whole story.
+EXPLAINED = (FloatingPointError, OSError, ValueError, RuntimeError)
+MAX_CHARS = 2000  # an XLA error can run to pages; one line stays readable
+FATAL_KEY = "vlpre/fatal"          # the failing process's line, in the key-value store
+SEEN_KEY = "vlpre/fatal_seen/"     # + process index: that process saw it and is exiting
+ACK_WAIT_S = 10.0                  # how long the failing process waits for each to see it
+WATCH_POLL_MS = 500                # how long each wait of the watching thread lasts
+_state = {"verbose": False, "watching": False}
+
+
+def one_line(error: BaseException) -> str:
+  """The error as one line: its message with newlines folded, its type where unexplained."""
+  text = " ".join(str(error).split())
+  if not isinstance(error, EXPLAINED) or not text:
+    text = f"{type(error).__name__}: {text}".rstrip(": ")
+    text += " (an unexpected error: --verbose_logs shows its traceback)"
+  return text if len(text) <= MAX_CHARS else text[:MAX_CHARS - 1] + "…"
+
+
+@contextlib.contextmanager
+def one_line_errors(verbose: bool = False) -> Iterator[None]:
+  """Turns an exception in the block into `vlpre: <one line>` and exit status 1 (on every
+  process of a multi-process run)."""
+  _state["verbose"] = verbose
+  watch_other_processes()
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    end_every_process(e)  # returns in a single-process run
+    if verbose:
+      traceback.print_exc()
+    _exit_with(f"vlpre: {one_line(e)}", os_exit=False)
+
+
+def _client():
+  """jax.distributed's client; None unless this is one process of several."""
+  return jax_distributed.global_state.client if jax.process_count() > 1 else None
+
+
+def _exit_with(line: str, os_exit: bool) -> None:
+  sys.stdout.flush()
+  print(line, file=sys.stderr, flush=True)
+  if os_exit:  # the main thread may be stuck in a collective: no clean-up can finish
+    os._exit(1)  # pylint: disable=protected-access
+  sys.exit(1)
+
+
+def watch_other_processes() -> None:
+  """Starts the thread that ends this process with another process's fatal line; it stops
+  when the process exits normally."""
+  client = _client()
+  if client is None or _state["watching"]:
+    return
+  _state["watching"] = True
+  stop = threading.Event()
+
+  def watch():
+    # Short waits, not one long one: a thread still blocked inside the client when the
+    # interpreter shuts down is torn down there, and the C++ runtime aborts the process.
+    while not stop.is_set():
+      try:
+        line = client.blocking_key_value_get(FATAL_KEY, WATCH_POLL_MS)
+        break
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        if "DEADLINE_EXCEEDED" not in str(e):
+          return  # the service is gone: the run is ending anyway
+    else:
+      return
+    try:
+      client.key_value_set(SEEN_KEY + str(jax.process_index()), "1")
+    finally:
+      _exit_with(line, os_exit=True)
+
+  thread = threading.Thread(target=watch, name="vlpre-fatal-watch", daemon=True)
+  thread.start()
+
+  def stop_watching():
+    stop.set()
+    thread.join(timeout=10 * WATCH_POLL_MS / 1000)
+
+  # Runs before jax.distributed's own shutdown (registered earlier; atexit runs last first).
+  atexit.register(stop_watching)
+
+
+def end_every_process(error: BaseException) -> None:
+  """In a multi-process run: posts this error's line for every process and exits 1 once
+  they saw it (or `ACK_WAIT_S` passed). Returns in a single-process run."""
+  client = _client()
+  if client is None:
+    return
+  if _state["verbose"]:
+    traceback.print_exception(error)
+  line = f"vlpre: process {jax.process_index()}: {one_line(error)}"
+  try:
+    client.key_value_set(FATAL_KEY, line)
+  except Exception:  # pylint: disable=broad-exception-caught
+    # ALREADY_EXISTS: another process failed first; its line is the run's.
+    line = client.key_value_try_get(FATAL_KEY) or line
+  deadline = time.monotonic() + ACK_WAIT_S
+  for index in range(jax.process_count()):
+    if index != jax.process_index():
+      try:
+        client.blocking_key_value_get(SEEN_KEY + str(index),
+                                      max(int((deadline - time.monotonic()) * 1000), 1))
+      except Exception:  # pylint: disable=broad-exception-caught
+        break  # not seen in time (or that process is gone): exit regardless
+  _exit_with(line, os_exit=True)
