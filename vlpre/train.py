@@ -19,6 +19,7 @@ finished run does only that.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
@@ -78,6 +79,25 @@ def request_stop(*_):
   if not _STOP.is_set():
     logging.warning("stop requested: finishing the current step, saving it, then exiting")
   _STOP.set()
+
+
+@contextlib.contextmanager
+def _sigterm_requests_stop():
+  """While `run` runs, SIGTERM calls `request_stop`; the caller's own handler is back after.
+
+  Left installed, the handler would outlive the run: a later SIGTERM (a scheduler ending
+  the process, a test runner shutting down its workers) would set a flag nobody reads
+  instead of ending the process.
+  """
+  _STOP.clear()
+  if threading.current_thread() is not threading.main_thread():  # signals go to the main one
+    yield
+    return
+  previous = signal.signal(signal.SIGTERM, request_stop)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 @flax.struct.dataclass
@@ -441,7 +461,7 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
   (vlpre/workdir_lock.py).
   """
   storage.path(workdir, what="workdir").mkdir(parents=True, exist_ok=True)
-  with workdir_lock.held(workdir):
+  with workdir_lock.held(workdir), _sigterm_requests_stop():
     return _run_locked(config, workdir, on_step=on_step, export_params_to=export_params_to,
                        devices=devices, allow_config_change=allow_config_change)
 
@@ -450,9 +470,6 @@ def _run_locked(config, workdir: str, *, on_step, export_params_to, devices,
                 allow_config_change) -> dict[str, float]:
   """`run` in a workdir this trainer holds."""
   config = config_lib.with_workdir(config, workdir)  # run-relative defaults: the text store
-  _STOP.clear()
-  if threading.current_thread() is threading.main_thread():
-    signal.signal(signal.SIGTERM, request_stop)
 
   ckpt = checkpoint_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
