@@ -71,6 +71,19 @@ def _process_start(pid: int) -> str | None:
   return None if fields[0] in ("Z", "X") else fields[19]
 
 
+def _read_record(path) -> dict | None:
+  """A lock file's record; None if there is no lock; {} if it cannot be parsed."""
+  try:
+    text = path.read_text(encoding="utf-8")
+  except FileNotFoundError:
+    return None
+  try:
+    record = json.loads(text)
+  except json.JSONDecodeError:
+    return {}
+  return record if isinstance(record, dict) else {}
+
+
 class WorkdirLock:
   """The lock of one workdir (module docstring). `acquire`, then `release`."""
 
@@ -195,16 +208,7 @@ class WorkdirLock:
   # ------------------------------------------------------------------ the file
 
   def _read(self) -> dict | None:
-    """The lock's record; None if there is no lock; {} if it cannot be parsed."""
-    try:
-      text = self.path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-      return None
-    try:
-      record = json.loads(text)
-    except json.JSONDecodeError:
-      return {}
-    return record if isinstance(record, dict) else {}
+    return _read_record(self.path)
 
   def _create(self) -> bool:
     """Writes the record where there was no lock; False if another trainer was faster."""
@@ -270,10 +274,10 @@ def _check_shared(workdir: str, lock: WorkdirLock | None) -> None:
     return
   token = distributed.broadcast_text(lock.record["token"] if lock is not None else "")
   try:
-    seen = json.loads(storage.path(workdir, what="workdir").joinpath(LOCK_NAME).read_text(
-        encoding="utf-8")).get("token") == token
-  except (OSError, ValueError):
-    seen = False
+    record = _read_record(storage.path(workdir, what="workdir") / LOCK_NAME)
+  except OSError:  # unreadable here: as good as absent
+    record = None
+  seen = (record or {}).get("token") == token
   blind = distributed.processes_where(not seen)
   if blind:
     raise WorkdirNotSharedError(
