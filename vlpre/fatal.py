@@ -16,8 +16,10 @@ failing process posts its line in jax.distributed's key-value store (`end_every_
 called where the trainer's loop fails, before its clean-up could wait on the others);
 every other process watches that key from a thread (`watch_other_processes`, started by
 `one_line_errors`) and exits 1 with the same line, prefixed by the failing process's
-index. The failing process waits up to `ACK_WAIT_S` for each to say it saw the line,
-then exits 1 too. Those exits skip clean-up: a checkpoint being written stays
+index. Process 0 leaves last: it hosts the coordination service, and a process whose
+client loses the service aborts (a C++ fatal, no line, no exit status 1), so every other
+process says it is leaving (`SEEN_KEY`) and process 0 waits up to `ACK_WAIT_S` for all of
+them before it exits 1 too. Those exits skip clean-up: a checkpoint being written stays
 unfinished (the next start removes it) and process 0's workdir lock is left for the
 next trainer to take over (vlpre/workdir_lock.py).
 """
@@ -41,9 +43,10 @@ EXPLAINED = (FloatingPointError, OSError, ValueError, RuntimeError)
 MAX_CHARS = 2000  # an XLA error can run to pages; one line stays readable
 FATAL_KEY = "vlpre/fatal"          # the failing process's line, in the key-value store
 SEEN_KEY = "vlpre/fatal_seen/"     # + process index: that process saw it and is exiting
-ACK_WAIT_S = 10.0                  # how long the failing process waits for each to see it
+ACK_WAIT_S = 10.0                  # how long process 0 waits for the others to leave first
 WATCH_POLL_MS = 500                # how long each wait of the watching thread lasts
 _state = {"verbose": False, "watching": False}
+_LEAVING = threading.Lock()  # the main thread and the watching one may both get there
 
 
 def one_line(error: BaseException) -> str:
@@ -104,10 +107,7 @@ def watch_other_processes() -> None:
           return  # the service is gone: the run is ending anyway
     else:
       return
-    try:
-      client.key_value_set(SEEN_KEY + str(jax.process_index()), "1")
-    finally:
-      _exit_with(line, os_exit=True)
+    _leave(client, line)
 
   thread = threading.Thread(target=watch, name="vlpre-fatal-watch", daemon=True)
   thread.start()
@@ -134,12 +134,26 @@ def end_every_process(error: BaseException) -> None:
   except Exception:  # pylint: disable=broad-exception-caught
     # ALREADY_EXISTS: another process failed first; its line is the run's.
     line = client.key_value_try_get(FATAL_KEY) or line
-  deadline = time.monotonic() + ACK_WAIT_S
-  for index in range(jax.process_count()):
-    if index != jax.process_index():
+  _leave(client, line)
+
+
+def _leave(client, line: str) -> None:
+  """Exits 1 with `line`: after saying so in the store, and on process 0 (the coordination
+  service's host) only once the others said so too, or `ACK_WAIT_S` passed."""
+  if not _LEAVING.acquire(blocking=False):  # the other thread is exiting with the same line
+    while True:
+      time.sleep(1)
+  try:
+    client.key_value_set(SEEN_KEY + str(jax.process_index()), "1")
+  except Exception:  # pylint: disable=broad-exception-caught
+    pass  # the service is gone: nothing to tell
+  if jax.process_index() == 0:
+    deadline = time.monotonic() + ACK_WAIT_S
+    for index in range(1, jax.process_count()):
       try:
         client.blocking_key_value_get(SEEN_KEY + str(index),
                                       max(int((deadline - time.monotonic()) * 1000), 1))
       except Exception:  # pylint: disable=broad-exception-caught
         break  # not seen in time (or that process is gone): exit regardless
+    time.sleep(0.2)  # the last of them is past its own exit call
   _exit_with(line, os_exit=True)
