@@ -75,6 +75,7 @@ def _release_caches_after_each_file():
 MEMORY_HEAVY = ("test_llm_train.py", "test_hive.py", "test_bridge.py", "test_lift.py",
                 "test_lcl.py", "test_gpt4image.py", "test_text_encoders.py", "test_llm.py",
                 "test_text_embedder.py", "test_export.py", "test_weights.py",
+                "test_compile.py",  # the TPU compiler: ~6 GB for a full-size step
                 "test_notebooks.py::test_notebook_runs[hive]")
 
 

@@ -9,10 +9,11 @@ model, its losses, its descriptor) and a config; nothing here knows which method
   * the model reads whatever arrays the input pipeline puts in the batch (images,
     tokens, labels, cached embeddings, interleaved sequences).
 
-Preemption: a SIGTERM (or `request_stop`) at any point lets the current step, save or
+Preemption: a SIGTERM during `run` (or `request_stop`) lets the current step, save or
 evaluator finish; the loop then saves the last finished step if it is not saved yet,
 skips the step's remaining evaluators, waits until the checkpoint is complete on disk,
 and returns with `stop_requested()` true (`vlpre.main` exits with its requeue status).
+Outside `run` SIGTERM does what the caller's handler does (it is put back on return).
 A resumed run first runs the evaluators due at the step it resumes from whose results
 metrics.jsonl lacks, so a stop or crash during evaluation loses no numbers; resuming a
 finished run does only that.
