@@ -79,22 +79,13 @@ MEMORY_HEAVY = ("test_llm_train.py", "test_hive.py", "test_bridge.py", "test_lif
                 "test_notebooks.py::test_notebook_runs[hive]")
 
 
-# What a test costs, roughly, by its tier: the order in which xdist hands out the groups.
-_COST = (("notebook", 120), ("integration", 20), ("slow", 20))
-
-
-def _cost(item) -> int:
-  return next((cost for marker, cost in _COST if item.get_closest_marker(marker)), 1)
-
-
 @pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the mark
 def pytest_collection_modifyitems(config, items):
   """Groups each test for pytest-xdist's --dist loadgroup: MEMORY_HEAVY files share one
   group; each notebook is a group of its own (a minute or more each, no shared fixture);
-  every other file is its own. The groups are ordered costliest first, so the long ones
-  start early and the short ones fill the gaps at the end."""
+  every other file is its own. xdist hands the groups out largest (most tests) first, so
+  the memory-heavy group starts at once and the notebooks come last."""
   del config
-  groups: dict[str, list] = {}
   for item in items:
     if item.path.name in MEMORY_HEAVY or f"{item.path.name}::{item.name}" in MEMORY_HEAVY:
       group = "memory_heavy"
@@ -103,9 +94,6 @@ def pytest_collection_modifyitems(config, items):
     else:
       group = item.path.name
     item.add_marker(pytest.mark.xdist_group(group))
-    groups.setdefault(group, []).append(item)
-  order = sorted(groups, key=lambda g: -sum(map(_cost, groups[g])))  # stable: ties keep order
-  items[:] = [item for group in order for item in groups[group]]
 
 
 def _rss_gb() -> float:
