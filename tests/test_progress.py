@@ -4,6 +4,7 @@ import io
 import logging as std_logging
 import os
 import re
+import select
 import struct
 import termios
 
@@ -30,6 +31,18 @@ def test_off_a_terminal_the_plain_line_as_before(caplog):
   assert stream.getvalue() == ""  # no bar drawn
 
 
+def _read_all(master):
+  """Everything written to the pseudo-terminal so far.
+
+  The kernel hands the written bytes to the master side asynchronously, so one read
+  can return only the first write: read until a second passes with nothing new.
+  """
+  chunks = []
+  while select.select([master], [], [], 1.0)[0]:
+    chunks.append(os.read(master, 1 << 16))
+  return b"".join(chunks).decode()
+
+
 def test_on_a_terminal_a_bar_with_log_lines_above_it(caplog):
   caplog.set_level(std_logging.INFO)
   master, slave = os.openpty()
@@ -44,7 +57,7 @@ def test_on_a_terminal_a_bar_with_log_lines_above_it(caplog):
                      for f in logging.get_absl_logger().filters)  # the finished bar let go
       logging.info("after the bar")
       stream.flush()
-      out = os.read(master, 1 << 16).decode()
+      out = _read_all(master)
   finally:
     os.close(master)
   assert re.search(r"step 2/4 \|[^|\r\n]*\| loss 1\.2340 \| [\d.]+ img/s \| [\d.]+ s/step", out), out
