@@ -98,7 +98,7 @@ def load_run(config, workdir: str) -> Loaded:
   (its trainable parameters over the method's initial / pretrained ones)."""
   # pylint: disable=g-import-not-at-top
   import jax
-  from vlpre import checkpoint, data, methods, optim, stages, train
+  from vlpre import checkpoint, data, init_params, methods, optim, stages, train
   from vlpre.evaluators import common
   # pylint: enable=g-import-not-at-top
   if config.get("stages"):
@@ -114,7 +114,7 @@ def load_run(config, workdir: str) -> Loaded:
   s = train.setup(config, example)
   variables = jax.device_get(s.variables(s.state))
   if config.get("init_from") and config.init_from.get("params"):  # a staged run
-    params = train.load_params(export)
+    params = init_params.load_params(export)
   else:
     params = optim.merge(variables["params"],
                          checkpoint.restore_params(workdir, tuple(s.state.params)))

@@ -9,7 +9,7 @@ import pytest
 from flax import linen as nn
 
 from tests import helpers
-from vlpre import accumulate, check, losses, methods, optim, sharding, stages, train
+from vlpre import accumulate, check, init_params, losses, methods, optim, sharding, stages, train
 
 
 def _assert_trees_close(actual, desired, tolerance=1e-5):
@@ -355,7 +355,7 @@ def test_a_staged_run_accumulates_with_frozen_towers(data_dir, tmp_path):
            "text_mask": np.ones((16, 16), np.int32)}
   s0 = train.setup(first, batch)
   init = s0.variables(s0.state)["params"]
-  after = [train.load_params(f"{d}/final_params") for d in dirs]
+  after = [init_params.load_params(f"{d}/final_params") for d in dirs]
   assert _max_difference(after[0]["img"], init["img"]) == 0.0
   assert _max_difference(after[0]["txt"], init["txt"]) > 0.0
   assert _max_difference(after[1]["img"], after[0]["img"]) > 0.0

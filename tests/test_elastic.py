@@ -1,7 +1,7 @@
 """Elastic resume: a checkpoint resumes under another mesh or process count.
 
 The state is restored into the new mesh's shardings (parameters bit for bit); the input
-continues exactly under the same process count and from `train.data_position`'s record
+continues exactly under the same process count and from `vlpre.data.data_position`'s record
 under another one.
 """
 import json
@@ -44,14 +44,14 @@ def _saved_params(workdir, step):
 
 
 def test_data_position_rule():
-  assert train.data_position({}, 0, 16, 1) == (0, True)  # a fresh run
-  assert train.data_position({}, 5, 16, 1) == (0, True)  # a checkpoint from before the rule
+  assert data.data_position({}, 0, 16, 1) == (0, True)  # a fresh run
+  assert data.data_position({}, 5, 16, 1) == (0, True)  # a checkpoint from before the rule
   same = {"data_process_count": 2, "data_start_record": 40}
-  assert train.data_position(same, 9, 16, 2) == (40, True)  # saved iterator state continues
-  assert train.data_position(same, 9, 16, 4) == (144, False)  # 9 steps x 16 records
-  assert train.data_position(same, 9, 16, 1) == (144, False)
+  assert data.data_position(same, 9, 16, 2) == (40, True)  # saved iterator state continues
+  assert data.data_position(same, 9, 16, 4) == (144, False)  # 9 steps x 16 records
+  assert data.data_position(same, 9, 16, 1) == (144, False)
   with pytest.raises(ValueError, match="batch_size 16 does not split over 3 processes"):
-    train.data_position(same, 9, 16, 3)
+    data.data_position(same, 9, 16, 3)
 
 
 def test_a_stream_started_at_a_record_equals_the_later_batches_of_a_fresh_one(data_dir):

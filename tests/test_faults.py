@@ -4,7 +4,7 @@ Data section: real CIFAR-10 samples copied into small shards, then damaged the w
 storage damages them (a copy cut off, a header overwritten, bytes inserted, a file that
 cannot be opened or read). Each damaged sample must come out as a counted bad record,
 every intact one must decode, training input must go on, and past
-`input.max_bad_fraction` the run must stop with train.BadSampleGuard's one line.
+`input.max_bad_fraction` the run must stop with data.BadSampleGuard's one line.
 
 Run section: the real trainer stopped (SIGTERM) or killed (kill -9) in each phase of its
 loop (a step, an evaluator, a checkpoint write), fed a NaN batch, or denied disk space,
@@ -272,7 +272,7 @@ def test_training_input_goes_on_and_counts(shard):
   path, good = _damaged(shard)
   cfg = _train_cfg(path, 0.5)
   it = iter(data.build_train_dataset(cfg, global_batch_size=4, seed=0, tokenizer=None))
-  guard = train.BadSampleGuard(cfg.max_bad_fraction)
+  guard = data.BadSampleGuard(cfg.max_bad_fraction)
   batches = [next(it) for _ in range(8)]  # 4 epochs of the 8 good samples
   for batch in batches:
     guard.update(batch["_num_bad"], 4)
@@ -286,7 +286,7 @@ def test_past_max_bad_fraction_fails_with_one_line(shard):
   path, _ = _damaged(shard)
   cfg = _train_cfg(path, 0.01)
   it = iter(data.build_train_dataset(cfg, global_batch_size=4, seed=0, tokenizer=None))
-  guard = train.BadSampleGuard(cfg.max_bad_fraction)  # as train.run builds it
+  guard = data.BadSampleGuard(cfg.max_bad_fraction)  # as train.run builds it
   with pytest.raises(RuntimeError) as err:
     for _ in range(200):
       guard.update(next(it)["_num_bad"], 4)
@@ -795,13 +795,13 @@ def test_bad_sample_counts_survive_a_resume(tmp_path):
   """The counters item round-trips; a checkpoint without it (older vlpre) restores as zeros."""
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path), async_save=False)
   state = {"w": jax.numpy.ones(3)}
-  guard = train.BadSampleGuard(0.5)
+  guard = data.BadSampleGuard(0.5)
   guard.update(3, 61)
   ckpt.save(1, state, None, counters=guard.counts(), force=True)
   ckpt.save(2, state, None, force=True)  # as written before the counters existed
   ckpt.close()
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path))
-  resumed, old = train.BadSampleGuard(0.5), train.BadSampleGuard(0.5)
+  resumed, old = data.BadSampleGuard(0.5), data.BadSampleGuard(0.5)
   resumed.restore(ckpt.restore_counters(1))
   old.restore(ckpt.restore_counters(2))
   ckpt.close()

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from vlpre import config_lib, data, metrics, methods, stages, train
+from vlpre import config_lib, data, init_params, metrics, methods, stages, train
 from vlpre.evaluators import captioning, common
 from vlpre.llm import generate as generate_lib
 
@@ -95,7 +95,7 @@ def test_stages_freeze_what_they_say_and_resume_inside_a_stage(data_dir, shards,
   dirs = [stages.stage_dir(workdir, i, st) for i, st in enumerate(config.stages)]
   s0 = train.setup(stages.stage_config(config, 0, workdir), _batch(config))
   init = _flat(s0.variables(s0.state)["params"])
-  after = [_flat(train.load_params(os.path.join(d, "final_params"))) for d in dirs]
+  after = [_flat(init_params.load_params(os.path.join(d, "final_params"))) for d in dirs]
 
   def changed(a, b, prefix):
     return {k for k in a if k.startswith(prefix) and not np.array_equal(a[k], b[k])}
@@ -125,7 +125,7 @@ def test_stages_freeze_what_they_say_and_resume_inside_a_stage(data_dir, shards,
   assert train.stop_requested() and not os.path.exists(os.path.join(other, "2_all"))
   monkeypatch.setattr(train, "run", real_run)
   stages.run(config, other)
-  resumed = _flat(train.load_params(os.path.join(other, "2_all", "final_params")))
+  resumed = _flat(init_params.load_params(os.path.join(other, "2_all", "final_params")))
   for k in after[2]:
     np.testing.assert_array_equal(resumed[k], after[2][k], err_msg=k)
 

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from vlpre import evaluate, metrics, methods, train
+from vlpre import data, evaluate, init_params, metrics, methods, train
 
 from tests import helpers
 
@@ -108,7 +108,7 @@ def test_the_methods_input_hooks_reach_the_pipeline(entry, hook, tmp_path, data_
 
 
 def test_bad_sample_guard():
-  guard = train.BadSampleGuard(0.1, min_samples=100)
+  guard = data.BadSampleGuard(0.1, min_samples=100)
   guard.update(5, 95)
   with pytest.raises(RuntimeError, match="max_bad_fraction"):
     guard.update(10, 0)
@@ -146,7 +146,6 @@ def checkpoint_params(workdir):
 
 
 def _dataset(config):
-  from vlpre import data, methods
   return data.build_train_dataset(config.input, global_batch_size=config.batch_size,
                                   seed=config.seed, tokenizer=methods.build_tokenizer(config))
 
@@ -158,14 +157,14 @@ def test_place_pretrained_accepts_a_partial_tree_only_where_allowed():
   shardings = jax.tree.map(lambda _: dev, params)
   partial = {"llm": {"a": np.ones(2)}}
   with pytest.raises(ValueError, match="lacks 1 weights"):
-    train.place_pretrained(params, partial, shardings)
-  out = train.place_pretrained(params, partial, shardings, partial_ok=("llm",))
+    init_params.place_pretrained(params, partial, shardings)
+  out = init_params.place_pretrained(params, partial, shardings, partial_ok=("llm",))
   np.testing.assert_array_equal(out["llm"]["a"], np.ones(2))
   np.testing.assert_array_equal(out["llm"]["b"], np.zeros(3))  # kept as already placed
   with pytest.raises(ValueError, match="no place"):
-    train.place_pretrained(params, {"llm": {"c": np.ones(1)}}, shardings, partial_ok=("llm",))
+    init_params.place_pretrained(params, {"llm": {"c": np.ones(1)}}, shardings, partial_ok=("llm",))
   with pytest.raises(ValueError, match="shape"):
-    train.place_pretrained(params, {"llm": {"a": np.ones(5)}}, shardings, partial_ok=("llm",))
+    init_params.place_pretrained(params, {"llm": {"a": np.ones(5)}}, shardings, partial_ok=("llm",))
 
 
 def test_quiet_console_decides_by_module_not_by_path(tmp_path, monkeypatch, caplog):

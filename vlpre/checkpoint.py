@@ -2,7 +2,7 @@
 
 Saving both is what makes a resumed run see exactly the batches it would have seen. A
 third, small JSON item holds host-side counters (the bad-sample counts of
-`train.BadSampleGuard`), so that they span the whole run across resumes; checkpoints
+`data.BadSampleGuard`), so that they span the whole run across resumes; checkpoints
 written before that item existed restore with no counters.
 
 Orbax writes each step to a temporary directory and renames it when complete, so a

@@ -34,7 +34,6 @@ import time
 from typing import Any, Callable, Sequence
 
 from absl import logging
-from flax import traverse_util
 import flax
 import flax.linen as nn
 import jax
@@ -42,7 +41,6 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from vlpre import accumulate
 from vlpre import checkpoint as checkpoint_lib
@@ -51,6 +49,7 @@ from vlpre import data as data_lib
 from vlpre import distributed
 from vlpre import evaluators as evaluators_lib
 from vlpre import fatal
+from vlpre import init_params
 from vlpre import losses as losses_lib
 from vlpre import methods
 from vlpre import metrics as metrics_lib
@@ -59,7 +58,6 @@ from vlpre import profiling
 from vlpre import run_record
 from vlpre import sharding
 from vlpre import storage
-from vlpre import weights
 from vlpre import workdir_lock
 
 _STOP = threading.Event()
@@ -234,7 +232,7 @@ def setup(config, example_batch: dict, *, mesh=None, abstract: bool = False) -> 
     else:
       variables = nn.meta.unbox(jax.jit(init, out_shardings=var_shardings)(rng, example))
   if not abstract:  # pretrained and init_from weights replace values, not shapes
-    variables = {**variables, "params": _place_weights(config, built, variables["params"],
+    variables = {**variables, "params": init_params.place_weights(config, built, variables["params"],
                                                        var_shardings["params"])}
   params, param_sh = variables.pop("params"), var_shardings.pop("params")
   model_state, model_state_sh = variables, var_shardings
@@ -272,120 +270,6 @@ def setup(config, example_batch: dict, *, mesh=None, abstract: bool = False) -> 
                batch_sharding=batch_sh)
 
 
-def _place_weights(config, built: methods.Built, params: dict, shardings: dict) -> dict:
-  """The initialised `params` with the method's pretrained subtrees and `config.init_from`."""
-  if built.pretrained:
-    params = place_pretrained(params, built.pretrained, shardings)
-  if config.get("init_from") and config.init_from.get("params"):
-    # Every parameter from a full export (`export_params`: a staged run's previous stage).
-    params = place_pretrained(params, load_params(config.init_from.params), shardings)
-  elif config.get("init_from") and config.init_from.get("weights"):
-    # Public weights (open_clip, Hugging Face, big_vision), converted to the method's tree.
-    logging.info("initialising from %s", config.init_from.weights)
-    params = place_pretrained(params, weights.load(config), shardings)
-  elif config.get("init_from") and config.init_from.get("workdir"):
-    # A run's checkpoint holds its trainable parameters only: under a subtree the method
-    # loads pretrained (e.g. a partially bridged LLM), the frozen rest stays as placed above.
-    prefixes = tuple(config.init_from.prefixes)
-    logging.info("initialising %s from %s", list(prefixes), config.init_from.workdir)
-    params = place_pretrained(
-        params, checkpoint_lib.restore_params(config.init_from.workdir, prefixes), shardings,
-        partial_ok=tuple(built.pretrained or ()))
-  return params
-
-
-def export_params(path: str, params: Any) -> None:
-  """Writes a full parameter tree (trainable and frozen) where `load_params` reads it."""
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(storage.path(path, what="export_params_to"), params)
-    checkpointer.wait_until_finished()
-
-
-def load_params(path: str) -> dict[str, Any]:
-  """A tree written by `export_params`, as host numpy arrays."""
-  path = storage.path(path, what="init_from.params")
-  if not path.is_dir():
-    raise FileNotFoundError(f"init_from.params: no exported parameters at {path}")
-  with ocp.StandardCheckpointer() as checkpointer:
-    return jax.tree.map(np.asarray, checkpointer.restore(path))
-
-
-def place_pretrained(params: dict, pretrained: dict[str, Any], shardings: dict,
-                     partial_ok: tuple[str, ...] = ()) -> dict:
-  """Overwrites subtrees ('a/b' → tree) of the initialised params with pretrained weights.
-
-  Every weight under a placed prefix must be given, except under the prefixes in
-  `partial_ok` (subtrees already holding pretrained weights, which a partial tree updates).
-  """
-  flat = traverse_util.flatten_dict(params, sep="/")
-  flat_sh = traverse_util.flatten_dict(shardings, sep="/")
-  for prefix, tree in pretrained.items():
-    entries = (traverse_util.flatten_dict(tree, sep="/") if isinstance(tree, dict)
-               else {"": tree})  # a single array placed at `prefix` itself
-    for name, value in entries.items():
-      key = f"{prefix}/{name}" if name else prefix
-      if key not in flat:
-        raise ValueError(f"pretrained weight '{key}' has no place in the model")
-      if tuple(flat[key].shape) != tuple(np.shape(value)):
-        raise ValueError(f"pretrained '{key}' has shape {np.shape(value)}, the model "
-                         f"expects {flat[key].shape}")
-      flat[key] = jax.device_put(np.asarray(value, dtype=flat[key].dtype), flat_sh[key])
-    missing = [k for k in flat if k.startswith(prefix + "/") and k[len(prefix) + 1:] not in entries]
-    if missing and any(prefix == p or prefix.startswith(p + "/") for p in partial_ok):
-      logging.info("pretrained '%s': %d weights given, %d kept as already placed", prefix,
-                   len(entries), len(missing))
-    elif missing:
-      raise ValueError(f"pretrained '{prefix}' lacks {len(missing)} weights, e.g. {missing[:3]}")
-  return traverse_util.unflatten_dict(flat, sep="/")
-
-
-class BadSampleGuard:
-  """Counts skipped samples; fails once their share passes `max_fraction`.
-
-  Bad samples are the records the input pipeline drops: undecodable images, empty or
-  non-UTF-8 captions, and the samples of damaged shards (cut off, bad tar headers,
-  unreadable files), which the data layer turns into bad records. The counts are saved
-  with every checkpoint (`counts`, `restore`), so the share spans the whole run. In a
-  multi-host run each host counts its own samples; a resume restores host 0's counts.
-  """
-
-  def __init__(self, max_fraction: float, min_samples: int = 256):
-    self.max_fraction, self.min_samples = max_fraction, min_samples
-    self.bad = self.good = 0
-
-  def counts(self) -> dict[str, int]:
-    return {"bad_samples": self.bad, "good_samples": self.good}
-
-  def restore(self, counts: dict[str, int]) -> None:
-    """Counts from a checkpoint; {} (a checkpoint written before they were saved) is 0, 0."""
-    self.bad, self.good = int(counts.get("bad_samples", 0)), int(counts.get("good_samples", 0))
-
-  def update(self, num_bad: int, num_good: int) -> None:
-    self.bad += int(num_bad)
-    self.good += int(num_good)
-    seen = self.bad + self.good
-    if seen >= self.min_samples and self.bad / seen > self.max_fraction:
-      raise RuntimeError(
-          f"{self.bad} of {seen} input samples were unreadable (corrupt image, empty or non-UTF-8 "
-          f"caption, damaged or truncated shard): more than "
-          f"input.max_bad_fraction={self.max_fraction}. Check the data.")
-
-  @property
-  def fraction(self) -> float:
-    return self.bad / max(self.bad + self.good, 1)
-
-
-def _next_batch(data_iter, step: int) -> dict:
-  """The batch of `step`; a read error (a lost mount, a failing disk) names the step."""
-  try:
-    return next(data_iter)
-  except OSError as e:
-    error = OSError(f"the input of step {step} could not be read ({e}); stopping: the complete "
-                    "checkpoints are intact, fix the cause and rerun to resume")
-    error.errno = e.errno
-    raise error from e
-
-
 def _without_results(evals: list, step: int, workdir: str) -> list:
   """Those of `evals` with no results at `step` in metrics.jsonl (a stop or crash cut them off).
 
@@ -421,30 +305,6 @@ _LIBC = ctypes.util.find_library("c")
 _MALLOC_TRIM = getattr(ctypes.CDLL(_LIBC), "malloc_trim", None) if _LIBC else None  # glibc only
 
 
-def data_position(saved: dict[str, int], step: int, global_batch: int,
-                  process_count: int) -> tuple[int, bool]:
-  """Where the input stream starts on resume, and whether the saved iterator state applies.
-
-  `saved`: the counters of the checkpoint at `step` ({} for a fresh run or a checkpoint
-  written before they held the data position). The start is a record of the global
-  stream (`build_train_dataset(start_record=...)`), the same on every process. Under the
-  process count that wrote the checkpoint each process rebuilds its stream from the
-  saved start and restores its iterator state: the batches continue exactly. Under
-  another count no saved state applies (its positions are in other host shares), so the
-  stream starts at record `step * global_batch`: global batch `step + 1` of the
-  uninterrupted run, which every host count splits the same way. Exact without bad
-  samples (those shift a host's later records); packed interleaved documents restart at
-  `step * global_batch / process_count` of each host's documents, so some repeat. The
-  mesh (devices per process) plays no part in either.
-  """
-  if global_batch % process_count:
-    raise ValueError(f"batch_size {global_batch} does not split over {process_count} processes")
-  saved_count = int(saved.get("data_process_count", process_count))
-  if saved_count == process_count:
-    return int(saved.get("data_start_record", 0)), True
-  return step * global_batch, False
-
-
 def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
         export_params_to: str | None = None, devices: list[jax.Device] | None = None,
         allow_config_change: Sequence[str] = ()) -> dict[str, float]:
@@ -452,10 +312,10 @@ def run(config, workdir: str, *, on_step: Callable[[int], None] | None = None,
 
   A stop request (SIGTERM) returns early with the last finished step saved (module
   docstring). `export_params_to`: once the last step is done (not on a stop request),
-  every parameter, frozen ones included, is written there (`export_params`). `workdir`
+  every parameter, frozen ones included, is written there (`init_params.export_params`). `workdir`
   is a local path or a `gs://` URI (`vlpre.storage`). `devices`: the mesh's devices
   (default all). A checkpoint resumes under any mesh and process count: the state is
-  restored into this run's shardings, the input as `data_position` says. A resume whose
+  restored into this run's shardings, the input as `vlpre.data.data_position` says. A resume whose
   config differs from the workdir's config.json (`vlpre.run_record`) in a field that
   changes the run raises `run_record.ResumeRefused`, unless `allow_config_change` names it.
   One trainer at a time: a workdir another live trainer holds is refused
@@ -483,7 +343,7 @@ def _run_locked(config, workdir: str, *, on_step, export_params_to, devices,
     ckpt.close()
     raise
   counters = ckpt.restore_counters(start) if start is not None else {}
-  start_record, same_stream = data_position(counters, start or 0, config.batch_size,
+  start_record, same_stream = data_lib.data_position(counters, start or 0, config.batch_size,
                                             jax.process_count())
   # Process 0's reading of the checkpoint is the run's: each host reading its own could see
   # another state of a shared filesystem, and start its share of the stream elsewhere.
@@ -504,7 +364,7 @@ def _run_locked(config, workdir: str, *, on_step, export_params_to, devices,
   s = setup(config, example,
             mesh=None if devices is None else sharding.make_mesh(config.mesh, devices))
   step_fn = s.jit_train_step()
-  guard = BadSampleGuard(config.input.get("max_bad_fraction", 0.01))
+  guard = data_lib.BadSampleGuard(config.input.get("max_bad_fraction", 0.01))
   state = s.state
   if start is not None:
     logging.info("resuming from %s step %d", ckpt.directory, start)
@@ -513,7 +373,7 @@ def _run_locked(config, workdir: str, *, on_step, export_params_to, devices,
     guard.restore(counters)
     if not same_stream:
       logging.warning("step %d was saved by %s processes, this run has %d: the input "
-                      "restarts at global record %d (vlpre.train.data_position)", start,
+                      "restarts at global record %d (vlpre.data.data_position)", start,
                       counters["data_process_count"], jax.process_count(), start_record)
   start = start or 0
 
@@ -582,7 +442,7 @@ def _run_locked(config, workdir: str, *, on_step, export_params_to, devices,
         if _STOP.is_set():  # it came before this step: during set-up, evaluators or a save
           break
         wait_start = time.perf_counter()
-        batch = _next_batch(data_iter, step)
+        batch = data_lib.next_batch(data_iter, step)
         data_waits[step] = time.perf_counter() - wait_start
         if extras.batch_transform is not None:  # e.g. token padding trimmed to a bucket
           batch = extras.batch_transform(batch)
@@ -615,7 +475,7 @@ def _run_locked(config, workdir: str, *, on_step, export_params_to, devices,
                      f"step {done} is saved in {ckpt.directory}" if done
                      else "before the first step, nothing to save")
       elif export_params_to:
-        export_params(export_params_to, optim.merge(state.params, s.frozen))
+        init_params.export_params(export_params_to, optim.merge(state.params, s.frozen))
   except Exception as e:
     fatal.end_every_process(e)  # other processes would wait in a collective (vlpre/fatal.py)
     raise

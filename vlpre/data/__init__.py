@@ -20,8 +20,11 @@ from vlpre.data.tokenizers import ClipBpeTokenizer
 from vlpre.data.tokenizers import Tokenizer
 from vlpre.data.tokenizers import get_tokenizer
 from vlpre.data.tokenizers import register_tokenizer
+from vlpre.data.train_input import BadSampleGuard
 from vlpre.data.train_input import HostBatch
 from vlpre.data.train_input import build_train_dataset
+from vlpre.data.train_input import data_position
+from vlpre.data.train_input import next_batch
 from vlpre.data.train_input import train_transforms
 from vlpre.data.transforms import CLIP_MEAN
 from vlpre.data.transforms import CLIP_STD

@@ -3,7 +3,7 @@
 `ShardIndex(shards)` maps every sample to the byte ranges of its members by reading the
 tar headers only. Damage found while indexing never raises; it becomes *bad records*
 that `TarShardSource` returns flagged "_bad", so the input pipeline skips and counts
-them (SkipBad → "_num_bad" → train.BadSampleGuard and `input.max_bad_fraction`):
+them (SkipBad → "_num_bad" → data.BadSampleGuard and `input.max_bad_fraction`):
 
   fault                               in the index
   ----------------------------------  -------------------------------------------------

@@ -222,7 +222,7 @@ def build_train_dataset(cfg: Any, *, global_batch_size: int, seed: int,
       this record, augmentation draws included (each record keeps its index); each host
       then reads its share. A method's `records`, sliced per host, skip
       `start_record // process_count` of the host's records. How a resume under
-      another process count continues (`vlpre.train.data_position`).
+      another process count continues (`data_position`).
   """
   if global_batch_size % process_count:
     raise ValueError(f"global batch {global_batch_size} does not split over {process_count} hosts")
@@ -276,3 +276,74 @@ def build_train_dataset(cfg: Any, *, global_batch_size: int, seed: int,
     it_ds = grain.experimental.ThreadPrefetchIterDataset(it_ds, prefetch_buffer_size=prefetch)
   return it_ds
 
+
+# ------------------------------------------------------------------------------ in the loop
+class BadSampleGuard:
+  """Counts skipped samples; fails once their share passes `max_fraction`.
+
+  Bad samples are the records the input pipeline drops: undecodable images, empty or
+  non-UTF-8 captions, and the samples of damaged shards (cut off, bad tar headers,
+  unreadable files), which the data layer turns into bad records. The counts are saved
+  with every checkpoint (`counts`, `restore`), so the share spans the whole run. In a
+  multi-host run each host counts its own samples; a resume restores host 0's counts.
+  """
+
+  def __init__(self, max_fraction: float, min_samples: int = 256):
+    self.max_fraction, self.min_samples = max_fraction, min_samples
+    self.bad = self.good = 0
+
+  def counts(self) -> dict[str, int]:
+    return {"bad_samples": self.bad, "good_samples": self.good}
+
+  def restore(self, counts: dict[str, int]) -> None:
+    """Counts from a checkpoint; {} (a checkpoint written before they were saved) is 0, 0."""
+    self.bad, self.good = int(counts.get("bad_samples", 0)), int(counts.get("good_samples", 0))
+
+  def update(self, num_bad: int, num_good: int) -> None:
+    self.bad += int(num_bad)
+    self.good += int(num_good)
+    seen = self.bad + self.good
+    if seen >= self.min_samples and self.bad / seen > self.max_fraction:
+      raise RuntimeError(
+          f"{self.bad} of {seen} input samples were unreadable (corrupt image, empty or non-UTF-8 "
+          f"caption, damaged or truncated shard): more than "
+          f"input.max_bad_fraction={self.max_fraction}. Check the data.")
+
+  @property
+  def fraction(self) -> float:
+    return self.bad / max(self.bad + self.good, 1)
+
+
+def data_position(saved: dict[str, int], step: int, global_batch: int,
+                  process_count: int) -> tuple[int, bool]:
+  """Where the input stream starts on resume, and whether the saved iterator state applies.
+
+  `saved`: the counters of the checkpoint at `step` ({} for a fresh run or a checkpoint
+  written before they held the data position). The start is a record of the global
+  stream (`build_train_dataset(start_record=...)`), the same on every process. Under the
+  process count that wrote the checkpoint each process rebuilds its stream from the
+  saved start and restores its iterator state: the batches continue exactly. Under
+  another count no saved state applies (its positions are in other host shares), so the
+  stream starts at record `step * global_batch`: global batch `step + 1` of the
+  uninterrupted run, which every host count splits the same way. Exact without bad
+  samples (those shift a host's later records); packed interleaved documents restart at
+  `step * global_batch / process_count` of each host's documents, so some repeat. The
+  mesh (devices per process) plays no part in either.
+  """
+  if global_batch % process_count:
+    raise ValueError(f"batch_size {global_batch} does not split over {process_count} processes")
+  saved_count = int(saved.get("data_process_count", process_count))
+  if saved_count == process_count:
+    return int(saved.get("data_start_record", 0)), True
+  return step * global_batch, False
+
+
+def next_batch(data_iter, step: int) -> dict:
+  """The batch of `step`; a read error (a lost mount, a failing disk) names the step."""
+  try:
+    return next(data_iter)
+  except OSError as e:
+    error = OSError(f"the input of step {step} could not be read ({e}); stopping: the complete "
+                    "checkpoints are intact, fix the cause and rerun to resume")
+    error.errno = e.errno
+    raise error from e

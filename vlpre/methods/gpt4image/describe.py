@@ -41,7 +41,7 @@ import jax
 from ml_collections import config_flags
 import tqdm
 
-from vlpre import checkpoint, config_lib, data, methods, optim, stages, train
+from vlpre import checkpoint, config_lib, data, init_params, methods, optim, stages, train
 from vlpre import llm as llm_lib
 from vlpre import storage
 from vlpre.evaluators import captioning, common
@@ -301,7 +301,7 @@ def caption_images(config, *, progress: bool = True) -> dict[str, str]:
   params = jax.device_get(s.variables(s.state))["params"]
   if cap_config.get("stages"):
     last = len(cap_config.stages) - 1
-    params = train.load_params(os.path.join(
+    params = init_params.load_params(os.path.join(
         stages.stage_dir(cap["workdir"], last, cap_config.stages[last]), "final_params"))
   else:
     params = optim.merge(params, checkpoint.restore_params(cap["workdir"], tuple(s.state.params),
