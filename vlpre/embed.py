@@ -14,8 +14,6 @@ arguments, as vlpre.main (vlpre/distributed.py).
 """
 from __future__ import annotations
 
-import sys
-
 from absl import app
 from absl import flags
 from absl import logging
@@ -23,26 +21,27 @@ from ml_collections import config_flags
 
 from vlpre import config_lib
 from vlpre import distributed
+from vlpre import fatal
 from vlpre import methods
+from vlpre import metrics
 from vlpre.text_encoders import store
 
-_CONFIG = _WORKDIR = _DISTRIBUTED = None
+_CONFIG = _WORKDIR = _DISTRIBUTED = _VERBOSE = None
 
 
 def main(argv):
   del argv
+  metrics.quiet_console(verbose=_VERBOSE.value)  # vlpre's progress lines, not the libraries'
   _DISTRIBUTED.initialize()  # before any other JAX call
   config = _CONFIG.value
   if _WORKDIR.value:
     config = config_lib.with_workdir(config, _WORKDIR.value)
-  try:
+  # A store begun with other settings, missing data, a full disk: one line and exit 1.
+  with fatal.one_line_errors(verbose=_VERBOSE.value):
     if not methods.of(config).reads_embedding_store(config):  # e.g. configs/clip.py
       logging.info("this run reads no embedding store: nothing to precompute")
       return
     store.build_store(config)
-  except (ValueError, FileNotFoundError) as e:  # a store begun with other settings, missing data
-    print(f"vlpre.embed: {e}", file=sys.stderr)
-    sys.exit(1)
 
 
 if __name__ == "__main__":
@@ -50,5 +49,7 @@ if __name__ == "__main__":
   _WORKDIR = flags.DEFINE_string("workdir", None, "The workdir of the run the store feeds: "
                                  "the store goes under it unless config.text_cache is set.")
   _DISTRIBUTED = distributed.Flags()
+  _VERBOSE = flags.DEFINE_bool("verbose_logs", False,
+                               "Tracebacks and every library's INFO lines.")
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)
