@@ -119,7 +119,7 @@ def _center_crop_jpeg(path: str, size: int) -> bytes:
 
 
 def build_imagenet_sample(out: str, work: str, sources: dict) -> None:
-  from vlpre.data import convert  # pylint: disable=g-import-not-at-top
+  from vlpre.data import shard_writer  # pylint: disable=g-import-not-at-top
   repo = fetch(sources["imagenet_sample"], os.path.join(work, "imagenet_repo"))
   files = sorted(f for f in os.listdir(repo) if f.endswith(".JPEG"))
   by_wnid: dict[str, str] = {}
@@ -134,8 +134,8 @@ def build_imagenet_sample(out: str, work: str, sources: dict) -> None:
     return lambda: (_center_crop_jpeg(os.path.join(repo, name), IMAGENET_SIZE),
                     {"cls": str(label).encode("ascii")})
 
-  samples = [(convert.make_key(by_wnid[w]), loader(by_wnid[w], i)) for i, w in enumerate(wnids)]
-  stats = convert.write_samples(samples, out, "imagenet_sample", samples_per_shard=1000,
+  samples = [(shard_writer.make_key(by_wnid[w]), loader(by_wnid[w], i)) for i, w in enumerate(wnids)]
+  stats = shard_writer.write_samples(samples, out, "imagenet_sample", samples_per_shard=1000,
                                 resize=None, image_format="jpg")
   names = [os.path.splitext(by_wnid[w])[0].split("_", 1)[1].replace("_", " ") for w in wnids]
   for filename, value in (("wnids.json", wnids), ("classnames.json", names)):

@@ -35,15 +35,12 @@ from __future__ import annotations
 
 import collections
 import csv
-import dataclasses
 import gzip
 import io
 import json
 import os
 import sys
-import tarfile
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable
 
 from absl import app
 from absl import flags
@@ -54,153 +51,12 @@ from PIL import Image
 from vlpre import storage
 from vlpre.data import interleaved
 from vlpre.data import sources as sources_lib
+from vlpre.data import shard_writer
+
+# ---------------------------------------------------------------------------- sources
+
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-@dataclasses.dataclass
-class ConvertStats:
-  """What a conversion wrote and skipped (also logged)."""
-  num_written: int = 0
-  num_bad: int = 0
-  shards: list[str] = dataclasses.field(default_factory=list)
-  bad: list[str] = dataclasses.field(default_factory=list)  # "key: reason"
-
-
-# ---------------------------------------------------------------------------- writing
-
-
-def _tar_info(name: str, size: int) -> tarfile.TarInfo:
-  info = tarfile.TarInfo(name)
-  info.size = size
-  info.mtime = 0
-  info.mode = 0o644
-  info.uid = info.gid = 0
-  info.uname = info.gname = ""
-  return info
-
-
-class ShardWriter:
-  """Appends samples to `<out_dir>/<split>-%05d.tar`, starting a new shard every N."""
-
-  def __init__(self, out_dir: str, split: str, samples_per_shard: int = 1000):
-    if samples_per_shard <= 0:
-      raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
-    os.makedirs(out_dir, exist_ok=True)
-    self._out_dir, self._split, self._per_shard = out_dir, split, samples_per_shard
-    self._tar: tarfile.TarFile | None = None
-    self._count = 0
-    self.shards: list[str] = []
-
-  def write(self, key: str, members: dict[str, bytes]) -> None:
-    """Writes one sample; `members` maps extension (no dot) -> bytes, in writing order."""
-    if "." in os.path.basename(key) or not key:
-      raise ValueError(f"sample key {key!r} must be non-empty and contain no '.'")
-    if self._tar is None or self._count % self._per_shard == 0:
-      self._open_next()
-    for ext, data in members.items():
-      self._tar.addfile(_tar_info(f"{key}.{ext}", len(data)), io.BytesIO(data))
-    self._count += 1
-
-  def _open_next(self) -> None:
-    self.close()
-    path = os.path.join(self._out_dir, f"{self._split}-{len(self.shards):05d}.tar")
-    # ustar like the shared data: no pax header with mtimes; names are short keys.
-    self._tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
-    self.shards.append(path)
-
-  def close(self) -> None:
-    if self._tar is not None:
-      self._tar.close()
-      self._tar = None
-
-  def __enter__(self) -> ShardWriter:
-    return self
-
-  def __exit__(self, *exc: Any) -> None:
-    self.close()
-
-
-# ----------------------------------------------------------------------------- images
-
-
-def prepare_image(data: bytes, resize: int | None, fmt: str = "auto", quality: int = 90
-                  ) -> tuple[str, bytes]:
-  """Validates image bytes and optionally resizes them; returns (extension, bytes).
-
-  Original bytes are kept when no resize is asked and the file already is an RGB JPEG or
-  PNG (no generation loss); anything else is re-encoded: JPEG (quality 90) unless
-  `fmt` or a lossless source (PNG) says otherwise.
-
-  Raises:
-    Exception: whatever PIL raises for undecodable data (callers count it as bad).
-  """
-  with Image.open(io.BytesIO(data)) as img:
-    img.load()
-    src_format = img.format
-    keep = (resize is None and img.mode == "RGB" and src_format in ("JPEG", "PNG")
-            and fmt in ("auto", {"JPEG": "jpg", "PNG": "png"}[src_format]))
-    if keep:
-      return ("jpg" if src_format == "JPEG" else "png"), data
-    rgb = img.convert("RGB")
-  if resize:
-    w, h = rgb.size
-    scale = resize / min(w, h)
-    if scale != 1:
-      rgb = rgb.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
-  if fmt == "auto":
-    fmt = "png" if src_format == "PNG" else "jpg"
-  out = io.BytesIO()
-  if fmt == "png":
-    rgb.save(out, format="PNG")
-  elif fmt == "jpg":
-    rgb.save(out, format="JPEG", quality=quality)
-  else:
-    raise ValueError(f"unknown image format {fmt!r}; use auto, jpg or png")
-  return fmt, out.getvalue()
-
-
-def make_key(name: str) -> str:
-  """Sample key from a file name: extension dropped, other '.' (and ' ') replaced by '_'.
-
-  A key must not contain '.', since readers split key and extension at the first one.
-  """
-  stem = os.path.splitext(os.path.basename(name))[0]
-  return stem.replace(".", "_").replace(" ", "_")
-
-
-# (key, loader); the loader returns the image bytes and the other members of the sample.
-Sample = tuple[str, Callable[[], tuple[bytes, dict[str, bytes]]]]
-
-
-def write_samples(samples: Iterable[Sample], out_dir: str, split: str, samples_per_shard: int,
-                  resize: int | None, image_format: str) -> ConvertStats:
-  """Writes samples in key order, skipping (and reporting) undecodable images: what every
-  mode below ends in, and what a builder of a set with its own layout calls
-  (notebooks/get_data.py)."""
-  if image_format not in ("auto", "jpg", "png"):
-    raise ValueError(f"unknown image format {image_format!r}; use auto, jpg or png")
-  stats = ConvertStats()
-  samples = sorted(samples, key=lambda s: s[0])
-  dupes = [k for k, n in collections.Counter(s[0] for s in samples).items() if n > 1]
-  if dupes:
-    raise ValueError(f"duplicate sample keys (file names differing only in extension?): {dupes[:5]}")
-  with ShardWriter(out_dir, split, samples_per_shard) as writer:
-    for key, load in samples:
-      try:
-        data, extra = load()
-        ext, image = prepare_image(data, resize, image_format)
-      except Exception as e:  # pylint: disable=broad-except  # PIL/IO errors of all kinds
-        stats.num_bad += 1
-        stats.bad.append(f"{key}: {type(e).__name__}: {e}")
-        logging.warning("skipping %s: %s: %s", key, type(e).__name__, e)
-        continue
-      writer.write(key, {ext: image, **extra})
-      stats.num_written += 1
-    stats.shards = list(writer.shards)
-  logging.info("wrote %d samples to %d shards in %s (%d bad images skipped)",
-               stats.num_written, len(stats.shards), out_dir, stats.num_bad)
-  return stats
 
 
 def _file_loader(path: str, extra: dict[str, bytes]) -> Callable[[], tuple[bytes, dict[str, bytes]]]:
@@ -208,9 +64,6 @@ def _file_loader(path: str, extra: dict[str, bytes]) -> Callable[[], tuple[bytes
     with open(path, "rb") as f:
       return f.read(), extra
   return load
-
-
-# ---------------------------------------------------------------------------- sources
 
 
 def read_captions(path: str, *, image_column: str = "filename",
@@ -253,7 +106,7 @@ def read_captions(path: str, *, image_column: str = "filename",
 
 
 def _caption_samples(captions: dict[str, list[str]], images_dir: str, where: str,
-                     key: Callable[[str], str]) -> tuple[list[Sample], list[str]]:
+                     key: Callable[[str], str]) -> tuple[list[shard_writer.Sample], list[str]]:
   """Samples `<key>.<img>` + `<key>.json` {"captions", "filename"} of an image -> captions
   table (paths relative to `images_dir`; `where` names the table in errors), and the rows
   skipped."""
@@ -275,10 +128,11 @@ def _caption_samples(captions: dict[str, list[str]], images_dir: str, where: str
   return samples, missing
 
 
-def _write_caption_samples(samples: list[Sample], missing: list[str], out_dir: str, split: str,
-                           samples_per_shard: int, resize: int | None,
-                           image_format: str) -> ConvertStats:
-  stats = write_samples(samples, out_dir, split, samples_per_shard, resize, image_format)
+def _write_caption_samples(samples: list[shard_writer.Sample], missing: list[str], out_dir: str,
+                           split: str, samples_per_shard: int, resize: int | None,
+                           image_format: str) -> shard_writer.ConvertStats:
+  stats = shard_writer.write_samples(samples, out_dir, split, samples_per_shard, resize,
+                                     image_format)
   if missing:
     logging.warning("%d captioned files skipped (missing image or caption), e.g. %s",
                     len(missing), missing[:5])
@@ -289,10 +143,10 @@ def _write_caption_samples(samples: list[Sample], missing: list[str], out_dir: s
 
 def convert_captions(images_dir: str, captions_path: str, out_dir: str, *, split: str = "train",
                      samples_per_shard: int = 1000, resize: int | None = None,
-                     image_format: str = "auto") -> ConvertStats:
+                     image_format: str = "auto") -> shard_writer.ConvertStats:
   """(a) Image folder + captions file -> `<key>.<img>` + `<key>.json` {"captions", "filename"}."""
   samples, missing = _caption_samples(read_captions(captions_path), images_dir,
-                                      f"{captions_path}: filename", make_key)
+                                      f"{captions_path}: filename", shard_writer.make_key)
   return _write_caption_samples(samples, missing, out_dir, split, samples_per_shard, resize,
                                 image_format)
 
@@ -300,7 +154,7 @@ def convert_captions(images_dir: str, captions_path: str, out_dir: str, *, split
 def convert_table(table: str, out_dir: str, *, images_dir: str | None = None,
                   image_column: str = "image", caption_column: str = "caption",
                   split: str = "train", samples_per_shard: int = 1000, resize: int | None = None,
-                  image_format: str = "auto") -> ConvertStats:
+                  image_format: str = "auto") -> shard_writer.ConvertStats:
   """(f) A CSV or parquet table of (image path, caption) rows -> shards as in (a).
 
   Paths are relative to `images_dir` (default: the table's folder); one that leaves it
@@ -313,7 +167,7 @@ def convert_table(table: str, out_dir: str, *, images_dir: str | None = None,
   captions = read_captions(table, image_column=image_column, caption_column=caption_column)
 
   def key(filename: str) -> str:
-    return make_key(os.path.normpath(filename).replace(os.sep, "/").replace("/", "_"))
+    return shard_writer.make_key(os.path.normpath(filename).replace(os.sep, "/").replace("/", "_"))
 
   samples, missing = _caption_samples(captions, base, table, key)
   return _write_caption_samples(samples, missing, out_dir, split, samples_per_shard, resize,
@@ -322,7 +176,7 @@ def convert_table(table: str, out_dir: str, *, images_dir: str | None = None,
 
 def convert_class_folders(images_dir: str, out_dir: str, *, split: str = "train",
                           samples_per_shard: int = 1000, resize: int | None = None,
-                          image_format: str = "auto") -> ConvertStats:
+                          image_format: str = "auto") -> shard_writer.ConvertStats:
   """(b) `<images_dir>/<class>/<img>` -> `<key>.<img>` + `<key>.cls`, plus classnames.json.
 
   Class index = position in the sorted folder names (ImageNet convention); keys are
@@ -338,10 +192,11 @@ def convert_class_folders(images_dir: str, out_dir: str, *, split: str = "train"
     for filename in sorted(os.listdir(folder)):
       if filename.startswith(".") or not filename.lower().endswith(_IMAGE_SUFFIXES):
         continue
-      key = make_key(f"{name}_{filename}")
+      key = shard_writer.make_key(f"{name}_{filename}")
       samples.append((key, _file_loader(os.path.join(folder, filename),
                                         {"cls": str(label).encode("ascii")})))
-  stats = write_samples(samples, out_dir, split, samples_per_shard, resize, image_format)
+  stats = shard_writer.write_samples(samples, out_dir, split, samples_per_shard, resize,
+                                     image_format)
   _write_classnames(out_dir, classes)
   return stats
 
@@ -349,7 +204,8 @@ def convert_class_folders(images_dir: str, out_dir: str, *, split: str = "train"
 def convert_tfds(name: str, tfds_split: str, out_dir: str, *, split: str | None = None,
                  data_dir: str | None = None, samples_per_shard: int = 1000,
                  resize: int | None = None, image_format: str = "auto",
-                 label_key: str | None = "label", text_key: str | None = None) -> ConvertStats:
+                 label_key: str | None = "label", text_key: str | None = None
+                 ) -> shard_writer.ConvertStats:
   """(c) A prepared TFDS dataset, read with TfdsSource, -> shards (+ classnames.json)."""
   source = sources_lib.TfdsSource(name, tfds_split, data_dir, label_key=label_key, text_key=text_key)
   width = len(str(max(len(source) - 1, 0)))
@@ -365,8 +221,8 @@ def convert_tfds(name: str, tfds_split: str, out_dir: str, *, split: str | None 
 
   # Zero-padded indices as keys: sorted keys keep the TFDS order.
   samples = [(f"{i:0{width}d}", loader(i)) for i in range(len(source))]
-  stats = write_samples(samples, out_dir, split or tfds_split.split("[")[0], samples_per_shard,
-                         resize, image_format)
+  stats = shard_writer.write_samples(samples, out_dir, split or tfds_split.split("[")[0],
+                                     samples_per_shard, resize, image_format)
   if getattr(source, "classnames", None) and label_key:
     _write_classnames(out_dir, source.classnames)
   return stats
@@ -405,7 +261,8 @@ def read_idx(path: str) -> np.ndarray:
 
 
 def convert_idx(idx_dir: str, out_dir: str, *, classnames: str | list[str] = "fashion_mnist",
-                samples_per_shard: int = 10_000, max_per_split: int = 0) -> dict[str, ConvertStats]:
+                samples_per_shard: int = 10_000, max_per_split: int = 0
+                ) -> dict[str, shard_writer.ConvertStats]:
   """(d) `<split>-images-idx3-ubyte[.gz]` + `-labels-idx1-ubyte[.gz]` -> PNG + .cls shards.
 
   Both MNIST splits (`train` → train, `t10k` → test) are written, keys `<split>_<NNNNN>`
@@ -439,7 +296,8 @@ def convert_idx(idx_dir: str, out_dir: str, *, classnames: str | list[str] = "fa
       return load
 
     samples = [(f"{split}_{i:0{width}d}", loader(i)) for i in range(count)]
-    result[split] = write_samples(samples, out_dir, split, samples_per_shard, None, "png")
+    result[split] = shard_writer.write_samples(samples, out_dir, split, samples_per_shard, None,
+                                               "png")
   _write_classnames(out_dir, names)
   return result
 
@@ -539,7 +397,7 @@ def _convert() -> None:
     per_split = convert_idx(FLAGS.idx_dir, FLAGS.out_dir, classnames=FLAGS.idx_classnames,
                             samples_per_shard=FLAGS.samples_per_shard,
                             max_per_split=FLAGS.idx_max_per_split)
-    stats = ConvertStats(num_written=sum(s.num_written for s in per_split.values()),
+    stats = shard_writer.ConvertStats(num_written=sum(s.num_written for s in per_split.values()),
                          num_bad=sum(s.num_bad for s in per_split.values()),
                          shards=[p for s in per_split.values() for p in s.shards],
                          bad=[b for s in per_split.values() for b in s.bad])

@@ -28,8 +28,8 @@ import numpy as np
 
 from vlpre import data
 from vlpre import storage
-from vlpre.data import convert
 from vlpre.data import documents
+from vlpre.data import shard_writer
 from vlpre.data import sources
 from vlpre.evaluators import common
 
@@ -92,7 +92,7 @@ class KeyedImages:
                               f"{store.source!r}, e.g. {missing[0]!r}")
 
   def _get(self, name: str) -> dict[str, Any] | None:
-    for key in dict.fromkeys((name, documents.image_key(name), convert.make_key(name))):
+    for key in dict.fromkeys((name, documents.image_key(name), shard_writer.make_key(name))):
       record = self.store.get(key)
       if record is not None:
         return record
