@@ -59,7 +59,7 @@ data-check:
 # reads no store), then the image tower trains.
 # Training runs on one device, the whole CPU (RUN_XLA_FLAGS), not the 8 fake test devices:
 # measured with bench/step_time.py, the tiny CLIP step takes 3.09 s on 1 device and 3.68 s
-# on 8 (docs/results.md).
+# on 8 (bench/README.md).
 RUN_XLA_FLAGS ?=
 train: data-check $(INSTALLED)
 	XLA_FLAGS=$(RUN_XLA_FLAGS) $(PYTHON) -m vlpre.embed --config=$(CONFIG) --workdir=$(WORKDIR)
