@@ -65,6 +65,19 @@ def subset_shard(pattern: str, count: int, out_path: str) -> str:
   return os.path.abspath(out_path)
 
 
+def shorten(config, steps: int, batch: int, *, train: str = "", examples: int = 0,
+            workdir: str = ".") -> None:
+  """A notebook's cut of a config: `steps` steps of `batch`, warm-up within the first
+  fifth, one checkpoint at the end, ~100 logged steps; with `examples`, trained on the
+  first `examples` samples of the split `train` (a glob), copied under `workdir`/data."""
+  config.total_steps, config.batch_size = steps, batch
+  config.optim.warmup_steps = max(1, min(config.optim.warmup_steps, steps // 5))
+  config.checkpoint.every_steps = steps
+  config.log_every = max(1, steps // 100)
+  if examples:
+    config.input.train = subset_shard(train, examples, f"{workdir}/data/train-{examples}.tar")
+
+
 def shrink_evals(config, examples: int, every_steps: int = 0, batch_size: int = 64) -> None:
   """Every evaluator on at most `examples` test images (probes: 2× that to train on),
   in batches of `batch_size`, run every `every_steps` steps (0: at the end only)."""

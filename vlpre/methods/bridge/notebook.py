@@ -36,13 +36,8 @@ def cells(nb) -> list:
 
          def make_config(stage, steps):
              c = config_lib.load(f"configs/bridge.py:tiny{OPTIONS}" + (",finetune" if stage else ""))
-             c.total_steps, c.batch_size = steps, BATCH
-             c.optim.warmup_steps = max(1, min(c.optim.warmup_steps, steps // 5))
-             c.checkpoint.every_steps = steps
-             c.log_every = max(1, steps // 100)
-             if TRAIN_EXAMPLES:
-                 c.input.train = nbhelpers.subset_shard(
-                     "cifar10/train-*.tar", TRAIN_EXAMPLES, f"{WORKDIR}/data/train-{TRAIN_EXAMPLES}.tar")
+             nbhelpers.shorten(c, steps, BATCH, train="cifar10/train-*.tar",
+                               examples=TRAIN_EXAMPLES, workdir=WORKDIR)
              nbhelpers.shrink_evals(c, EVAL_EXAMPLES, batch_size=min(256, EVAL_EXAMPLES))
              return c
 

@@ -40,13 +40,8 @@ def cells(nb) -> list:
 
          def make_config(weight):
              c = config_lib.load("configs/gpt4image.py:tiny")
-             c.total_steps, c.batch_size = STEPS, BATCH
-             c.optim.warmup_steps = max(1, min(c.optim.warmup_steps, STEPS // 5))
-             c.checkpoint.every_steps = STEPS
-             c.log_every = max(1, STEPS // 100)
-             if TRAIN_EXAMPLES:
-                 c.input.train = nbhelpers.subset_shard(
-                     "cifar10/train-*.tar", TRAIN_EXAMPLES, f"{WORKDIR}/data/train-{TRAIN_EXAMPLES}.tar")
+             nbhelpers.shorten(c, STEPS, BATCH, train="cifar10/train-*.tar",
+                               examples=TRAIN_EXAMPLES, workdir=WORKDIR)
              c.describe.output_dir = f"{WORKDIR}/descriptions-{TRAIN_EXAMPLES}-{PER_CLASS}-{MAX_NEW_TOKENS}"
              c.describe.per_class, c.describe.max_new_tokens = PER_CLASS, MAX_NEW_TOKENS
              c.text_cache = f"{WORKDIR}/embeddings-{TRAIN_EXAMPLES}-{PER_CLASS}-{MAX_NEW_TOKENS}"

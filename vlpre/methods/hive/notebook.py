@@ -37,15 +37,11 @@ def cells(nb) -> list:
 
          def make_config(mode):
              c = config_lib.load(f"configs/hive.py:tiny,mode={mode}")
-             c.batch_size = BATCH
+             nbhelpers.shorten(c, STEPS, BATCH, train="flickr8k/train-*.tar",
+                               examples=TRAIN_EXAMPLES, workdir=WORKDIR)
              c.stages = tuple(dict(s, steps=STEPS, optim=dict(s["optim"], warmup_steps=max(1, min(10, STEPS // 5))))
                               for s in c.stages)
-             c.total_steps = 3 * STEPS
-             c.checkpoint.every_steps = STEPS
-             c.log_every = max(1, STEPS // 100)
-             if TRAIN_EXAMPLES:
-                 c.input.train = nbhelpers.subset_shard(
-                     "flickr8k/train-*.tar", TRAIN_EXAMPLES, f"{WORKDIR}/data/train-{TRAIN_EXAMPLES}.tar")
+             c.total_steps = 3 * STEPS  # three stages of STEPS each
              c.init_from.workdir = INIT_FROM
              nbhelpers.shrink_evals(c, EVAL_EXAMPLES, 0, batch_size=min(64, EVAL_EXAMPLES))
              c.evals.captioning.max_new_tokens = CAPTION_TOKENS

@@ -51,10 +51,7 @@ def cells(nb) -> list:
       nb.md("## Train"),
       nb.code("""
          c = config_lib.load(f"configs/lcl.py:tiny{OPTIONS}")
-         c.total_steps, c.batch_size = STEPS, BATCH
-         c.optim.warmup_steps = max(1, min(c.optim.warmup_steps, STEPS // 5))
-         c.checkpoint.every_steps = STEPS
-         c.log_every = max(1, STEPS // 100)
+         nbhelpers.shorten(c, STEPS, BATCH)  # the subset of pairs is the documents' (above)
          c.input.documents, c.input.images, c.input.paired = documents, pairs, pairs
          if DEPTH:
              c.model.image.depth = DEPTH

@@ -37,13 +37,8 @@ def cells(nb) -> list:
          from vlpre.text_encoders import store as store_lib
 
          c = config_lib.load(f"configs/lift.py:tiny,{ENCODER}")
-         c.total_steps, c.batch_size = STEPS, BATCH
-         c.optim.warmup_steps = max(1, min(c.optim.warmup_steps, STEPS // 5))
-         c.checkpoint.every_steps = STEPS
-         c.log_every = max(1, STEPS // 100)
-         if TRAIN_EXAMPLES:
-             c.input.train = nbhelpers.subset_shard(
-                 "flickr8k/train-*.tar", TRAIN_EXAMPLES, f"{WORKDIR}/data/train-{TRAIN_EXAMPLES}.tar")
+         nbhelpers.shorten(c, STEPS, BATCH, train="flickr8k/train-*.tar", examples=TRAIN_EXAMPLES,
+                           workdir=WORKDIR)
          if DEPTH:
              c.model.image.depth = DEPTH
          c.text_cache = f"{WORKDIR}/embeddings-{ENCODER}-{TRAIN_EXAMPLES}"

@@ -42,13 +42,8 @@ def cells(nb) -> list:
       nb.code("""
          def make_config(method):
              c = config_lib.load(f"configs/{method}.py:tiny")
-             c.total_steps, c.batch_size = STEPS, BATCH
-             c.optim.warmup_steps = max(1, min(c.optim.warmup_steps, STEPS // 5))
-             c.checkpoint.every_steps = STEPS
-             c.log_every = max(1, STEPS // 100)
-             if TRAIN_EXAMPLES:
-                 c.input.train = nbhelpers.subset_shard(
-                     "flickr8k/train-*.tar", TRAIN_EXAMPLES, f"{WORKDIR}/data/train-{TRAIN_EXAMPLES}.tar")
+             nbhelpers.shorten(c, STEPS, BATCH, train="flickr8k/train-*.tar",
+                               examples=TRAIN_EXAMPLES, workdir=WORKDIR)
              if DEPTH:
                  c.model.image.depth = c.model.text.depth = DEPTH
              del c.evals["zeroshot_imagenet_sample"]
