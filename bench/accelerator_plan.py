@@ -20,6 +20,8 @@ import common
 
 common.use_one_device()
 
+import shapes_only_llm  # noqa: E402  (bench/, beside this script)
+
 from absl import app, flags  # noqa: E402
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -47,9 +49,8 @@ ACCELERATORS = {  # dense bf16 FLOP/s, HBM bytes/s, HBM bytes per chip; TPUs: vl
 }
 
 # Mistral-7B's architecture (NV-Embed-v2's backbone): the 7B embedder of configs/lift.py.
-MISTRAL_7B = llm_lib.DecoderConfig(vocab_size=32_000, hidden_size=4096, intermediate_size=14_336,
-                                   num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
-                                   rope_theta=1e4, tie_word_embeddings=False)
+MISTRAL_7B = llm_lib.DecoderConfig.from_hf(
+    shapes_only_llm.hf_config(shapes_only_llm.PRESETS["mistral-7b"]))
 
 
 def _towers_flat(image: dict) -> dict:

@@ -61,7 +61,7 @@ def _release_caches_after_each_file():
   cache above makes recompiling cheap) and the per-process model loaders, so the suite's
   memory does not grow with every file it has run."""
   yield
-  for loader in (llm.load, assets._read_resolved, store._load_encoder,  # pylint: disable=protected-access
+  for loader in (llm._load, assets._read_resolved, store._load_encoder,  # pylint: disable=protected-access
                  tokenizers._build_clip_hf_tokenizer):  # pylint: disable=protected-access
     loader.cache_clear()
   train.release_host_memory()  # then JAX's compiled programs, and glibc's freed arenas

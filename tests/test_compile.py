@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from bench import shapes_only_llm
 from vlpre import compile as compile_lib
 from vlpre import config_lib
 from vlpre.data import interleaved
@@ -61,13 +62,17 @@ def test_without_libtpu_one_line_names_the_install(monkeypatch):
 # of a v5e:2x2 slice (the layer loops are scanned: the TPU compiler compiles one block per
 # stack, so depth costs little compile time); staged configs: their last stage (everything
 # trains). LIFT compiles its online step (the cached one and centring read the embedding
-# store, which `vlpre.embed` builds in ~20 min); GPT4Image is left out: its full size
-# reads ImageNet and LLM-written descriptions, which this machine does not have.
+# store, which `vlpre.embed` builds in ~20 min), with SmolLM2 and with a 7B-class embedder
+# (Mistral-7B's shapes, bench/shapes_only_llm.py: no weights exist or are read), sharded
+# over fsdp; GPT4Image is left out: its full size reads ImageNet and LLM-written
+# descriptions, which this machine does not have.
 _FULL_SIZE = {
     "clip": ("configs/clip.py", {}),
     "siglip": ("configs/siglip.py", {}),
     "lit": ("configs/lit.py", {}),
     "lift_online": ("configs/lift.py", {"text_mode": "online", "text_encoder.center": False}),
+    "lift_online_7b": ("configs/lift.py", {"text_mode": "online", "text_encoder.center": False,
+                                           "mesh": (("data", 1), ("fsdp", 4), ("tensor", 1))}),
     "lcl": ("configs/lcl.py", {}),
     "hive": ("configs/hive.py", {}),
     "bridge": ("configs/bridge.py", {}),
@@ -86,6 +91,9 @@ def _full_size(name: str, batch_size: int, tmp_path, data_dir):
   if config.input.get("documents"):  # LCL's interleaved documents, built from Flickr8k pairs
     config.input.documents = str(tmp_path / "train.jsonl")
     interleaved.build_flickr_interleaved(data_dir, config.input.documents)
+  if name.endswith("_7b"):
+    config.text_encoder.name = shapes_only_llm.write(
+        str(tmp_path / "mistral-7b-shapes"), shapes_only_llm.PRESETS["mistral-7b"])
   return config
 
 
@@ -129,6 +137,8 @@ def test_full_size_step_lowers_for_a_v5e_slice(name, tmp_path, data_dir):
   mesh_line = next(line for line in text.splitlines() if "sdy.mesh @mesh" in line)
   assert all(f'"{axis}"={size}' in mesh_line for axis, size in step.mesh.shape.items())
   assert text.count("sdy.sharding") > 10
+  if name.endswith("_7b"):  # 7B parameters' worth of matmuls per caption token, forward only
+    assert step.model_flops > 2 * 6.5e9 * 32 * 10
 
 
 @needs_libtpu

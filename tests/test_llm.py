@@ -439,3 +439,39 @@ def test_drop_path_drops_whole_branches_per_sample_only_in_training(tiny, scan):
   again = module.apply({"params": params}, ids_BxL, deterministic=False,
                        rngs={"dropout": jax.random.key(0)}).hidden
   np.testing.assert_array_equal(again, train)  # seeded
+
+
+# ------------------------------------------------------------------ abstract weights
+
+
+def _shapes_only_folder(tmp_path):
+  """A Mistral-architecture folder (2 layers, width 64) of config.json and SmolLM2's
+  tokenizer, without weights: what bench/shapes_only_llm.py writes for Mistral-7B."""
+  from bench import shapes_only_llm  # pylint: disable=g-import-not-at-top
+  fields = dict(shapes_only_llm.PRESETS["mistral-7b"], hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+  return shapes_only_llm.write(str(tmp_path / "shapes-only"), fields)
+
+
+def test_abstract_weights_need_only_the_config_and_tokenizer(tmp_path):
+  """Inside `abstract_weights()` a folder without weights builds the decoder and the pooled
+  text encoder with ShapeDtypeStruct parameters of the module's own shapes; outside, the
+  same folder is refused for its missing weights, and nothing abstract is cached."""
+  from vlpre import text_encoders  # pylint: disable=g-import-not-at-top
+  folder = _shapes_only_folder(tmp_path)
+  with llm_lib.abstract_weights():
+    assert llm_lib.weights_abstract()
+    decoder = llm_lib.load(folder, lm_head=False)
+    encoder = text_encoders.load_text_encoder(folder, max_len=16)
+  assert not llm_lib.weights_abstract()
+  expected = llm_lib.param_shapes(decoder.module)
+  assert jax.tree.structure(decoder.params) == jax.tree.structure(expected)
+  for leaf, want in zip(jax.tree.leaves(decoder.params), jax.tree.leaves(expected)):
+    assert isinstance(leaf, jax.ShapeDtypeStruct) and leaf.shape == want.shape
+  assert decoder.config.vocab_size == 32_000 and decoder.config.num_layers == 2
+  assert encoder.dim == 64
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(encoder.params))
+  ids_BxL, mask_BxL = encoder.tokenizer.encode_batch(["a dog runs"], 16)
+  assert ids_BxL.shape == (1, 16) and 0 < mask_BxL.sum() < 16
+  with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+    llm_lib.load(folder, lm_head=False)

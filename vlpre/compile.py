@@ -53,6 +53,7 @@ import numpy as np
 from vlpre import check
 from vlpre import config_lib
 from vlpre import data as data_lib
+from vlpre import llm as llm_lib
 from vlpre import methods
 from vlpre import metrics as metrics_lib
 from vlpre import sharding
@@ -235,7 +236,10 @@ def trace_step(config, topology: str) -> TracedStep:
   if problems:
     raise CompileError("; ".join(problems))
   mesh = sharding.make_mesh(config.mesh, devices)
-  batch = abstract_batch(config, mesh)
+  # A pretrained model's weights are never read (a 7B folder needs only its config and
+  # tokenizer), the example batch's tokenizer included.
+  with llm_lib.abstract_weights():
+    batch = abstract_batch(config, mesh)
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
   with platform.target("tpu"):  # the layer loop and attention as a TPU run builds them
     s = train.setup(config, batch, mesh=mesh, abstract=True)

@@ -50,6 +50,7 @@ from vlpre import distributed
 from vlpre import evaluators as evaluators_lib
 from vlpre import fatal
 from vlpre import init_params
+from vlpre import llm as llm_lib
 from vlpre import losses as losses_lib
 from vlpre import methods
 from vlpre import metrics as metrics_lib
@@ -201,11 +202,13 @@ def setup(config, example_batch: dict, *, mesh=None, abstract: bool = False) -> 
   `abstract`: no weight is materialised or loaded. The state and the frozen parameters are
   `jax.ShapeDtypeStruct`s carrying their shardings (`example_batch` may be too), which is
   all `jit_train_step().lower(...)` needs: vlpre.compile compiles the real step this way for
-  devices this host does not have.
+  devices this host does not have. A pretrained model the method builds on (an LLM, a
+  text encoder) is read from its config and tokenizer alone (`llm.abstract_weights`).
   """
   mesh = mesh or sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.get("sharding_rules"))
-  built = methods.build(config)
+  with llm_lib.abstract_weights() if abstract else contextlib.nullcontext():
+    built = methods.build(config)
   model = built.model
   batch_sh = sharding.batch_sharding(mesh)
   dp = mesh.shape["data"] * mesh.shape["fsdp"]

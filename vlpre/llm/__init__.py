@@ -26,7 +26,9 @@ import jax.numpy as jnp
 from vlpre.llm import checkpoints
 from vlpre.llm.assets import MissingAssetError
 from vlpre.llm.assets import PACKAGED_ASSETS
+from vlpre.llm.assets import abstract_weights
 from vlpre.llm.assets import read_source
+from vlpre.llm.assets import weights_abstract
 from vlpre.llm.model import Decoder
 from vlpre.llm.config import DecoderConfig
 from vlpre.llm.model import DecoderOutput
@@ -41,7 +43,7 @@ if TYPE_CHECKING:  # vlpre.data (grain) is the input side; the protocol is only 
 __all__ = [
     "Decoder", "DecoderConfig", "DecoderOutput", "ExtraKV", "LLM", "MissingAssetError",
     "PACKAGED_ASSETS", "SECTION", "SUPPORTED_MODEL_TYPES", "TextTokenizer", "config_section",
-    "decoder_options", "from_config", "init_cache", "load",
+    "abstract_weights", "decoder_options", "from_config", "init_cache", "load", "weights_abstract",
 ]
 
 
@@ -88,7 +90,6 @@ def param_shapes(module: Decoder, *, tokens: bool = True, logits: bool = False) 
                         jax.random.key(0), embeds)["params"]
 
 
-@functools.lru_cache(maxsize=4)
 def load(name: str, *, dtype: Any = jnp.float32, scan: bool = True,
          layer_groups: tuple[int, ...] = (), remat: str = "none", causal: bool = True,
          num_layers: int | None = None, final_norm: bool = True, lm_head: bool = True,
@@ -110,7 +111,19 @@ def load(name: str, *, dtype: Any = jnp.float32, scan: bool = True,
   Cached per process on its arguments (they must be hashable: tuples, dtypes): the
   encoder, the generator and a method's model built from one checkpoint share one
   parameter tree instead of re-stacking it. Treat the returned arrays as read-only.
+  Inside `abstract_weights()` the parameters are `jax.ShapeDtypeStruct`s (float32) and
+  no weight is read: the folder needs only its config and tokenizer.
   """
+  return _load(name, dtype=dtype, scan=scan, layer_groups=layer_groups, remat=remat,
+               causal=causal, num_layers=num_layers, final_norm=final_norm, lm_head=lm_head,
+               tokens=tokens, template=template, max_len=max_len, append_eos=append_eos,
+               revision=revision, allow_download=allow_download, abstract=weights_abstract())
+
+
+@functools.lru_cache(maxsize=4)
+def _load(name: str, *, dtype, scan, layer_groups, remat, causal, num_layers, final_norm,
+          lm_head, tokens, template, max_len, append_eos, revision, allow_download,
+          abstract: bool) -> LLM:
   start = time.perf_counter()
   source = read_source(name, template=template, max_len=max_len, append_eos=append_eos,
                        revision=revision, allow_download=allow_download)
@@ -126,9 +139,13 @@ def load(name: str, *, dtype: Any = jnp.float32, scan: bool = True,
   module = Decoder(config, dtype=dtype, causal=causal, scan=scan, layer_groups=layer_groups,
                    remat=remat, final_norm=final_norm)
   shapes = param_shapes(module, tokens=tokens, logits=lm_head)
-  params = checkpoints.state_dict_to_params(source.state_dict, shapes)
-  logging.info("loaded LLM %s (%s, %d of %d layers) in %.1fs", name, hf_config.model_type,
-               config.num_layers, hf_config.num_hidden_layers, time.perf_counter() - start)
+  if abstract:
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), shapes)
+  else:
+    params = checkpoints.state_dict_to_params(source.state_dict, shapes)
+  logging.info("loaded LLM %s (%s, %d of %d layers%s) in %.1fs", name, hf_config.model_type,
+               config.num_layers, hf_config.num_hidden_layers,
+               ", abstract weights" if abstract else "", time.perf_counter() - start)
   return LLM(name=name, module=module, params=params, tokenizer=source.tokenizer, config=config,
              hf_config=hf_config)
 

