@@ -4,6 +4,7 @@ zero-shot pipeline runs on the exported CLIPModel folder.
 
 The runs are tiny two-tower models with random (perturbed) weights saved as a run's
 checkpoint, so that the export reads them as it reads a trained run's."""
+import os
 import types
 
 import flax.linen as nn
@@ -16,7 +17,7 @@ import pytest
 import torch
 import transformers
 
-from vlpre import checkpoint, export, methods
+from vlpre import checkpoint, config_lib, export, methods
 from vlpre.data import tokenizers
 
 from tests import weights_helpers as wh
@@ -93,6 +94,18 @@ def test_clip_run_exports_as_a_clip_model_with_vlpres_logits(tmp_path):
 def test_siglip_run_exports_as_a_siglip_model_with_vlpres_logits(tmp_path):
   config, workdir, want, pixels, tokens = _run(tmp_path, SIGLIP_MODEL)
   _assert_export_logits(config, workdir, tmp_path / "hf", "SiglipModel", want, pixels, tokens)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,kind", [("clip", "CLIPModel"), ("siglip", "SiglipModel")])
+def test_the_hf_option_of_the_shipped_configs_exports_whole(tmp_path, name, kind):
+  """`configs/<name>.py:tiny,hf` (its towers at their full depth and width) exports as a
+  transformers `kind` whose logits are vlpre's (the default towers are refused:
+  test_a_run_no_public_class_expresses_is_refused_in_one_line)."""
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", f"{name}.py")
+  config, workdir, want, pixels, tokens = _run(
+      tmp_path, config_lib.load(path + ":tiny,hf").model.to_dict())
+  _assert_export_logits(config, workdir, tmp_path / "hf", kind, want, pixels, tokens)
 
 
 @pytest.mark.slow

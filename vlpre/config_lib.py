@@ -13,6 +13,8 @@ import sys
 from absl import app
 import ml_collections as mlc
 
+from vlpre.nn import vit as vit_lib
+
 
 def base(arg: str | None) -> mlc.ConfigDict:
   """Trainer-level defaults. `arg == "tiny"` gives the CPU-sized run of BASELINES.md."""
@@ -89,6 +91,25 @@ def vit(arg: str | None, pool: str) -> dict:
   return dict(variant="B/16", pool=pool, remat=True)
 
 
+def public_towers(model: mlc.ConfigDict, kind: str) -> None:
+  """Makes a two-tower `model` the architecture a transformers `kind` ("CLIP": a CLIPModel,
+  also open_clip's format; "SigLIP": a SiglipModel) expresses, so `vlpre.export
+  --format=hf` writes the run whole (docs/export.md): CLIP's towers have a LayerNorm
+  before the image blocks, QuickGELU and LayerNorm eps 1e-5; SigLIP's text tower is
+  bidirectional, pooled at its final position, with a head bias, and its image
+  embedding is the attention-pooled feature itself (no image head: embed_dim = width)."""
+  if kind == "CLIP":
+    model.image.update(pre_norm=True, act="quick_gelu", norm_eps=1e-5)
+    model.text.update(act="quick_gelu", norm_eps=1e-5)
+  elif kind == "SigLIP":
+    model.text.update(causal=False, pool="final")
+    width = vit_lib.decode_variant(model.image.variant)["width"] if "variant" in model.image \
+        else model.image.width
+    model.update(image_head=False, text_head_bias=True, embed_dim=width)
+  else:
+    raise ValueError(f"public towers: kind must be CLIP or SigLIP, got {kind!r}")
+
+
 def text_tower(arg: str | None, vocab_size: int = 49_408) -> dict:
   if arg == "tiny":
     return dict(vocab_size=vocab_size, width=192, depth=12, mlp_dim=768, num_heads=3, max_len=77)
@@ -131,12 +152,15 @@ def load(spec: str) -> mlc.ConfigDict:
 
 def parse_arg(arg: str | None, options: dict[str, tuple[str, ...] | None],
               variants: tuple[str, ...] = ("", "tiny")) -> tuple[str, dict[str, str]]:
-  """A config argument "variant,key=value,flag" → (variant, {key: value, flag: "1"}).
+  """A config argument "variant,key=value,flag" → (variant, {key: value, flag: "1"}); the
+  variant may be left out ("hf" = ",hf": the default variant with the flag).
 
   `options` maps each known key to its allowed values (None: any value, or a flag);
   an unknown variant, key or value is a one-line error naming what is allowed.
   """
   variant, *items = (arg or "").split(",")
+  if variant not in variants and variant.partition("=")[0] in options:  # "hf": no variant
+    variant, items = "", [variant, *items]
   if variant not in variants:
     raise ValueError(f"unknown variant {variant!r}; use one of {list(variants)}")
   opts: dict[str, str] = {}
