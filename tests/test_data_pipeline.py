@@ -296,6 +296,19 @@ def test_iterate_eval_cifar_labels_and_padding(data_dir):
   np.testing.assert_array_equal(again["image"], seen[0]["image"])
 
 
+def test_iterate_eval_names_its_split_in_the_log(data_dir, caplog):
+  """A split passed as a grain dataset (a slice of a source) is named by its type and
+  length in the end-of-pass line, not by Python's default repr."""
+  caplog.set_level(logging.INFO)
+  source = data.TarShardSource("cifar10/test-00001.tar", data_dir=data_dir)
+  list(data.iterate_eval(grain.MapDataset.source(source)[:20], image_size=8, resize_size=8,
+                         batch_size=16))
+  list(data.iterate_eval(source, image_size=8, resize_size=8, batch_size=16, max_examples=20))
+  lines = [r.getMessage() for r in caplog.records if "bad samples skipped" in r.getMessage()]
+  assert lines[0].startswith("eval SliceMapDataset of 20 samples: 20 examples in 2 batches")
+  assert lines[1].startswith("eval TarShardSource(patterns=['cifar10/test-00001.tar']")
+
+
 def test_iterate_eval_captions_and_bad(mixed_tar):
   path, good, bad = mixed_tar
   batches = data.iterate_eval(path, image_size=16, resize_size=18, batch_size=8, with_captions=True)

@@ -938,6 +938,42 @@ def test_every_fatal_path_ends_with_one_line_and_exit_1(data_dir, tmp_path, main
   assert 2 in _checkpoints(workdir)[0]
 
 
+@pytest.mark.integration
+def test_damaged_training_shards_through_vlpre_main(data_dir, tmp_path, main_env):
+  """`python -m vlpre.main` on two damaged copies of real Flickr8k shards: in one, the 6th
+  sample's image header has a negative size field with a valid checksum (such a header
+  once made the indexer loop forever); the other is cut off mid-member. The run finishes
+  (exit 0), a warning names each damaged shard and its fault, and metrics.jsonl counts the
+  lost samples in `input/bad_fraction`."""
+  shards = tmp_path / "damaged"
+  shards.mkdir()
+
+  def copy(pattern, name):
+    scratch = tmp_path / name
+    scratch.mkdir()
+    path = shards / f"{name}-00000.tar"
+    os.rename(helpers.small_shard(data_dir, scratch, pattern, 24), path)
+    return str(path)
+
+  crafted = copy("flickr8k/train-00000.tar", "crafted")
+  with tarfile.open(crafted) as tf:
+    headers = [i.offset for i in tf if i.name.endswith(".jpg")]
+  _rewrite_size(crafted, headers[5], _SIZE_FIELDS["negative"])
+  cut = copy("flickr8k/train-00001.tar", "cut")
+  os.truncate(cut, 2 * os.path.getsize(cut) // 3)
+  config, workdir = _config_file(data_dir, tmp_path) + ":no_evals", str(tmp_path / "run")
+  status, log = _main("none", config, workdir, main_env,
+                      flags=[f"--config.input.train={shards}/*.tar"])
+  assert status == 0, _tail(log)
+  assert re.search(rf"{re.escape(crafted)}: bad tar header at byte {headers[5]} \(negative "
+                   r"size field .*counted as \d+ bad sample", log), _tail(log)
+  assert re.search(rf"{re.escape(cut)}: (member .* is )?cut off", log), _tail(log)
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    fractions = [row["input/bad_fraction"] for row in map(json.loads, f)
+                 if "input/bad_fraction" in row]
+  assert fractions and 0 < fractions[-1] < 0.5, fractions  # 2 epochs of 48 samples: seen
+
+
 def _nan_in_batch(patch, step):
   """The batch of `step` (counted from 1, as `run` counts a fresh run's steps) is all NaN."""
   real_device_batch = train.Setup.device_batch
