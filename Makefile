@@ -91,8 +91,9 @@ $(COMPILE_INSTALLED): setup.py | $(INSTALLED)
 	$(PYTHON) -m pip install -q -e ".[compile]"
 	touch $(COMPILE_INSTALLED)
 
+# --durations: the slowest tests, printed above the summary (and so in CI's log tail).
 test-all: data-check $(INSTALLED) $(COMPILE_INSTALLED)
-	$(PYTEST) tests
+	$(PYTEST) --durations=30 tests
 
 # A separate PyTorch venv for the open_clip reference rows of the benchmark.
 .bench-venv/bin/python:
