@@ -91,7 +91,6 @@ CHIPS = {
 }
 
 
-
 class CompileError(Exception):
   """A problem the command reports in one line (exit status 1)."""
 

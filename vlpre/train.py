@@ -235,8 +235,8 @@ def setup(config, example_batch: dict, *, mesh=None, abstract: bool = False) -> 
     else:
       variables = nn.meta.unbox(jax.jit(init, out_shardings=var_shardings)(rng, example))
   if not abstract:  # pretrained and init_from weights replace values, not shapes
-    variables = {**variables, "params": init_params.place_weights(config, built, variables["params"],
-                                                       var_shardings["params"])}
+    variables = {**variables, "params": init_params.place_weights(
+        config, built, variables["params"], var_shardings["params"])}
   params, param_sh = variables.pop("params"), var_shardings.pop("params")
   model_state, model_state_sh = variables, var_shardings
   frozen_patterns = tuple(config.get("frozen", ()))

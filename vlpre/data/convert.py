@@ -50,8 +50,8 @@ from PIL import Image
 
 from vlpre import storage
 from vlpre.data import interleaved
-from vlpre.data import sources as sources_lib
 from vlpre.data import shard_writer
+from vlpre.data import sources as sources_lib
 
 # ---------------------------------------------------------------------------- sources
 
@@ -397,10 +397,11 @@ def _convert() -> None:
     per_split = convert_idx(FLAGS.idx_dir, FLAGS.out_dir, classnames=FLAGS.idx_classnames,
                             samples_per_shard=FLAGS.samples_per_shard,
                             max_per_split=FLAGS.idx_max_per_split)
-    stats = shard_writer.ConvertStats(num_written=sum(s.num_written for s in per_split.values()),
-                         num_bad=sum(s.num_bad for s in per_split.values()),
-                         shards=[p for s in per_split.values() for p in s.shards],
-                         bad=[b for s in per_split.values() for b in s.bad])
+    stats = shard_writer.ConvertStats(
+        num_written=sum(s.num_written for s in per_split.values()),
+        num_bad=sum(s.num_bad for s in per_split.values()),
+        shards=[p for s in per_split.values() for p in s.shards],
+        bad=[b for s in per_split.values() for b in s.bad])
   else:
     if not FLAGS.tfds_name:
       raise app.UsageError("--mode=tfds needs --tfds_name")

@@ -194,16 +194,15 @@ def iterate_eval(source: str | Sequence[str] | Any, *, image_size: int, resize_s
   records = iter(ds.to_iter_dataset(grain.ReadOptions(
       num_threads=num_threads, prefetch_buffer_size=max(2 * batch_size, 16))))
   return EvalBatches(records, batch_size, with_captions, with_labels,
-                     (image_size, image_size, 3), _describe(source))
+                     (image_size, image_size, 3), _split_name(source))
 
 
-def _describe(source: Any) -> str:
+def _split_name(source: Any) -> str:
   """How the log names a split: its source's repr, or for a source without one of its own
   (a grain dataset, such as a slice of a split) its type and length."""
-  text = repr(source)
-  if " object at 0x" in text:
-    text = f"{type(source).__name__} of {len(source)} samples"
-  return text
+  if type(source).__repr__ is object.__repr__:
+    return f"{type(source).__name__} of {len(source)} samples"
+  return repr(source)
 
 
 def _as_dict(cfg: Any) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any
 from absl import logging
 from PIL import Image
 
+
 @dataclasses.dataclass
 class ConvertStats:
   """What a conversion wrote and skipped (also logged)."""

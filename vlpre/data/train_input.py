@@ -278,6 +278,8 @@ def build_train_dataset(cfg: Any, *, global_batch_size: int, seed: int,
 
 
 # ------------------------------------------------------------------------------ in the loop
+
+
 class BadSampleGuard:
   """Counts skipped samples; fails once their share passes `max_fraction`.
 
