@@ -29,9 +29,10 @@ PROMPTEOL = 'This sentence : "{text}" means in one word:"'
 RECIPES = {
     "smollm2": dict(name="smollm2-135m", template=PROMPTEOL, pooling="", layer=-1, center=True),
     "minilm": dict(name="minilm-l6", template="{text}", pooling="", layer=-1, center=False),
-    # SmolLM2 tuned into an embedder by configs/text_embedder.py:tiny (a saved recipe: its
-    # template, pooling and attention come with it; vlpre.text_encoders.recipes).
-    "tuned": dict(name="smollm2-flickr8k", template="", pooling="", layer=-1, center=False),
+    # SmolLM2 tuned into an embedder by configs/text_embedder.py:tiny,long (a saved recipe:
+    # its template, pooling and attention come with it; vlpre.text_encoders.recipes). The
+    # 24-step CPU recipe of `text_embedder.py:tiny` is --config.text_encoder.name=smollm2-flickr8k.
+    "tuned": dict(name="smollm2-flickr8k-long", template="", pooling="", layer=-1, center=False),
 }
 
 

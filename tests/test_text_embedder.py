@@ -300,7 +300,7 @@ def test_tiny_config_trains_two_steps_and_saves_a_recipe_lift_scores(tmp_path, m
   from vlpre.methods.lift import text_score  # pylint: disable=g-import-not-at-top
   from vlpre.methods.text_embedder import save  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv("VLPRE_TEXT_ENCODERS", str(tmp_path / "recipes"))
-  config = te_config.get_config("tiny")
+  config = te_config.get_config("tiny,long")  # the run behind lift.py's `tuned`, cut short
   config.llm.num_layers = 2  # the packaged SmolLM2, truncated: the loop is what is tested
   config.batch_size, config.total_steps, config.log_every = 8, 2, 1
   config.checkpoint.every_steps = 2
