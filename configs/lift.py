@@ -13,7 +13,7 @@ Other encoder (all-MiniLM-L6-v2, mean pooled, its own recipe):
 Score the text side alone first (caption↔caption retrieval on Flickr8k val):
   python -m vlpre.methods.lift.text_score --config=configs/lift.py:tiny
 Against SmolLM2 tuned into an embedder first (configs/text_embedder.py's commands):
-  python -m vlpre.embed --config=configs/lift.py:tiny,tuned
+  python -m vlpre.embed --config=configs/lift.py:tiny,tuned --workdir=workdirs/lift_tuned
   python -m vlpre.main  --config=configs/lift.py:tiny,tuned --workdir=workdirs/lift_tuned
 Full size on a TPU pod / GPU node (ViT-B/16, 224 px; see the 7B preset below):
   python -m vlpre.main --config=configs/lift.py --workdir=gs://BUCKET/lift_b16
