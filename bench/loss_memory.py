@@ -58,7 +58,7 @@ def step_temp_bytes(accum_steps: int, batch: int = 512) -> int:
   example = {"image": np.zeros((batch, 32, 32, 3), np.float32),
              "text": np.ones((batch, 16), np.int32), "text_mask": np.ones((batch, 16), np.int32)}
   s = train.setup(config, example)
-  with s.mesh:
+  with jax.set_mesh(s.mesh):
     lowered = s.jit_train_step().lower(s.state, s.frozen, s.device_batch(example),
                                        jax.random.key(0))
   return lowered.compile().memory_analysis().temp_size_in_bytes

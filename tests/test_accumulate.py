@@ -64,7 +64,7 @@ def _clip_batch(n=32, seed=0):
 def _one_update(config, batch):
   s = train.setup(config, batch)
   before = jax.device_get(s.state.params)  # the step donates the state
-  with s.mesh:
+  with jax.set_mesh(s.mesh):
     state, metrics = s.jit_train_step()(s.state, s.frozen, s.device_batch(batch),
                                         jax.random.key(0))
   return jax.device_get(state.params), jax.device_get(metrics), before

@@ -1,9 +1,9 @@
 """Attentive probe: reads a signal that mean pooling drowns; runs end to end on CIFAR-10."""
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
+from vlpre import sharding
 from vlpre import train
 from vlpre.evaluators import attentive_probe, common, linear_probe
 from vlpre.methods.gpt4image import model as classifier
@@ -96,7 +96,7 @@ def test_evaluator_end_to_end_on_tiny_clip_is_deterministic(data_dir):
              steps=10, lr=1e-3, num_heads=2)
   predictor = common.Predictor(s, tokenizer=None)
   evaluator = attentive_probe.Evaluator("probe", cfg, predictor)
-  with s.mesh, nn.logical_axis_rules(s.rules):
+  with sharding.active(s.mesh, s.rules):
     tokens = predictor.image_outputs(
         s.variables(), common.eval_batches(cfg, cfg["test_data"], max_examples=64, with_labels=True),
         "embed_patches")

@@ -7,7 +7,6 @@ import json
 import os
 import tarfile
 
-import flax.linen as nn
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,6 +14,7 @@ from PIL import Image
 from tests import helpers
 from vlpre import check
 from vlpre import data
+from vlpre import sharding
 from vlpre import train
 from vlpre.evaluators import common
 from vlpre.evaluators import retrieval
@@ -140,7 +140,7 @@ def tiny_clip(data_dir):
 def _run(tiny_clip, module, cfg):
   s, predictor = tiny_clip
   size = dict(image_size=32, resize_size=36, batch_size=16, max_text_len=16)
-  with s.mesh, nn.logical_axis_rules(s.rules):
+  with sharding.active(s.mesh, s.rules):
     return module.Evaluator("e", {**size, **cfg}, predictor).run(s.variables())
 
 
@@ -171,7 +171,7 @@ def test_zeroshot_same_metric_in_every_format(eval_sets, tiny_clip):
               dict(format="tfds", data="vlpre_eval_cifar", tfds_data_dir=tfds_dir)):
     split = data.open_eval_split(cfg, labels=True)
     batches = common.eval_batches(dict(image_size=32, batch_size=16), split.source, with_labels=True)
-    with s.mesh, nn.logical_axis_rules(s.rules):
+    with sharding.active(s.mesh, s.rules):
       outputs.append(predictor.image_embeddings(s.variables(), batches))
   for other in outputs[1:]:
     np.testing.assert_array_equal(other["label"], outputs[0]["label"])

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from vlpre import config_lib, methods, train
+from vlpre import sharding
 from vlpre.data import train_input
 from vlpre.text_encoders import store as store_lib
 
@@ -130,7 +131,7 @@ def test_embed_shards_the_encoder_over_the_mesh(data_dir, shard):
   assert big and all("fsdp" in str(x.sharding.spec) for x in big)  # nothing replicated
   ids_BxL, mask_BxL = encoder.tokenizer.encode_batch(["a dog .", "two cats on a mat ."] * 4, 16)
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  with mesh, nn.logical_axis_rules(rules):
+  with sharding.active(mesh, rules):
     sharded = apply(params, ids_BxL, mask_BxL)
   np.testing.assert_allclose(sharded, encoder.embed(["a dog .", "two cats on a mat ."] * 4),
                              rtol=1e-4, atol=1e-5)

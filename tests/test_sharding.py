@@ -59,3 +59,51 @@ def test_fsdp_fallback_picks_a_divisible_dimension():
   tree = {"w": jax.ShapeDtypeStruct((6, 1024), jnp.float32), "b": jax.ShapeDtypeStruct((6,), jnp.float32)}
   sh = sharding.fsdp_fallback(tree, mesh, min_size=1024)
   assert sh["w"].spec == P(None, "fsdp") and sh["b"].spec == P()
+
+
+def _decoder_step_collectives(context):
+  """Collectives of a scanned decoder's forward on a data 1 × fsdp 8 mesh, batch split over
+  fsdp, traced inside `context(mesh, rules)`: {op: (count, bytes per device)} and the
+  names of the ops gathered (their op_name metadata)."""
+  import re  # pylint: disable=g-import-not-at-top
+  from vlpre import step_analysis  # pylint: disable=g-import-not-at-top
+  from vlpre.llm.config import DecoderConfig  # pylint: disable=g-import-not-at-top
+  from vlpre.llm.model import Decoder  # pylint: disable=g-import-not-at-top
+  cfg = DecoderConfig(vocab_size=512, hidden_size=256, intermediate_size=1024, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=64)
+  model = Decoder(cfg, dtype=jnp.bfloat16)
+  mesh = sharding.make_mesh([("data", 1), ("fsdp", 8)])
+  rules = sharding.logical_rules()
+  ids = jnp.ones((16, 32), jnp.int32)
+  with context(mesh, rules):
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids))
+  shardings = nn.meta.unbox(sharding.logical_shardings(shapes, mesh, rules))
+  with context(mesh, rules):
+    variables = jax.jit(lambda: model.init(jax.random.key(0), ids), out_shardings=shardings)()
+    forward = jax.jit(lambda v, x: model.apply(v, x).hidden.astype(jnp.float32).sum())
+    text = forward.lower(variables, jax.device_put(ids, sharding.batch_sharding(mesh))
+                         ).compile().as_text()
+  gathered = set(re.findall(r'all-gather[^\n]*op_name="[^"]*/(\w+_proj)/', text))
+  return step_analysis.hlo_collectives(text), gathered
+
+
+def test_layers_gather_their_weights_over_fsdp_and_keep_the_batch_split():
+  """FSDP under `sharding.active`: each layer's projections are all-gathered where they are
+  used and the activations stay split over the batch (no all-reduce but the final sum's).
+  Traced under the older `with mesh:` the logical constraints are silently dropped: XLA
+  splits the activations on the width and all-reduces them inside every layer."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+
+  collectives, gathered = _decoder_step_collectives(sharding.active)
+  assert gathered == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                      "down_proj"}
+  assert collectives.get("all-reduce", {}).get("count", 0) <= 1  # the final sum alone
+
+  @contextlib.contextmanager
+  def old_pattern(mesh, rules):
+    with mesh, nn.logical_axis_rules(rules):
+      yield
+
+  collectives, gathered = _decoder_step_collectives(old_pattern)
+  assert not gathered and collectives["all-reduce"]["count"] > 2
+

@@ -4,12 +4,12 @@ import os
 import re
 import tarfile
 
-import flax.linen as nn
 import numpy as np
 import pytest
 
 from tests import helpers
 from vlpre import data
+from vlpre import sharding
 from vlpre import train
 from vlpre.data import hard_negatives as hn
 from vlpre.evaluators import common
@@ -101,7 +101,7 @@ def test_evaluator_end_to_end_on_a_tiny_clip(data_dir, tmp_path):
   s = train.setup(config, example)
   predictor = common.Predictor(s, data.get_tokenizer("clip_bpe"))
   size = dict(image_size=32, resize_size=36, batch_size=16, max_text_len=16, data_dir=data_dir)
-  with s.mesh, nn.logical_axis_rules(s.rules):
+  with sharding.active(s.mesh, s.rules):
     by_key = sugarcrepe.Evaluator("hn", dict(data=str(tmp_path / "negatives/*.json"),
                                              images=shard, **size), predictor).run(s.variables())
     by_name = sugarcrepe.Evaluator("hn", dict(data=str(tmp_path / "by_name/*.json"),

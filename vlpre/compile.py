@@ -43,7 +43,6 @@ import time
 
 from absl import app
 from absl import flags
-import flax.linen as nn
 import jax
 from jax.experimental import topologies
 import ml_collections as mlc
@@ -208,7 +207,7 @@ class StepReport:
 
 
 def _trace_step(s: train.Setup, batch, rng):
-  with s.mesh, nn.logical_axis_rules(s.rules):
+  with sharding.active(s.mesh, s.rules):
     return s.jit_train_step().trace(s.state, s.frozen, batch, rng)
 
 

@@ -23,7 +23,6 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-import flax.linen as nn
 import jax
 
 from vlpre import checkpoint as checkpoint_lib
@@ -34,6 +33,7 @@ from vlpre import evaluators as evaluators_lib
 from vlpre import metrics as metrics_lib
 from vlpre import methods
 from vlpre import run_record
+from vlpre import sharding
 from vlpre import train
 
 
@@ -58,7 +58,7 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
   state = ckpt.restore_state_only(step, train.with_shardings(s.state, s.state_shardings))
   ckpt.close()
   results = {}
-  with s.mesh, nn.logical_axis_rules(s.rules):
+  with sharding.active(s.mesh, s.rules):
     for evaluator in evaluators_lib.build_evaluators(config.get("evals", {}), s, tokenizer=tokenizer):
       results.update(evaluator.run(s.variables(state)))
   writer = metrics_lib.MetricWriter(workdir, tensorboard=False,

@@ -28,6 +28,7 @@ every file, so one rule shards every weight that has that dimension:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from typing import Any, Sequence
@@ -102,6 +103,18 @@ def logical_rules(config_rules: Sequence[Sequence[Any]] | None = None) -> tuple[
   rules = [(name, overrides.pop(name, axes)) for name, axes in DEFAULT_RULES]
   rules.extend(overrides.items())
   return tuple(rules)
+
+
+@contextlib.contextmanager
+def active(mesh: Mesh, rules):
+  """The context every step, evaluator and store is traced in: `mesh` set as jax's mesh
+  and the logical `rules` on. Both are needed for nn.with_logical_constraint to constrain
+  anything: flax finds the mesh through jax.set_mesh only. Under the older `with mesh:`
+  every logical constraint is a silent no-op, and XLA is free to split activations on the
+  width and all-reduce them in every layer instead of gathering weights (FSDP): a step
+  with a frozen 7B LLM moved ~500 GB a chip that way (docs/scaling.md)."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
 
 
 def _as_axes(axes):

@@ -224,16 +224,20 @@ def setup(config, example_batch: dict, *, mesh=None, abstract: bool = False) -> 
   def init(rng, example):
     return model.init({"params": rng, "dropout": rng, "aug": rng}, example, train=False)
 
-  with mesh, nn.logical_axis_rules(rules):
+  # Traced under the mesh and rules, so the model's logical constraints apply; unboxed
+  # outside them (a boxed shape or sharding is metadata, not a value to constrain).
+  with sharding.active(mesh, rules):
     shapes = jax.eval_shape(init, rng, example)
-    var_shardings = nn.meta.unbox(
-        _shardings_for(shapes, mesh, rules, config.get("min_fsdp_size", 2**18)))
-    for prefix, axes in (built.logical_axes or {}).items():
-      var_shardings["params"][prefix] = sharding.logical_names_to_shardings(axes, mesh, rules)
-    if abstract:
-      variables = with_shardings(nn.meta.unbox(shapes), var_shardings)
-    else:
-      variables = nn.meta.unbox(jax.jit(init, out_shardings=var_shardings)(rng, example))
+  var_shardings = nn.meta.unbox(
+      _shardings_for(shapes, mesh, rules, config.get("min_fsdp_size", 2**18)))
+  for prefix, axes in (built.logical_axes or {}).items():
+    var_shardings["params"][prefix] = sharding.logical_names_to_shardings(axes, mesh, rules)
+  if abstract:
+    variables = with_shardings(nn.meta.unbox(shapes), var_shardings)
+  else:
+    with sharding.active(mesh, rules):
+      variables = jax.jit(init, out_shardings=var_shardings)(rng, example)
+    variables = nn.meta.unbox(variables)
   if not abstract:  # pretrained and init_from weights replace values, not shapes
     variables = {**variables, "params": init_params.place_weights(
         config, built, variables["params"], var_shardings["params"])}
@@ -439,7 +443,7 @@ def _run_locked(config, workdir: str, *, on_step, export_params_to, devices,
 
   done = saved = start  # the last finished step; the last one saved (or being written)
   try:
-    with s.mesh, nn.logical_axis_rules(s.rules):
+    with sharding.active(s.mesh, s.rules):
       last.update(evaluate(start, first_evals, state))
       for step in range(start + 1, config.total_steps + 1):
         if _STOP.is_set():  # it came before this step: during set-up, evaluators or a save

@@ -16,10 +16,10 @@ beam_width, examples (how many (reference, generated) pairs to log).
 from __future__ import annotations
 
 from absl import logging
-import flax.linen as nn
 import jax
 import numpy as np
 
+from vlpre import sharding
 from vlpre.evaluators import caption_metrics
 from vlpre.evaluators import common
 from vlpre.llm import generate as generate_lib
@@ -40,7 +40,7 @@ class Evaluator:
     """Decoded captions of a batch of images."""
     cfg, setup = self.cfg, self.predictor.setup
     llm = setup.built.llm
-    with setup.mesh, nn.logical_axis_rules(setup.rules):
+    with sharding.active(setup.mesh, setup.rules):
       cond = self._inputs(variables, np.asarray(images_BxHxWx3))
     prompts = np.asarray(cond["prompt_ids"]).tolist()
     out = generate_lib.generate(

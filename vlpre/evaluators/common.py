@@ -4,13 +4,13 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable, Sequence
 
-import flax.linen as nn
 import grain
 import jax
 import numpy as np
 
 from vlpre import data
 from vlpre import losses
+from vlpre import sharding
 from vlpre.data import text_batching
 
 
@@ -71,7 +71,7 @@ class Predictor:
           out_shardings=jax.sharding.NamedSharding(self.setup.mesh, jax.sharding.PartitionSpec()))
     apply = self._image_methods[method]
     parts: dict[str, list] = {}
-    with self.setup.mesh, nn.logical_axis_rules(self.setup.rules):
+    with sharding.active(self.setup.mesh, self.setup.rules):
       for batch in batches:
         self._check_batch(len(batch["image"]))
         out = jax.device_get(apply(variables, self._put(batch["image"])))
@@ -91,7 +91,7 @@ class Predictor:
     self._check_batch(batch_size)
     ids_NxL, mask_NxL = self.tokenizer.encode_batch(list(texts), max_len)
     out_NxE = None
-    with self.setup.mesh, nn.logical_axis_rules(self.setup.rules):
+    with sharding.active(self.setup.mesh, self.setup.rules):
       for rows, ids, mask in text_batching.bucketed_batches(ids_NxL, mask_NxL, batch_size):
         out = np.asarray(jax.device_get(self._embed_text(variables, self._put(ids), self._put(mask))))
         if out_NxE is None:

@@ -18,8 +18,20 @@ from vlpre.nn import stack as stack_lib
 Dtype = Any
 
 
+class _Named(nn.LogicallyPartitioned):
+  """A weight with logical axis names, constrained to them only once it has their rank:
+  nn.DenseGeneral initialises a [D, H, K] kernel flat ([D, H*K]) and unboxes it before
+  reshaping, where a 3-name constraint would not apply."""
+
+  def unbox(self, apply_constraint=True):
+    return super().unbox(apply_constraint and jnp.ndim(self.value) == len(self.names))
+
+
 def dense_init(names: tuple[str | None, ...], init: Callable = nn.initializers.xavier_uniform()):
-  return nn.with_logical_partitioning(init, names)
+  """`init` whose result carries the logical axis `names` (nn.with_logical_partitioning)."""
+  def named(*args, **kwargs):
+    return _Named(init(*args, **kwargs), names)
+  return named
 
 
 def norm_init(init: Callable = nn.initializers.ones):

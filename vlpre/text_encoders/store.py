@@ -34,7 +34,6 @@ import re
 from typing import Any, Sequence
 
 from absl import logging
-import flax.linen as nn
 import grain
 import jax
 from jax.experimental import multihost_utils
@@ -244,7 +243,7 @@ def sharded_encoder(config, encoder, mesh):
   param_shardings = sharding.logical_names_to_shardings(encoder.logical_axes(), mesh, rules)
   params = jax.device_put(encoder.params, param_shardings)
   row_sharding = sharding.batch_sharding(mesh)
-  with mesh, nn.logical_axis_rules(rules):
+  with sharding.active(mesh, rules):
     embed = jax.jit(lambda p, ids, mask: encoder.module.apply({"params": p}, ids, mask),
                     in_shardings=(param_shardings, row_sharding, row_sharding),
                     out_shardings=sharding.replicated(mesh))
@@ -311,7 +310,7 @@ def build_store(config, *, split_patterns: Sequence[str] | str | None = None,
     if unique:
       ids_NxL, mask_NxL = encoder.tokenizer.encode_batch(unique, settings["max_len"])
       for rows, ids, mask in text_batching.bucketed_batches(ids_NxL, mask_NxL, batch_size):
-        with mesh, nn.logical_axis_rules(rules):
+        with sharding.active(mesh, rules):
           out = embed(params, jax.device_put(ids, row_sharding), jax.device_put(mask, row_sharding))
         emb[rows] = np.asarray(out, np.float32)[:len(rows)]
     row_of = {text: i for i, text in enumerate(unique)}
