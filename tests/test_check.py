@@ -169,6 +169,23 @@ def test_unknown_and_undownloadable_llm_names():
   assert check.check_config(c) == []
 
 
+def test_a_text_encoder_may_name_a_saved_recipe(tmp_path, monkeypatch):
+  """`lift.py:tiny,tuned` names a recipe saved under $VLPRE_TEXT_ENCODERS: found, the config
+  checks clean; missing, the one line says where recipes are looked up."""
+  monkeypatch.setenv("VLPRE_TEXT_ENCODERS", str(tmp_path))
+  c = load_config("lift", "tiny,tuned")
+  line = only_problem(c)
+  assert line.startswith(f"text_encoder.name: model '{c.text_encoder.name}': not a packaged")
+  assert line.endswith(f"nor a text-encoder recipe saved under {tmp_path} ($VLPRE_TEXT_ENCODERS)")
+  (tmp_path / c.text_encoder.name).mkdir()
+  (tmp_path / c.text_encoder.name / "text_encoder.json").write_text(
+      '{"template": "{text}", "pooling": "last", "causal": true, "append_eos": false}')
+  assert check.check_config(c) == []
+  c = load_config("bridge", "tiny")  # an LLM section takes no recipe name
+  c.bridge.llm.name = "smollm2-flickr8k-long"
+  assert "recipe" not in only_problem(c)
+
+
 def test_resolve_never_downloads_unless_allowed_and_pinned():
   with pytest.raises(assets.HubDownloadRefused, match="allow_download=True and pin revision"):
     assets.resolve("HuggingFaceTB/SmolLM2-360M")

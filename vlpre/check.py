@@ -42,6 +42,7 @@ from vlpre.data import tar_scan
 from vlpre.data import train_input
 from vlpre.data import transforms
 from vlpre.llm import assets
+from vlpre.text_encoders import recipes
 
 _SPLIT_FIELDS = ("data", "train_data", "test_data", "images")  # eval fields holding globs
 
@@ -260,8 +261,13 @@ def _check_assets(config, method: methods.Method | None) -> list[str]:
     name = _get(cfg, spec.field) if cfg is not None else None
     if not name or (spec.used is not None and not spec.used(config)):
       continue
+    if spec.recipes and recipes.find(str(name)) is not None:
+      continue  # a saved recipe: its folder holds the model
     problem = assets.name_problem(str(name), allow_download=bool(_get(cfg, "allow_download", False)),
                                   revision=_get(cfg, "revision"), where=spec.section)
+    if problem and spec.recipes:
+      problem += (f", nor a text-encoder recipe saved under {recipes.recipes_dir()} "
+                  "($VLPRE_TEXT_ENCODERS)")
     if problem:
       problems.append(f"{spec.section}.{spec.field}: {problem}")
   return problems

@@ -91,10 +91,12 @@ class PretrainedField:
   """A config field naming a pretrained model: `config.<section>.<field>`, where `section`
   may be dotted ("hive.llm": an LLM section, vlpre.llm.SECTION); `used(config)` says
   whether the run loads it (None: whenever the field is set). The section also holds
-  `allow_download` and `revision` for hub ids (vlpre.llm.assets.resolve)."""
+  `allow_download` and `revision` for hub ids (vlpre.llm.assets.resolve). `recipes`: the
+  field may also name a saved text-encoder recipe (vlpre.text_encoders.recipes)."""
   section: str
   field: str
   used: Callable[[Any], bool] | None = None
+  recipes: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

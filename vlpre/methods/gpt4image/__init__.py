@@ -19,7 +19,7 @@ METHOD = methods.Method(
     input_extras=model.input_extras,
     build_tokenizer=model.build_tokenizer,
     reads_embedding_store=model.text_loss_enabled,  # the CE-only baseline embeds nothing
-    pretrained=(methods.PretrainedField("text_encoder", "name"),
+    pretrained=(methods.PretrainedField("text_encoder", "name", recipes=True),
                 methods.PretrainedField(
                     "describe.llm", "name",
                     lambda config: config.describe.get("backend") == "llm-class-prompts")),

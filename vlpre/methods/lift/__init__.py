@@ -10,7 +10,7 @@ METHOD = methods.Method(
     input_extras=model.input_extras,
     build_tokenizer=model.build_tokenizer,
     reads_embedding_store=model.reads_embedding_store,
-    pretrained=(methods.PretrainedField("text_encoder", "name"),),
+    pretrained=(methods.PretrainedField("text_encoder", "name", recipes=True),),
     export_tower=methods.ExportTower(
         "img", lambda m: {**m["image"], "pool": "mean"}, {"fc1": "head_in", "fc2": "head_out"},
         "embedding_BxE = fc2(gelu_tanh(fc1(pooled_BxD))), torch Linear layers and "
