@@ -157,6 +157,34 @@ def test_runs_in_a_bucket_with_their_config_differences(tmp_path, fake_gcs, monk
   assert not (tmp_path / "gs:").exists() and not (tmp_path / "b").exists()
 
 
+def test_seeds_mean_std_and_paired_differences(tmp_path):
+  """Runs sharing a name are seeds of one setting: mean ± sample std per name, and with a
+  baseline the differences paired by config.seed (a seed the baseline lacks is left out)."""
+  r1 = {("a", 0): 0.10, ("a", 1): 0.14, ("b", 0): 0.20, ("b", 1): 0.30, ("b", 2): 0.9}
+  workdirs, names = [], []
+  for (name, seed), value in r1.items():
+    directory = tmp_path / f"{name}_s{seed}"
+    _write(directory, [_train(10, 1.0 + seed), {"step": 10, R1: value}])
+    config = config_lib.base("tiny")
+    config.seed = seed
+    run_record.write(config, str(directory), None, None, {})
+    workdirs.append(str(directory))
+    names.append(name)
+  runs = [compare.read_run(w, n) for w, n in zip(workdirs, names)]
+  header, body = compare.across_seeds(runs, baseline="a")
+  column = header.index(R1)
+  assert [row[:2] for row in body] == [["a", 2], ["b", 3], ["b − a", 2]]
+  assert body[0][column] == "0.12 ± 0.028"  # std of 0.10, 0.14 (n - 1)
+  assert body[1][header.index("loss")] == "2 ± 1"
+  assert body[2][column] == "0.13 ± 0.042"  # 0.10 and 0.16: seed 2 has no pair
+  text = compare.compare(workdirs, names, str(tmp_path / "out"), baseline="a")
+  assert "Across seeds" in text and "| b − a | 2 |" in text
+  assert (tmp_path / "out" / "compare_seeds.csv").exists()
+  assert "| seed | 0 | 1 | 0 | 1 | 2 |" in text  # config differences keep same-named runs apart
+  with pytest.raises(ValueError, match="--baseline 'c' is none of the runs' names"):
+    compare.across_seeds(runs, baseline="c")
+
+
 @pytest.mark.integration
 def test_command_line_defaults_to_the_runs_folder(runs):
   result = subprocess.run([sys.executable, "-m", "vlpre.compare", "--workdirs=" + ",".join(runs)],

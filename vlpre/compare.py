@@ -1,7 +1,12 @@
 """Runs side by side: one table of every evaluation (markdown + CSV) and PNG curves.
 
     python -m vlpre.compare --workdirs=workdirs/compare/run_a,workdirs/compare/run_b \
-        [--names=A,B] [--out=workdirs/compare]
+        [--names=A,B] [--out=workdirs/compare] [--baseline=A]
+
+Seeds: runs given the same name (--names=A,A,A,B,B,B) are one setting at several seeds;
+compare.md then adds a table of each name's mean ± sample std, and with --baseline=A each
+other name's paired differences from A, run by run of the same config.seed
+(compare_seeds.csv holds the same).
 
 `make compare` is the other form: every method's comparison runs (each method folder's
 `METHOD.compare`, vlpre.methods.CompareRun), in their `order`, each command run as
@@ -131,17 +136,17 @@ def config_differences(runs: list[Run]) -> tuple[list[str], list[list]]:
   """The header and one row per config field whose recorded value differs between the
   runs that recorded one (fields that never change a run, `run_record.RESUMABLE`, left
   out); values as JSON, blank where a run has no such field or no record."""
-  recorded = [run for run in runs if run.config is not None]
-  flat = {run.name: run_record.flatten(run.config) for run in recorded}
+  flat = {i: run_record.flatten(run.config) for i, run in enumerate(runs)
+          if run.config is not None}
   fields = list(dict.fromkeys(f for values in flat.values() for f in values))
   header = ["field", *(run.name for run in runs)]
   body = []
   for field in fields:
     if run_record.is_allowed(field, run_record.RESUMABLE):
       continue
-    values = [json.dumps(flat[run.name][field]) if run.name in flat and field in flat[run.name]
-              else "" for run in runs]
-    if len(recorded) > 1 and len({v for run, v in zip(runs, values) if run.name in flat}) > 1:
+    values = [json.dumps(flat[i][field]) if i in flat and field in flat[i] else ""
+              for i in range(len(runs))]
+    if len(flat) > 1 and len({values[i] for i in flat}) > 1:
       body.append([field, *values])
   return header, body
 
@@ -169,6 +174,52 @@ def table(runs: list[Run]) -> tuple[list[str], list[list[float | int | str | Non
                  train[-1]["loss"] if train else None, _train_time(run),
                  *(last.get(k) for k in metrics)])
   return header, body
+
+
+def _mean_std(values: list) -> str | None:
+  """"mean ± sample standard deviation" (4 and 2 significant digits); the value alone for
+  one; None for none."""
+  values = [v for v in values if v is not None]
+  if not values:
+    return None
+  mean = sum(values) / len(values)
+  if len(values) == 1:
+    return f"{mean:.4g}"
+  std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+  return f"{mean:.4g} ± {std:.2g}"
+
+
+def _seed(run: Run):
+  return (run.config or {}).get("seed")
+
+
+def across_seeds(runs: list[Run], baseline: str | None = None
+                 ) -> tuple[list[str], list[list[str | int | None]]]:
+  """Runs sharing a name are one setting at several seeds. The header and one row per name:
+  its number of runs and, for each `table` column from `loss` on, the mean ± sample std of
+  the runs' last values. With `baseline` (a name), then one row per other name: its paired
+  differences from the baseline's run of the same seed (each run's recorded config.seed),
+  mean ± std over the seeds both have."""
+  header, body = table(runs)
+  columns = header[2:]
+  groups: dict[str, list[list]] = {}
+  for run, row in zip(runs, body):
+    groups.setdefault(run.name, []).append((run, row[2:]))
+  if baseline is not None and baseline not in groups:
+    raise ValueError(f"--baseline {baseline!r} is none of the runs' names {sorted(groups)}")
+  out = [[name, len(members), *(_mean_std([row[i] for _, row in members])
+                                for i in range(len(columns)))]
+         for name, members in groups.items()]
+  if baseline is not None:
+    base = {_seed(run): row for run, row in groups[baseline]}
+    for name, members in groups.items():
+      pairs = [(row, base[_seed(run)]) for run, row in members
+               if name != baseline and _seed(run) in base]
+      if pairs:
+        out.append([f"{name} − {baseline}", len(pairs), *(
+            _mean_std([a[i] - b[i] for a, b in pairs if a[i] is not None and b[i] is not None])
+            for i in range(len(columns)))])
+  return ["runs", "n", *columns], out
 
 
 def _cell(column: str, value) -> str:
@@ -257,9 +308,10 @@ def _runs_folder(workdirs: list[str]) -> epath.Path:
 
 
 def compare(workdirs: list[str], names: list[str] | None = None,
-            out_dir: str | None = None) -> str:
+            out_dir: str | None = None, baseline: str | None = None) -> str:
   """Reads the runs, writes compare.md / compare.csv / compare_config.csv / the PNGs into
-  out_dir (local or gs://); returns the markdown."""
+  out_dir (local or gs://); returns the markdown. Where names repeat (seeds), or with
+  `baseline`, compare.md and compare_seeds.csv also hold `across_seeds`."""
   if names and len(names) != len(workdirs):
     raise ValueError(f"{len(names)} names for {len(workdirs)} workdirs")
   runs = [read_run(w, n) for w, n in zip(workdirs, names or [None] * len(workdirs))]
@@ -267,6 +319,12 @@ def compare(workdirs: list[str], names: list[str] | None = None,
   out.mkdir(parents=True, exist_ok=True)
   header, body = table(runs)
   text = f"{_UNITS}\n\n{markdown(header, body)}\n"
+  if baseline is not None or len({run.name for run in runs}) < len(runs):
+    seeds_header, seeds_body = across_seeds(runs, baseline)
+    text += ("\nAcross seeds (runs sharing a name): mean ± sample std of the last values"
+             + (f"; `X − {baseline}`: paired by config.seed" if baseline else "") + ".\n\n"
+             + markdown(seeds_header, seeds_body) + "\n")
+    (out / "compare_seeds.csv").write_text(_csv(seeds_header, seeds_body), encoding="utf-8")
   config_header, config_body = config_differences(runs)
   if config_body:
     more = len(config_body) - _MAX_CONFIG_ROWS
@@ -361,13 +419,17 @@ def run_all(planned: Sequence[PlannedRun], out_dir: str) -> str:
   return compare([r.workdir for r in planned], [r.title for r in planned], out_dir)
 
 
-def main(argv, workdirs, names, out, run, steps, option, dry_run) -> None:
+def main(argv, workdirs, names, out, run, steps, option, dry_run, baseline) -> None:
   """The command line (module docstring); errors in a plan are one line on stderr."""
   del argv
   if not run.value:
     if not workdirs.value:
       sys.exit("vlpre.compare: give --workdirs (runs to compare) or --run (every method's runs)")
-    print(compare(workdirs.value, names.value or None, out.value or None), end="")
+    try:
+      print(compare(workdirs.value, names.value or None, out.value or None,
+                    baseline.value or None), end="")
+    except ValueError as e:
+      sys.exit(f"vlpre.compare: {e}")
     return
   root = out.value or "workdirs/compare"
   try:
@@ -399,4 +461,7 @@ if __name__ == "__main__":
   _OPTION = flags.DEFINE_multi_string("option", [], "with --run: METHOD.NAME=VALUE for a "
                                       "method's {opt:NAME} / {arg:NAME}")
   _DRY_RUN = flags.DEFINE_bool("dry_run", False, "with --run: print the commands, run none")
-  app.run(lambda argv: main(argv, _WORKDIRS, _NAMES, _OUT, _RUN, _STEPS, _OPTION, _DRY_RUN))
+  _BASELINE = flags.DEFINE_string("baseline", "", "the name (--names) the others are paired "
+                                  "against, seed by seed (across_seeds)")
+  app.run(lambda argv: main(argv, _WORKDIRS, _NAMES, _OUT, _RUN, _STEPS, _OPTION, _DRY_RUN,
+                            _BASELINE))
