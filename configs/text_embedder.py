@@ -5,11 +5,12 @@ a text-encoder recipe that LIFT, vlpre.embed and text_score load by name:
   python -m vlpre.methods.text_embedder.save --config=configs/text_embedder.py:tiny,long \
       --workdir=workdirs/text_embedder_long
   python -m vlpre.methods.lift.text_score --config=configs/lift.py:tiny,tuned
-  python -m vlpre.embed --config=configs/lift.py:tiny,tuned
+  python -m vlpre.embed --config=configs/lift.py:tiny,tuned --workdir=workdirs/lift_tuned
   python -m vlpre.main  --config=configs/lift.py:tiny,tuned --workdir=workdirs/lift_tuned
 
 `tiny,long` is the run behind the recipe LIFT's `tuned` loads, a GPU job (600 steps of 128
-pairs, 13 epochs of Flickr8k train: ~2.5 min on one H200, ~100 s a step on 2 CPU cores).
+pairs, 13 epochs of Flickr8k train: 3 min on one H200 shared with three other runs, ~100 s a
+step on 2 CPU cores).
 On a CPU, `:tiny` alone (24 steps of 32 pairs, ~11 min) saves `smollm2-flickr8k`:
 --config.text_encoder.name=smollm2-flickr8k on `lift.py:tiny,tuned`.
 

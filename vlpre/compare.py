@@ -67,6 +67,7 @@ import math
 import os
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 from typing import Sequence
@@ -180,13 +181,9 @@ def _mean_std(values: list) -> str | None:
   """"mean ± sample standard deviation" (4 and 2 significant digits); the value alone for
   one; None for none."""
   values = [v for v in values if v is not None]
-  if not values:
-    return None
-  mean = sum(values) / len(values)
-  if len(values) == 1:
-    return f"{mean:.4g}"
-  std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-  return f"{mean:.4g} ± {std:.2g}"
+  if len(values) < 2:
+    return f"{values[0]:.4g}" if values else None
+  return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
 
 
 def _seed(run: Run):
@@ -202,7 +199,7 @@ def across_seeds(runs: list[Run], baseline: str | None = None
   mean ± std over the seeds both have."""
   header, body = table(runs)
   columns = header[2:]
-  groups: dict[str, list[list]] = {}
+  groups: dict[str, list[tuple[Run, list]]] = {}
   for run, row in zip(runs, body):
     groups.setdefault(run.name, []).append((run, row[2:]))
   if baseline is not None and baseline not in groups:
