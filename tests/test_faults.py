@@ -538,7 +538,8 @@ def test_image_pixel_limit_follows_the_image_size(monkeypatch):
   bomb = decode.map({"__key__": "k", "png": _png_declaring(9_000, 9_000)})  # 81 M > 2**26
   assert "declares 9000x9000 pixels, over the limit of 67108864" in bomb[T.BAD]
   huge = decode.map({"__key__": "k", "png": _png_declaring(100_000, 100_000)})  # 10**10
-  assert T.is_bad(huge) and "\n" not in huge[T.BAD]
+  assert T.is_bad(huge) and "\n" not in huge[T.BAD]  # refused by PIL's check in `open` (2x its limit)
+  assert "declares more pixels than the limit of 67108864" in huge[T.BAD]
   fine = decode.map({"__key__": "k", "png": _png_declaring(1, 1)})
   assert fine["image"].shape == (1, 1, 3)
   wide = records.decode_image({"image_size": 512})
@@ -889,6 +890,9 @@ def test_kill_9_anywhere_and_sigterm_mid_step_then_resume(data_dir, tmp_path, ma
   stopped_at = complete[-1] + 1  # the step the SIGTERM came in
   assert status == 143 and f"step {stopped_at} is saved in" in log, _tail(log)
   assert _checkpoints(workdir)[0][-1] == stopped_at
+  # the write the kill cut off went at this start, with a line: kills never pile up disk
+  assert f"{cut_off[-1]}.orbax-checkpoint-tmp" in log and "unfinished checkpoint write" in log
+  assert _checkpoints(workdir)[1] == [], _checkpoints(workdir)
 
   status, log = _main("none", config, workdir, main_env)
   assert status == 0, _tail(log)
@@ -940,11 +944,13 @@ def test_every_fatal_path_ends_with_one_line_and_exit_1(data_dir, tmp_path, main
 
 @pytest.mark.integration
 def test_damaged_training_shards_through_vlpre_main(data_dir, tmp_path, main_env):
-  """`python -m vlpre.main` on two damaged copies of real Flickr8k shards: in one, the 6th
+  """`python -m vlpre.main` on three damaged copies of real Flickr8k shards: in one, the 6th
   sample's image header has a negative size field with a valid checksum (such a header
-  once made the indexer loop forever); the other is cut off mid-member. The run finishes
-  (exit 0), a warning names each damaged shard and its fault, and metrics.jsonl counts the
-  lost samples in `input/bad_fraction`."""
+  once made the indexer loop forever); one is cut off mid-member; in the third, the 3rd
+  sample's image is a PNG declaring 10^10 pixels (a decompression bomb). The run finishes
+  (exit 0), a warning names each damaged shard and its fault, the bomb is a bad sample
+  found from its header, and metrics.jsonl counts the lost samples in
+  `input/bad_fraction`."""
   shards = tmp_path / "damaged"
   shards.mkdir()
 
@@ -961,6 +967,16 @@ def test_damaged_training_shards_through_vlpre_main(data_dir, tmp_path, main_env
   _rewrite_size(crafted, headers[5], _SIZE_FIELDS["negative"])
   cut = copy("flickr8k/train-00001.tar", "cut")
   os.truncate(cut, 2 * os.path.getsize(cut) // 3)
+  bomb = copy("flickr8k/train-00002.tar", "bomb")
+  with tarfile.open(bomb) as tf:
+    members = [(m, tf.extractfile(m).read()) for m in tf]
+  bomb_key = [m.name for m, _ in members if m.name.endswith(".jpg")][2].split(".")[0]
+  with tarfile.open(bomb, "w") as tf:
+    for member, payload in members:
+      if member.name == bomb_key + ".jpg":
+        payload = _png_declaring(100_000, 100_000)
+        member.size = len(payload)
+      tf.addfile(member, io.BytesIO(payload))
   config, workdir = _config_file(data_dir, tmp_path) + ":no_evals", str(tmp_path / "run")
   status, log = _main("none", config, workdir, main_env,
                       flags=[f"--config.input.train={shards}/*.tar"])
@@ -968,10 +984,12 @@ def test_damaged_training_shards_through_vlpre_main(data_dir, tmp_path, main_env
   assert re.search(rf"{re.escape(crafted)}: bad tar header at byte {headers[5]} \(negative "
                    r"size field .*counted as \d+ bad sample", log), _tail(log)
   assert re.search(rf"{re.escape(cut)}: (member .* is )?cut off", log), _tail(log)
+  assert re.search(rf"skipping bad sample .*{bomb_key}'?: 'jpg' declares .*pixels.* the limit "
+                   r"of 67108864 .*: a decompression bomb\?", log), _tail(log)
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     fractions = [row["input/bad_fraction"] for row in map(json.loads, f)
                  if "input/bad_fraction" in row]
-  assert fractions and 0 < fractions[-1] < 0.5, fractions  # 2 epochs of 48 samples: seen
+  assert fractions and 0 < fractions[-1] < 0.5, fractions  # 96 draws of 72 samples: seen
 
 
 def _nan_in_batch(patch, step):

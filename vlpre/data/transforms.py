@@ -106,6 +106,10 @@ class DecodeImage(grain.transforms.Map):
                                   "image size): a decompression bomb?")
         img.load()  # decode now, inside the try: PIL is lazy
         image_HxWx3 = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except Image.DecompressionBombError as e:  # PIL's own check, in `open`, past 2x its limit
+      return mark_bad(record, f"{_describe(record)}: {key!r} declares more pixels than the limit "
+                              f"of {self.max_pixels} (max_image_pixels of the image size): a "
+                              f"decompression bomb? ({e})")
     except Exception as e:  # pylint: disable=broad-except  # PIL raises many types
       return mark_bad(record, f"{_describe(record)}: cannot decode {key!r}: {type(e).__name__}: {e}")
     record = {k: v for k, v in record.items() if k not in self.keys}
