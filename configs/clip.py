@@ -6,12 +6,13 @@ Tiny CPU run (BASELINES.md config, Flickr8k, ~minutes per 100 steps on 2 cores):
   python -m vlpre.main --config=configs/clip.py:tiny --workdir=workdirs/clip_tiny
 With ",hf" (configs/clip.py:hf, :tiny,hf) the towers are OpenAI CLIP's architecture, which
 `vlpre.export --format=hf` writes whole as a transformers CLIPModel (or --format=open_clip).
+",hard_negatives" adds the SugarCrepe-format evaluator built from Flickr8k val.
 """
 from vlpre import config_lib
 
 
 def get_config(arg=None):
-  arg, options = config_lib.parse_arg(arg, {"hf": None})
+  arg, options = config_lib.parse_arg(arg, {"hf": None, "hard_negatives": None})
   arg = arg or None
   c = config_lib.base(arg)
   c.input = config_lib.image_input(arg)
@@ -22,5 +23,5 @@ def get_config(arg=None):
   if "hf" in options:  # vlpre's towers by default: no LayerNorm before the image blocks
     config_lib.public_towers(c.model, "CLIP")
   c.losses = {"clip": 1.0}  # name → weight (vlpre.losses.LOSSES)
-  c.evals = config_lib.standard_evals(arg)
+  c.evals = config_lib.standard_evals(arg, hard_negatives="hard_negatives" in options)
   return c

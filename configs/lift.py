@@ -37,12 +37,13 @@ RECIPES = {
 
 
 def get_config(arg=None):
-  """arg: "tiny" and/or an encoder recipe of RECIPES, comma-separated ("tiny,minilm")."""
+  """arg: "tiny" and/or an encoder recipe of RECIPES, comma-separated ("tiny,minilm");
+  "hard_negatives" adds the SugarCrepe-format evaluator built from Flickr8k val."""
   parts = [p for p in (arg or "").split(",") if p]
-  unknown = set(parts) - {"tiny", *RECIPES}
+  unknown = set(parts) - {"tiny", "hard_negatives", *RECIPES}
   if unknown:
     raise ValueError(f"configs/lift.py: unknown arguments {sorted(unknown)}; "
-                     f"use tiny and/or one of {sorted(RECIPES)}")
+                     f"use tiny, hard_negatives and/or one of {sorted(RECIPES)}")
   tiny = "tiny" in parts
   recipe = RECIPES[next((p for p in parts if p in RECIPES), "smollm2")]
   c = config_lib.base("tiny" if tiny else None)
@@ -73,5 +74,6 @@ def get_config(arg=None):
   if not tiny:
     c.optim.update(lr=1e-3, weight_decay=0.2, warmup_steps=500)
     c.batch_size = 16_384
-  c.evals = config_lib.standard_evals("tiny" if tiny else None)
+  c.evals = config_lib.standard_evals("tiny" if tiny else None,
+                                      hard_negatives="hard_negatives" in parts)
   return c

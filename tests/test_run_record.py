@@ -189,6 +189,8 @@ def test_evaluate_needs_no_training_data(trained):
   assert results and all(k.startswith("retrieval/") for k in results)
   for name, value in results.items():
     np.testing.assert_allclose(value, final[name], atol=1e-6, err_msg=name)
+  with pytest.raises(ValueError, match="--only: no evaluator zeroshot in the config; it has retrieval"):
+    evaluate.evaluate(recorded, workdir, only=["zeroshot"])
 
 
 def _python(*args):

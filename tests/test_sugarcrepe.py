@@ -107,6 +107,8 @@ def test_evaluator_end_to_end_on_a_tiny_clip(data_dir, tmp_path):
     by_name = sugarcrepe.Evaluator("hn", dict(data=str(tmp_path / "by_name/*.json"),
                                               images=str(folder), **size), predictor)
     from_folder = by_name.run(s.variables())
+    built = sugarcrepe.Evaluator("hn", dict(negatives_from=shard, per_image=2, images=shard,
+                                            **size), predictor).run(s.variables())
     # Naive: embed each entry's image and both captions alone, compare the cosines.
     naive = {}
     for rule, rule_entries in entries.items():
@@ -120,7 +122,7 @@ def test_evaluator_end_to_end_on_a_tiny_clip(data_dir, tmp_path):
         hits.append(cos(img, pos) > cos(img, neg))
       naive[f"hn/{rule}"] = np.mean(hits)
   assert sorted(by_key) == ["hn/mean", "hn/replace", "hn/swap"]
-  assert by_key == from_folder
+  assert by_key == from_folder == built  # the files, or the same negatives made in memory
   for k, v in naive.items():
     assert by_key[k] == pytest.approx(v, abs=1e-9)
   assert by_key["hn/mean"] == pytest.approx((naive["hn/swap"] + naive["hn/replace"]) / 2)
@@ -147,7 +149,25 @@ def test_bad_inputs_are_clear_errors(data_dir, tmp_path):
     sugarcrepe.Evaluator("hn", dict(cfg, images=str(tmp_path)), None)
   with pytest.raises(FileNotFoundError, match="matches no file"):
     sugarcrepe.Evaluator("hn", dict(cfg, data=str(good / "*.jsonl"), images=str(tmp_path)), None)
+  with pytest.raises(ValueError, match="give either data .* or negatives_from"):
+    sugarcrepe.Evaluator("hn", dict(cfg, images=str(tmp_path), negatives_from="flickr8k/val-*.tar"),
+                         None)
+  with pytest.raises(ValueError, match="give either data"):
+    sugarcrepe.Evaluator("hn", dict(image_size=32, images=str(tmp_path)), None)
   from vlpre import check
   problems = check._check_evals({"evals": {"hn": dict(  # pylint: disable=protected-access
       kind="sugarcrepe", data=str(good / "x.json"), images=str(tmp_path / "none-*.tar"))}})
   assert len(problems) == 1 and problems[0].startswith("evals.hn.images: ")
+  problems = check._check_evals({"evals": {"hn": dict(  # pylint: disable=protected-access
+      kind="sugarcrepe", negatives_from=str(tmp_path / "none-*.tar"), images=str(tmp_path))}})
+  assert len(problems) == 1 and problems[0].startswith("evals.hn.negatives_from: ")
+
+
+@pytest.mark.parametrize("spec", ["configs/clip.py:tiny,hard_negatives",
+                                  "configs/lift.py:tiny,hard_negatives"])
+def test_configs_add_the_flickr8k_negatives_on_request(spec, data_dir):
+  from vlpre import check, config_lib
+  config = config_lib.load(spec)
+  assert config.evals.hard_negatives_flickr8k.negatives_from == "flickr8k/val-*.tar"
+  assert "hard_negatives_flickr8k" not in config_lib.load(spec.rsplit(",", 1)[0]).evals
+  assert not check._check_evals(config)  # pylint: disable=protected-access

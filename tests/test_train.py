@@ -136,6 +136,22 @@ def test_lit_locks_the_image_tower_loaded_from_another_run(tmp_path, data_dir):
              for a, b in zip(jax.tree.leaves(after["txt"]), jax.tree.leaves(s.state.params["txt"]))]
   assert any(changed)
 
+  # Set up to restore (vlpre.evaluate, a resume): the state stays abstract, nothing is
+  # initialised at random, while the frozen tower is loaded as for training.
+  batch = next(iter(_dataset(lit)))
+  restoring = train.setup(lit, batch, restoring=True)
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(restoring.state))
+  assert jax.tree.map(lambda x: (x.shape, x.sharding), restoring.state) == jax.tree.map(
+      lambda x: (x.shape, x.sharding), s.state)
+  for a, b in zip(jax.tree.leaves(restoring.frozen), jax.tree.leaves(s.frozen)):
+    assert isinstance(a, jax.Array) and a.sharding == b.sharding
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # a frozen weight that only the random init gives: everything is built as for training
+  random_frozen = helpers.with_steps(clip, 2)
+  random_frozen.frozen = ("img_head/.*",)
+  fallback = train.setup(random_frozen, batch, restoring=True)
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves((fallback.state, fallback.frozen)))
+
 
 def checkpoint_params(workdir):
   import orbax.checkpoint as ocp

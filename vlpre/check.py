@@ -44,7 +44,7 @@ from vlpre.data import transforms
 from vlpre.llm import assets
 from vlpre.text_encoders import recipes
 
-_SPLIT_FIELDS = ("data", "train_data", "test_data", "images")  # eval fields holding globs
+_SPLIT_FIELDS = ("data", "train_data", "test_data", "images", "negatives_from")  # eval fields holding globs
 
 
 def _get(cfg: Any, name: str, default: Any = None) -> Any:

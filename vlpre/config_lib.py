@@ -117,8 +117,11 @@ def text_tower(arg: str | None, vocab_size: int = 49_408) -> dict:
               remat=True)
 
 
-def standard_evals(arg: str | None, every_steps: int = 0, *, text: bool = True) -> dict:
-  """Flickr8k val retrieval, zero-shot CIFAR-10 and imagenet_sample, CIFAR-10 linear probe."""
+def standard_evals(arg: str | None, every_steps: int = 0, *, text: bool = True,
+                   hard_negatives: bool = False) -> dict:
+  """Flickr8k val retrieval, zero-shot CIFAR-10 and imagenet_sample, CIFAR-10 linear probe;
+  `hard_negatives`: also SugarCrepe-format hard negatives built from Flickr8k val (swap and
+  replace, vlpre.data.hard_negatives' rules)."""
   tiny = arg == "tiny"
   size = dict(image_size=64 if tiny else 224, resize_size=72 if tiny else 256, batch_size=200 if tiny else 1024)
   size["batch_size"] = 256 if tiny else 1024
@@ -131,6 +134,10 @@ def standard_evals(arg: str | None, every_steps: int = 0, *, text: bool = True) 
     evals["zeroshot_imagenet_sample"] = dict(
         kind="zeroshot", data="imagenet_sample/*.tar", classnames="imagenet_sample",
         templates="photo", every_steps=every_steps, **size)
+  if text and hard_negatives:
+    evals["hard_negatives_flickr8k"] = dict(
+        kind="sugarcrepe", negatives_from="flickr8k/val-*.tar", images="flickr8k/val-*.tar",
+        every_steps=every_steps, **size)
   evals["linear_probe_cifar10"] = dict(
       kind="linear_probe", train_data="cifar10/train-*.tar", test_data="cifar10/test-*.tar",
       num_classes=10, every_steps=every_steps, max_train_examples=5000 if tiny else 0,

@@ -2,6 +2,8 @@
 
     python -m vlpre.evaluate --workdir=workdirs/clip_tiny [--config.evals.x.max_examples=64]
     python -m vlpre.evaluate --config=configs/clip.py:tiny --workdir=workdirs/clip_tiny
+    python -m vlpre.evaluate --config=configs/clip.py:tiny,hard_negatives \
+        --workdir=workdirs/clip_tiny --only=hard_negatives_flickr8k   # one evaluator
 
 Without --config the config is the one the run recorded in its config.json
 (vlpre/run_record.py); `--config.x=y` overrides it. The model is built on zeros in the
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 
 from absl import app
 from absl import flags
@@ -37,9 +40,17 @@ from vlpre import sharding
 from vlpre import train
 
 
-def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
-  """Restores `step` (default: latest) of `workdir` and runs every `config.evals` entry."""
+def evaluate(config, workdir: str, step: int | None = None,
+             only: Sequence[str] = ()) -> dict[str, float]:
+  """Restores `step` (default: latest) of `workdir` and runs every `config.evals` entry
+  (those named in `only`, if given)."""
   config = config_lib.with_workdir(config, workdir)  # the run's text store, as it trained
+  evals = dict(config.get("evals", {}))
+  if unknown := [name for name in only if name not in evals]:
+    raise ValueError(f"--only: no evaluator {', '.join(unknown)} in the config; it has "
+                     f"{', '.join(evals) or 'none'}")
+  if only:
+    evals = {name: evals[name] for name in only}
   tokenizer = methods.build_tokenizer(config)
   example = run_record.input_batch(workdir)  # the input shapes the model was built on
   if example is None:
@@ -50,7 +61,7 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
         config.input, global_batch_size=config.batch_size, seed=config.seed,
         tokenizer=tokenizer if extras.tokenize else None, extra_transforms=extras.transforms,
         extra_keys=extras.keys, stream=extras.stream, records=extras.records)))
-  s = train.setup(config, example)
+  s = train.setup(config, example, restoring=True)  # the state's weights come from the checkpoint
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   step = step if step is not None else ckpt.latest_step()
   if step is None:
@@ -59,7 +70,7 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
   ckpt.close()
   results = {}
   with sharding.active(s.mesh, s.rules):
-    for evaluator in evaluators_lib.build_evaluators(config.get("evals", {}), s, tokenizer=tokenizer):
+    for evaluator in evaluators_lib.build_evaluators(evals, s, tokenizer=tokenizer):
       results.update(evaluator.run(s.variables(state)))
   writer = metrics_lib.MetricWriter(workdir, tensorboard=False,
                                     filename=metrics_lib.EVAL_METRICS_FILE,
@@ -69,12 +80,13 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
   return results
 
 
-def main(argv, config_flag, workdir_flag, step_flag, distributed_flags=None):
+def main(argv, config_flag, workdir_flag, step_flag, distributed_flags=None, only_flag=None):
   del argv
   if distributed_flags is not None:  # before any other JAX call
     distributed_flags.initialize()
   logging.set_verbosity(logging.INFO)
-  results = evaluate(config_flag.value, workdir_flag.value, step_flag.value)
+  results = evaluate(config_flag.value, workdir_flag.value, step_flag.value,
+                     only=only_flag.value if only_flag is not None else ())
   if jax.process_index() == 0:
     print(json.dumps(results, indent=1, sort_keys=True))
 
@@ -84,6 +96,7 @@ if __name__ == "__main__":
   _CONFIG = run_record.define_config_flag(sys.argv)
   _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of the run to evaluate.")
   _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+  _ONLY = flags.DEFINE_list("only", [], "Run only these of config.evals (default: all).")
   _DISTRIBUTED = distributed.Flags()
   flags.mark_flags_as_required(["workdir"])
-  app.run(lambda argv: main(argv, _CONFIG, _WORKDIR, _STEP, _DISTRIBUTED))
+  app.run(lambda argv: main(argv, _CONFIG, _WORKDIR, _STEP, _DISTRIBUTED, _ONLY))

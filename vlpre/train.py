@@ -196,7 +196,8 @@ def with_shardings(shapes, shardings):
                       shapes, shardings)
 
 
-def setup(config, example_batch: dict, *, mesh=None, abstract: bool = False) -> Setup:
+def setup(config, example_batch: dict, *, mesh=None, abstract: bool = False,
+          restoring: bool = False) -> Setup:
   """Builds the mesh, the model, and the sharded train state (never materialised unsharded).
 
   `abstract`: no weight is materialised or loaded. The state and the frozen parameters are
@@ -204,6 +205,12 @@ def setup(config, example_batch: dict, *, mesh=None, abstract: bool = False) -> 
   all `jit_train_step().lower(...)` needs: vlpre.compile compiles the real step this way for
   devices this host does not have. A pretrained model the method builds on (an LLM, a
   text encoder) is read from its config and tokenizer alone (`llm.abstract_weights`).
+
+  `restoring`: the train state is about to come from a checkpoint (vlpre.evaluate), so it
+  stays abstract as above (nothing is initialised at random, no optimizer state is built),
+  while the frozen parameters, which no checkpoint holds, are loaded as for training. A
+  frozen parameter that only the random init gives (no pretrained or `init_from` weight)
+  makes it build everything as for training.
   """
   mesh = mesh or sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.get("sharding_rules"))
@@ -232,7 +239,7 @@ def setup(config, example_batch: dict, *, mesh=None, abstract: bool = False) -> 
       _shardings_for(shapes, mesh, rules, config.get("min_fsdp_size", 2**18)))
   for prefix, axes in (built.logical_axes or {}).items():
     var_shardings["params"][prefix] = sharding.logical_names_to_shardings(axes, mesh, rules)
-  if abstract:
+  if abstract or restoring:
     variables = with_shardings(nn.meta.unbox(shapes), var_shardings)
   else:
     with sharding.active(mesh, rules):
@@ -248,6 +255,10 @@ def setup(config, example_batch: dict, *, mesh=None, abstract: bool = False) -> 
   trainable = None if trainable is None else tuple(trainable)
   params, frozen = optim.split_frozen(params, frozen_patterns, trainable)
   param_sh, frozen_sh = optim.split_frozen(param_sh, frozen_patterns, trainable)
+  if restoring and not abstract and any(
+      isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(frozen)):
+    logging.info("frozen parameters without pretrained weights: initialising them at random")
+    return setup(config, example_batch, mesh=mesh)
   if config.get("check_fsdp_sharding", True):
     sharding.assert_sharded(params, param_sh, min_size=config.get("min_fsdp_size", 2**18))
     sharding.assert_sharded(frozen, frozen_sh, min_size=config.get("min_fsdp_size", 2**18))
@@ -259,7 +270,7 @@ def setup(config, example_batch: dict, *, mesh=None, abstract: bool = False) -> 
                                  transform_non_params=lambda _: replicated)
   state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh,
                         model_state=model_state_sh)
-  if abstract:
+  if abstract or restoring:
     state = with_shardings(TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                                        opt_state=abstract_opt, model_state=model_state), state_sh)
   else:
@@ -368,8 +379,9 @@ def _run_locked(config, workdir: str, *, on_step, export_params_to, devices,
   data_iter = iter(dataset)
   example = next(iter(dataset))
   run_record.write(config, workdir, example, start, changes)
-  s = setup(config, example,
-            mesh=None if devices is None else sharding.make_mesh(config.mesh, devices))
+  s = setup(config, example,  # a resumed state is restored, never initialised first
+            mesh=None if devices is None else sharding.make_mesh(config.mesh, devices),
+            restoring=start is not None)
   step_fn = s.jit_train_step()
   guard = data_lib.BadSampleGuard(config.input.get("max_bad_fraction", 0.01))
   state = s.state

@@ -13,8 +13,16 @@ counts as a miss. Any model with `embed_image` and `embed_text` runs it.
                                       # key is the stem) or a folder the filenames are in
         image_size=64, batch_size=256, max_text_len=77, max_examples=0)
 
-Metrics: `<name>/<file stem>` per file, and `<name>/mean` (over files) when there are
-several. Relative paths are under the data dir (`data_dir`, `$VLPRE_DATA_DIR`).
+Or, with no files to build first, the negatives `python -m vlpre.data.hard_negatives` would
+write, made in memory from a captioned split (the same rules and seed, so the same entries):
+
+    config.evals.hard_negatives = dict(kind="sugarcrepe",
+        negatives_from="flickr8k/val-*.tar", images="flickr8k/val-*.tar",  # seed=0, per_image=1
+        image_size=64, batch_size=256)
+
+Metrics: `<name>/<file stem>` per file (`swap`, `replace` for built negatives), and
+`<name>/mean` (over files) when there are several. Relative paths are under the data dir
+(`data_dir`, `$VLPRE_DATA_DIR`).
 """
 from __future__ import annotations
 
@@ -29,6 +37,8 @@ import numpy as np
 from vlpre import data
 from vlpre import storage
 from vlpre.data import documents
+from vlpre.data import eval_input
+from vlpre.data import hard_negatives
 from vlpre.data import shard_writer
 from vlpre.data import sources
 from vlpre.evaluators import common
@@ -107,18 +117,28 @@ class KeyedImages:
 
 
 class Evaluator:
-  """cfg: data (JSON file(s)/glob(s)), images (tar shard glob(s) or a folder), data_dir,
-  image_size, resize_size, batch_size, max_text_len, max_examples (per file, 0 = all)."""
+  """cfg: data (JSON file(s)/glob(s)) or negatives_from (a captioned split's shard glob:
+  its negatives built in memory, with seed and per_image as vlpre.data.hard_negatives takes
+  them), images (tar shard glob(s) or a folder), data_dir, image_size, resize_size,
+  batch_size, max_text_len, max_examples (per file, 0 = all)."""
 
   def __init__(self, name, cfg, predictor: common.Predictor):
     self.name, self.cfg, self.predictor = name, cfg, predictor
     data_dir = cfg.get("data_dir")
     limit = cfg.get("max_examples", 0)
-    self.files = {}
-    for path in sources._expand_patterns(cfg["data"], data_dir):  # pylint: disable=protected-access
-      stem = os.path.splitext(os.path.basename(path))[0]
-      entries = load_entries(path)
-      self.files[stem] = entries[:limit] if limit else entries
+    if ("data" in cfg) == ("negatives_from" in cfg):
+      raise ValueError(f"evals.{name}: give either data (SugarCrepe JSON files) or "
+                       "negatives_from (a captioned split to build them from)")
+    if "negatives_from" in cfg:
+      split = eval_input.open_eval_split(dict(data=cfg["negatives_from"], data_dir=data_dir),
+                                         captions=True)
+      built = hard_negatives.build(split.source, per_image=cfg.get("per_image", 1),
+                                   seed=cfg.get("seed", 0))
+      files = {rule: list(entries.values()) for rule, entries in built.items()}
+    else:
+      files = {os.path.splitext(os.path.basename(path))[0]: load_entries(path)
+               for path in sources._expand_patterns(cfg["data"], data_dir)}  # pylint: disable=protected-access
+    self.files = {stem: entries[:limit] if limit else entries for stem, entries in files.items()}
     names = list(dict.fromkeys(e["filename"] for es in self.files.values() for e in es))
     images = cfg["images"]
     folder = isinstance(images, str) and (
