@@ -1109,6 +1109,7 @@ def _main_with_fault(fault: str, argv: list[str]) -> None:
     checkpoint_enospc  step 4's checkpoint write fails with ENOSPC
     read_error         reading step 3's batch fails with EIO
     read_error_on_1    the same on process 1 of a multi-process run only
+    stale_view_on_1    process 1 sees no checkpoint (a stale listing of a shared directory)
   """
   from absl import app  # pylint: disable=g-import-not-at-top
   from vlpre import main  # pylint: disable=g-import-not-at-top
@@ -1133,6 +1134,10 @@ def _main_with_fault(fault: str, argv: list[str]) -> None:
     _read_error_in_batch(patch, 3)
   elif fault == "read_error_on_1":
     _read_error_in_batch(patch, 3, process=1)
+  elif fault == "stale_view_on_1":
+    real_latest = checkpoint_lib.Checkpointer.latest_step
+    patch.setattr(checkpoint_lib.Checkpointer, "latest_step",
+                  lambda self: None if jax.process_index() == 1 else real_latest(self))
   elif fault == "hang_in_eval":
     patch.setattr(evaluators.Scheduled, "run", lambda self, variables: hang(self.name))
   elif fault == "hang_in_save":

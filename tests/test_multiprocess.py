@@ -218,9 +218,10 @@ def test_two_processes_train_like_one_through_a_kill_and_resume(data_dir, tmp_pa
     assert not set(share[0]) & set(share[1]), step
     assert share[0] + share[1] == reference_keys[step], step
 
-  # Phase 2: the plain entry point, jax.distributed from flags; resumes and finishes.
-  logs = _run_all(tmp_path, "phase2", ["-m", "vlpre.main", f"--config={config}",
-                                         f"--workdir={workdir}"])
+  # Phase 2: vlpre.main, jax.distributed from flags, resumes and finishes, while process 1
+  # sees no checkpoint at all (a stale listing): process 0's view decides for both.
+  logs = _run_all(tmp_path, "phase2", ["-m", "tests.test_faults", "stale_view_on_1",
+                                         f"--config={config}", f"--workdir={workdir}"])
   first, other = _read(logs[0]), _read(logs[1])
   assert f"resuming from {os.path.join(workdir, 'checkpoints')} step {SAVE_EVERY}" in first
   assert f"step {TOTAL_STEPS}/{TOTAL_STEPS}" in first
