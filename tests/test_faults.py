@@ -26,6 +26,7 @@ import threading
 import time
 import zlib
 
+import grain
 import jax
 import ml_collections
 import numpy as np
@@ -629,22 +630,43 @@ class _CallOnWait:
     return self.fn()
 
 
-def _hook_state_writes(patch, fn):
-  """Calls fn(step) inside the background part of every checkpoint's state write.
+def _step_of(directory, item):
+  match = re.search(rf"/(\d+)\.orbax-checkpoint-tmp[^/]*/{item}", str(directory))
+  return int(match.group(1)) if match else None
+
+
+def _hook_state_writes(patch, fn, item="state"):
+  """Calls fn(step) inside the background part of every checkpoint's `item` write (the
+  state's arrays, or the counters' JSON).
 
   That is where a full disk or a slow bucket shows up: the step's directory exists, its
   arrays are being written, and it is not complete until `fn` returns.
   """
-  real = ocp.StandardCheckpointHandler.async_save
+  handler = {"state": ocp.StandardCheckpointHandler, "counters": ocp.JsonCheckpointHandler}[item]
+  real = handler.async_save
 
   async def async_save(self, directory, *args, **kwargs):
     futures = list(await real(self, directory, *args, **kwargs) or [])
-    match = re.search(r"/(\d+)\.orbax-checkpoint-tmp[^/]*/state", str(directory))
-    if match:
-      futures.append(_CallOnWait(lambda: fn(int(match.group(1)))))
+    step = _step_of(directory, item)
+    if step is not None:
+      futures.append(_CallOnWait(lambda: fn(step)))
     return futures
 
-  patch.setattr(ocp.StandardCheckpointHandler, "async_save", async_save)
+  patch.setattr(handler, "async_save", async_save)
+
+
+def _hook_data_item_writes(patch, fn):
+  """Calls fn(step) before each checkpoint's input-position item is written (grain's
+  handler writes it in the caller's thread)."""
+  real = grain.checkpoint.CheckpointHandler.save
+
+  def save(self, directory, *args, **kwargs):
+    step = _step_of(directory, "data")
+    if step is not None:
+      fn(step)
+    return real(self, directory, *args, **kwargs)
+
+  patch.setattr(grain.checkpoint.CheckpointHandler, "save", save)
 
 
 def _sigterm():
@@ -710,6 +732,10 @@ def test_full_disk_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch
   def disk_full(step):
     if step == 4:
       raise OSError(errno.ENOSPC, "No space left on device")
+
+  def io_error(step):
+    if step == 4:
+      raise OSError(errno.EIO, "Input/output error")
 
   _hook_state_writes(monkeypatch, disk_full)
   with pytest.raises(checkpoint_lib.CheckpointWriteError) as error:
@@ -920,6 +946,10 @@ FATAL_LINES = {
                        r"error\); stopping",
     "checkpoint_enospc": r"checkpoint step 4 could not be written to .* \(\[Errno 28\] No space "
                          r"left on device\); the last complete checkpoint, step 2, is intact",
+    "data_item_enospc": r"checkpoint step 4 could not be written to .* \(\[Errno 28\] No space "
+                        r"left on device\); the last complete checkpoint, step 2, is intact",
+    "counters_item_eio": r"checkpoint step 4 could not be written to .* \(\[Errno 5\] "
+                         r"Input/output error\); the last complete checkpoint, step 2, is intact",
     "read_error": r"the input of step 3 could not be read \(\[Errno 5\] Input/output error: "
                   r"'train-00001\.tar'\); stopping: the complete checkpoints are intact",
 }
@@ -1107,6 +1137,8 @@ def _main_with_fault(fault: str, argv: list[str]) -> None:
     metrics_enospc     metrics.jsonl's writes fail with ENOSPC from step 3 on
     tensorboard_eio    TensorBoard's writes fail with EIO from step 3 on
     checkpoint_enospc  step 4's checkpoint write fails with ENOSPC
+    data_item_enospc   step 4's input-position item (grain's) fails with ENOSPC
+    counters_item_eio  step 4's counters item (bad-sample counts) fails with EIO
     read_error         reading step 3's batch fails with EIO
     read_error_on_1    the same on process 1 of a multi-process run only
     stale_view_on_1    process 1 sees no checkpoint (a stale listing of a shared directory)
@@ -1123,6 +1155,10 @@ def _main_with_fault(fault: str, argv: list[str]) -> None:
     if step == 4:
       raise OSError(errno.ENOSPC, "No space left on device")
 
+  def io_error(step):
+    if step == 4:
+      raise OSError(errno.EIO, "Input/output error")
+
   patch = pytest.MonkeyPatch()
   if fault == "nan":
     _nan_in_batch(patch, 3)
@@ -1130,6 +1166,10 @@ def _main_with_fault(fault: str, argv: list[str]) -> None:
     _metrics_fail_from(patch, 3, "metrics.jsonl" if fault == "metrics_enospc" else "tensorboard")
   elif fault == "checkpoint_enospc":
     _hook_state_writes(patch, disk_full)
+  elif fault == "data_item_enospc":
+    _hook_data_item_writes(patch, disk_full)
+  elif fault == "counters_item_eio":
+    _hook_state_writes(patch, io_error, item="counters")
   elif fault == "read_error":
     _read_error_in_batch(patch, 3)
   elif fault == "read_error_on_1":

@@ -83,7 +83,23 @@ def _exit_with(line: str, os_exit: bool) -> None:
   print(line, file=sys.stderr, flush=True)
   if os_exit:  # the main thread may be stuck in a collective: no clean-up can finish
     os._exit(1)  # pylint: disable=protected-access
+  if not _state["verbose"] and "ipykernel" not in sys.modules:
+    _silence_the_shutdown()
   sys.exit(1)
+
+
+def _silence_the_shutdown() -> None:
+  """The clean-up still runs (the workdir lock, open files), but what libraries print while
+  the interpreter shuts down would land under the line that must stay last: an orbax
+  thread failing after its write did (`_SignalingThread ... cannot schedule new futures`),
+  a write coroutine left unawaited (`RuntimeWarning: Enable tracemalloc ...`). Without
+  --verbose_logs that output goes to /dev/null (not in a notebook's kernel, which lives on)."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 1)
+  os.dup2(devnull, 2)
+  os.close(devnull)
 
 
 def watch_other_processes() -> None:
