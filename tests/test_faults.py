@@ -725,8 +725,12 @@ def test_nan_in_a_batch_stops_with_the_last_good_checkpoint(data_dir, tmp_path, 
 
 
 @pytest.mark.integration
-def test_full_disk_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch, straight_losses):
-  """Step 4's write fails with ENOSPC: one clear line; checkpoint 2 intact and resumable."""
+@pytest.mark.parametrize("item", ["state", "data", "counters"])
+def test_full_disk_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch, straight_losses,
+                                                 item):
+  """Step 4's write of the state's arrays or the input-position item fails with ENOSPC, or
+  its counters item with EIO: one clear line; checkpoint 2 intact, and the resume from it
+  logs the uninterrupted run's losses."""
   config, workdir = fault_config(data_dir, evals=False), str(tmp_path)
 
   def disk_full(step):
@@ -737,12 +741,17 @@ def test_full_disk_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch
     if step == 4:
       raise OSError(errno.EIO, "Input/output error")
 
-  _hook_state_writes(monkeypatch, disk_full)
+  if item == "data":  # grain's item is written in the caller's thread
+    _hook_data_item_writes(monkeypatch, disk_full)
+  else:  # the async writes' failure surfaces at the next save (6)
+    _hook_state_writes(monkeypatch, disk_full if item == "state" else io_error, item=item)
   with pytest.raises(checkpoint_lib.CheckpointWriteError) as error:
-    train.run(config, workdir)  # the async write's failure surfaces at the next save (6)
+    train.run(config, workdir)
   message = str(error.value)
-  assert "\n" not in message and error.value.errno == errno.ENOSPC
-  assert "step 4 could not be written" in message and "No space left on device" in message
+  code, text = ((errno.EIO, "Input/output error") if item == "counters" else
+                (errno.ENOSPC, "No space left on device"))
+  assert "\n" not in message and error.value.errno == code
+  assert "step 4 could not be written" in message and text in message
   assert "last complete checkpoint, step 2, is intact" in message
   assert _checkpoints(workdir) == ([1, 2], [4])
 

@@ -16,6 +16,7 @@ that was not written and the last complete one, which stays intact and resumable
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any
 
 from absl import logging
@@ -44,8 +45,28 @@ def remove_unfinished_writes(directory: epath.Path) -> list[str]:
     logging.warning("removing %d unfinished checkpoint write(s) left in %s by an earlier run: %s",
                     len(names), directory, ", ".join(names))
     for path in unfinished:
-      path.rmtree()
+      _remove(path)
   return [p.name for p in unfinished]
+
+
+def _remove(path: epath.Path, attempts: int = 5) -> None:
+  """rmtree, again while a write that failed in this process settles: orbax's threads of a
+  failed save may still add files for a moment after `train.run` raised (a rerun in the
+  same process: a notebook, a test), and rmtree then meets a folder it just emptied
+  refilled. What still cannot be removed is left with a warning: a leftover folder is disk,
+  not a risk (restores read complete steps only)."""
+  for attempt in range(attempts):
+    try:
+      path.rmtree()
+      return
+    except FileNotFoundError:
+      return
+    except OSError as e:
+      if attempt == attempts - 1:
+        logging.warning("could not remove the unfinished checkpoint write %s (%s); it is left "
+                        "in place", path, e)
+        return
+      time.sleep(0.2 * (attempt + 1))
 
 
 class Checkpointer:
