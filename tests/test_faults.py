@@ -815,16 +815,18 @@ def test_unfinished_writes_are_removed_by_the_trainer_only(tmp_path, monkeypatch
   ckpt = checkpoint_lib.Checkpointer(directory, async_save=False)
   ckpt.save(1, {"w": jax.numpy.ones(3)}, None, force=True)
   ckpt.close()
-  (tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp" / "state").mkdir(parents=True)
-  (tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp" / "state" / "data").write_bytes(b"x" * 99)
+  for step in (2, 3, 4):  # three kills mid-save, one after another
+    (tmp_path / "checkpoints" / f"{step}.orbax-checkpoint-tmp" / "state").mkdir(parents=True)
+    (tmp_path / "checkpoints" / f"{step}.orbax-checkpoint-tmp" / "state" / "data").write_bytes(
+        b"x" * 99)
   lines = []
   monkeypatch.setattr(checkpoint_lib.logging, "warning", lambda fmt, *a: lines.append(fmt % a))
   checkpoint_lib.Checkpointer(directory).close()
-  assert _checkpoints(str(tmp_path)) == ([1], [2]) and not lines
+  assert _checkpoints(str(tmp_path)) == ([1], [2, 3, 4]) and not lines
   checkpoint_lib.Checkpointer(directory, remove_unfinished=True).close()
   assert _checkpoints(str(tmp_path)) == ([1], [])
-  assert len(lines) == 1 and "removing 1 unfinished checkpoint write" in lines[0]
-  assert "2.orbax-checkpoint-tmp" in lines[0]
+  assert len(lines) == 1 and "removing 3 unfinished checkpoint write" in lines[0]
+  assert all(f"{step}.orbax-checkpoint-tmp" in lines[0] for step in (2, 3, 4))
 
 
 def test_bad_sample_counts_survive_a_resume(tmp_path):
