@@ -1027,10 +1027,31 @@ def test_damaged_training_shards_through_vlpre_main(data_dir, tmp_path, main_env
   assert re.search(rf"{re.escape(cut)}: (member .* is )?cut off", log), _tail(log)
   assert re.search(rf"skipping bad sample .*{bomb_key}'?: 'jpg' declares .*pixels.* the limit "
                    r"of 67108864 .*: a decompression bomb\?", log), _tail(log)
+  fractions = _bad_fractions(workdir)
+  assert fractions and 0 < fractions[6] < 0.5, fractions  # 96 draws of 72 samples: seen
+
+  # Stopped at step 1 (SIGTERM) and resumed: the bad-sample counts come back with the
+  # checkpoint, so every step logs the fraction the uninterrupted run logged.
+  flags = [f"--config.input.train={shards}/*.tar"]
+  resumed = str(tmp_path / "resumed")
+  assert _main("sigterm_in_step", config, resumed, main_env, flags=flags)[0] == 143
+  status, log = _main("none", config, resumed, main_env, flags=flags)
+  assert status == 0 and "resuming from" in log, _tail(log)
+  assert _bad_fractions(resumed) == fractions
+
+  # Past input.max_bad_fraction (checked once 256 samples are seen): exit 1, one line.
+  status, log = _main("none", config, str(tmp_path / "strict"), main_env, flags=[
+      *flags, "--config.total_steps=20", "--config.input.max_bad_fraction=0.01"])
+  assert status == 1, _tail(log)
+  assert re.match(r"vlpre: \d+ of \d+ input samples were unreadable .*input\.max_bad_fraction=0\.01",
+                  log.strip().splitlines()[-1]), _tail(log)
+
+
+def _bad_fractions(workdir):
+  """{step: input/bad_fraction} from a run's metrics.jsonl."""
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    fractions = [row["input/bad_fraction"] for row in map(json.loads, f)
-                 if "input/bad_fraction" in row]
-  assert fractions and 0 < fractions[-1] < 0.5, fractions  # 96 draws of 72 samples: seen
+    return {row["step"]: row["input/bad_fraction"] for row in map(json.loads, f)
+            if "input/bad_fraction" in row}
 
 
 def _nan_in_batch(patch, step):
