@@ -73,6 +73,20 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(tmp_path, data_dir):
   assert all(math.isfinite(r["loss"]) for r in rows)
 
 
+@pytest.mark.integration
+def test_an_infinite_loss_stops_like_a_nan_one(tmp_path, data_dir):
+  """Inf, not only NaN: a loss weighted by inf stops the run at step 1, nothing saved or logged."""
+  config = helpers.tiny_clip_config(data_dir, total_steps=3)
+  config.evals = {}
+  config.losses = {"clip": float("inf")}
+  workdir = str(tmp_path / "inf")
+  with pytest.raises(FloatingPointError, match=r"^loss is inf at step 1; stopping\. No checkpoint "
+                                               r"was written to "):
+    train.run(config, workdir)
+  assert not [s for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
+  assert not [r for r in metrics.read_metrics(workdir) if "loss" in r]
+
+
 def test_batch_must_divide_the_data_parallel_devices(tmp_path, data_dir):
   config = helpers.tiny_clip_config(data_dir, total_steps=1)
   config.batch_size = 12

@@ -427,9 +427,11 @@ def _run_locked(config, workdir: str, *, on_step, export_params_to, devices,
     values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     bad = [k for k in ("loss", "param_norm") if not math.isfinite(values[k])]
     if bad:
+      last = ckpt.latest_step()
       raise FloatingPointError(
-          f"{bad[0]} is {values[bad[0]]} at step {step}; stopping. The last good checkpoint "
-          f"(step {ckpt.latest_step()}) in {ckpt.directory} is intact.")
+          f"{bad[0]} is {values[bad[0]]} at step {step}; stopping. " + (
+              f"The last good checkpoint (step {last}) in {ckpt.directory} is intact."
+              if last is not None else f"No checkpoint was written to {ckpt.directory}."))
     if force_log or step % log_every == 0 or step == 1:
       values.update(progress.report(step, values["loss"]))
       values["input/bad_fraction"] = guard.fraction
