@@ -10,9 +10,10 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 import pytest
 
-from vlpre import checkpoint, data, metrics, methods, sharding, train
+from vlpre import checkpoint, data, init_params, metrics, methods, sharding, stages, train
 
 from tests import helpers
 
@@ -131,3 +132,52 @@ def test_resume_under_another_process_count_starts_at_the_documented_record(
 def helpers_dataset(config):
   return data.build_train_dataset(config.input, global_batch_size=config.batch_size,
                                   seed=config.seed, tokenizer=methods.build_tokenizer(config))
+
+
+@pytest.mark.integration
+def test_a_staged_init_from_stage_resumes_under_another_mesh(tmp_path, data_dir, monkeypatch):
+  """Stage b starts from stage a's export (`init_from.params`) with the image tower frozen.
+  Stopped inside b after its first step and resumed under data=4, fsdp=2: its frozen tower
+  is stage a's export bit for bit, and it ends where the uninterrupted run does (float
+  reassociation aside), its losses too."""
+  config = _config(data_dir, 1)
+  config.checkpoint.every_steps = 1
+  config.stages = (dict(name="a", steps=2), dict(name="b", steps=3, frozen=("img/.*",)))
+  straight = str(tmp_path / "straight")
+  stages.run(config, straight)
+
+  real_run = train.run
+
+  def run_with_stop(cfg, directory, **kwargs):
+    if directory.endswith("1_b") and not os.path.exists(os.path.join(directory, "checkpoints")):
+      kwargs["on_step"] = lambda step: train.request_stop()
+    return real_run(cfg, directory, **kwargs)
+
+  elastic = str(tmp_path / "elastic")
+  monkeypatch.setattr(train, "run", run_with_stop)
+  stages.run(config, elastic)
+  assert train.stop_requested()
+  assert not os.path.exists(os.path.join(elastic, "1_b", "final_params"))
+  assert "1" in os.listdir(os.path.join(elastic, "1_b", "checkpoints"))  # b's step 1 is saved
+  monkeypatch.setattr(train, "run", real_run)
+  config.mesh = (("data", 4), ("fsdp", 2), ("tensor", 1))  # a mesh change needs no allowing
+  stages.run(config, elastic)
+  with open(os.path.join(elastic, "1_b", "config.json"), encoding="utf-8") as f:
+    changes = json.load(f)["changes"]  # resumed inside stage b at its step 1, on the new mesh
+  assert [(c["step"], sorted(c["fields"])) for c in changes] == [(1, ["mesh"])], changes
+
+  def final(workdir, stage):
+    flat = traverse_util.flatten_dict(
+        init_params.load_params(os.path.join(workdir, stage, "final_params")), sep="/")
+    return {k: np.asarray(v) for k, v in flat.items()}
+
+  got, want, stage_a = final(elastic, "1_b"), final(straight, "1_b"), final(elastic, "0_a")
+  assert sorted(got) == sorted(want) and any(k.startswith("img/") for k in got)
+  for k in got:
+    if k.startswith("img/"):
+      np.testing.assert_array_equal(got[k], stage_a[k], err_msg=k)
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5, err_msg=k)  # key biases: noise
+  assert any(not np.array_equal(got[k], stage_a[k]) for k in got if k.startswith("txt/"))
+  a, b = _losses(os.path.join(straight, "1_b")), _losses(os.path.join(elastic, "1_b"))
+  assert sorted(a) == sorted(b) == [1, 2, 3]
+  np.testing.assert_allclose([b[s] for s in (1, 2, 3)], [a[s] for s in (1, 2, 3)], rtol=1e-5)
