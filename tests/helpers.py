@@ -53,3 +53,19 @@ def small_shard(data_dir, tmp_path, pattern="flickr8k/val-00000.tar", num_sample
         keys.append(key)
       dst.addfile(member, src.extractfile(member))
   return out
+
+
+def stop_inside_stage(monkeypatch, stage_folder):
+  """From now on, the `train.run` of a stage whose folder ends with `stage_folder` asks to
+  stop after its first step, unless the stage has checkpoints already: the first run stops
+  there (saving that step, as a SIGTERM would), a rerun resumes inside the stage."""
+  import os
+  from vlpre import train
+  real_run = train.run
+
+  def run_with_stop(cfg, directory, **kwargs):
+    if directory.endswith(stage_folder) and not os.path.exists(os.path.join(directory, "checkpoints")):
+      kwargs["on_step"] = lambda step: train.request_stop()
+    return real_run(cfg, directory, **kwargs)
+
+  monkeypatch.setattr(train, "run", run_with_stop)

@@ -146,20 +146,12 @@ def test_a_staged_init_from_stage_resumes_under_another_mesh(tmp_path, data_dir,
   straight = str(tmp_path / "straight")
   stages.run(config, straight)
 
-  real_run = train.run
-
-  def run_with_stop(cfg, directory, **kwargs):
-    if directory.endswith("1_b") and not os.path.exists(os.path.join(directory, "checkpoints")):
-      kwargs["on_step"] = lambda step: train.request_stop()
-    return real_run(cfg, directory, **kwargs)
-
   elastic = str(tmp_path / "elastic")
-  monkeypatch.setattr(train, "run", run_with_stop)
+  helpers.stop_inside_stage(monkeypatch, "1_b")
   stages.run(config, elastic)
   assert train.stop_requested()
   assert not os.path.exists(os.path.join(elastic, "1_b", "final_params"))
   assert "1" in os.listdir(os.path.join(elastic, "1_b", "checkpoints"))  # b's step 1 is saved
-  monkeypatch.setattr(train, "run", real_run)
   config.mesh = (("data", 4), ("fsdp", 2), ("tensor", 1))  # a mesh change needs no allowing
   stages.run(config, elastic)
   with open(os.path.join(elastic, "1_b", "config.json"), encoding="utf-8") as f:

@@ -112,18 +112,10 @@ def test_stages_freeze_what_they_say_and_resume_inside_a_stage(data_dir, shards,
   assert eval_steps("captioning/bleu4") == [(2, 1)]
 
   # Killed inside stage 2 (after its first step), rerun: the same final parameters.
-  real_run = train.run
-
-  def run_with_stop(cfg, directory, **kwargs):
-    if directory.endswith("1_llm") and not os.path.exists(os.path.join(directory, "checkpoints")):
-      kwargs["on_step"] = lambda step: train.request_stop()
-    return real_run(cfg, directory, **kwargs)
-
   other = str(tmp_path / "killed")
-  monkeypatch.setattr(train, "run", run_with_stop)
+  helpers.stop_inside_stage(monkeypatch, "1_llm")
   stages.run(config, other)
   assert train.stop_requested() and not os.path.exists(os.path.join(other, "2_all"))
-  monkeypatch.setattr(train, "run", real_run)
   stages.run(config, other)
   resumed = _flat(init_params.load_params(os.path.join(other, "2_all", "final_params")))
   for k in after[2]:
