@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from bench import gpt4image_stand_in
 from bench import shapes_only_llm
 from vlpre import compile as compile_lib
 from vlpre import config_lib
@@ -64,8 +65,9 @@ def test_without_libtpu_one_line_names_the_install(monkeypatch):
 # trains). LIFT compiles its online step (the cached one and centring read the embedding
 # store, which `vlpre.embed` builds in ~20 min), with SmolLM2 and with a 7B-class embedder
 # (Mistral-7B's shapes, bench/shapes_only_llm.py: no weights exist or are read), sharded
-# over fsdp; GPT4Image is left out: its full size reads ImageNet and LLM-written
-# descriptions, which this machine does not have.
+# over fsdp. GPT4Image's full size reads ImageNet and LLM-written descriptions, which this
+# machine does not have: CIFAR-10 images, decoded to the config's 224 px, and a store of
+# one-line descriptions stand in (bench/gpt4image_stand_in.py; the shapes are the config's).
 _FULL_SIZE = {
     "clip": ("configs/clip.py", {}),
     "siglip": ("configs/siglip.py", {}),
@@ -76,6 +78,8 @@ _FULL_SIZE = {
     "lcl": ("configs/lcl.py", {}),
     "hive": ("configs/hive.py", {}),
     "bridge": ("configs/bridge.py", {}),
+    "gpt4image_resnet50": ("configs/gpt4image.py:resnet50", {}),
+    "gpt4image_deit_s": ("configs/gpt4image.py:deit_s", {}),
 }
 
 
@@ -91,6 +95,11 @@ def _full_size(name: str, batch_size: int, tmp_path, data_dir):
   if config.input.get("documents"):  # LCL's interleaved documents, built from Flickr8k pairs
     config.input.documents = str(tmp_path / "train.jsonl")
     interleaved.build_flickr_interleaved(data_dir, config.input.documents)
+  if name.startswith("gpt4image"):
+    stand_in = gpt4image_stand_in.write(str(tmp_path / "stand_in"), path, data_dir=data_dir)
+    for field, value in stand_in.items():
+      section, _, key = field.rpartition(".")
+      (config[section] if section else config)[key] = value
   if name.endswith("_7b"):
     config.text_encoder.name = shapes_only_llm.write(
         str(tmp_path / "mistral-7b-shapes"), shapes_only_llm.PRESETS["mistral-7b"])

@@ -226,10 +226,13 @@ def trace_step(config, topology: str) -> TracedStep:
   """Builds `config`'s step abstractly on `topology`'s devices and traces it; raises
   CompileError for a config the checks refuse (a mesh that does not fit the slice)."""
   devices = tpu_devices(topology)
-  if config.get("init_from"):  # its weights replace values, not shapes: none is read
-    config = copy.deepcopy(config)
-    with config.unlocked():
+  # init_from's weights replace values, not shapes: none is read. The evaluators do not
+  # run in the step: their sets (ImageNet val for a full-size config) need not be here.
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    if "init_from" in config:
       del config["init_from"]
+    config.evals = {}
   problems = check.check_config(config, devices=devices)
   if problems:
     raise CompileError("; ".join(problems))
