@@ -37,7 +37,9 @@ from vlpre.text_encoders import store as store_lib  # noqa: E402
 
 def write(out_dir: str, config_spec: str = "configs/gpt4image.py:resnet50",
           num_images: int = 32, data_dir: str | None = None) -> dict[str, str]:
-  """Writes the stand-in under `out_dir`; returns the config overrides that use it."""
+  """Writes the stand-in under `out_dir`; returns the config overrides that use it (absolute
+  paths: a relative shard pattern would be read under the data dir)."""
+  out_dir = os.path.abspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   source = sources.TarShardSource("cifar10/train-00000.tar", data_dir=data_dir)
   descriptions = os.path.join(out_dir, "descriptions.jsonl")
