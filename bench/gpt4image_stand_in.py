@@ -29,6 +29,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 from vlpre import config_lib  # noqa: E402
+from vlpre.data import eval_input  # noqa: E402
 from vlpre.data import shard_writer  # noqa: E402
 from vlpre.data import sources  # noqa: E402
 from vlpre.methods.gpt4image import describe as describe_lib  # noqa: E402
@@ -42,6 +43,7 @@ def write(out_dir: str, config_spec: str = "configs/gpt4image.py:resnet50",
   out_dir = os.path.abspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   source = sources.TarShardSource("cifar10/train-00000.tar", data_dir=data_dir)
+  classes = eval_input.load_classnames("cifar10", data_dir)
   descriptions = os.path.join(out_dir, "descriptions.jsonl")
   with shard_writer.ShardWriter(out_dir, "train") as writer, \
       open(descriptions, "w", encoding="utf-8") as f:
@@ -50,7 +52,7 @@ def write(out_dir: str, config_spec: str = "configs/gpt4image.py:resnet50",
       key = sample["__key__"]
       writer.write(key, {k: v for k, v in sample.items() if not k.startswith("__")})
       label = int(bytes(sample["cls"]).decode())
-      f.write(json.dumps({"key": key, "description": f"a photo of a {CLASSES[label]}."}) + "\n")
+      f.write(json.dumps({"key": key, "description": f"a photo of a {classes[label]}."}) + "\n")
   overrides = {"input.train": os.path.join(out_dir, "train-*.tar"),
                "describe.backend": "precomputed", "describe.precomputed": descriptions,
                "describe.output_dir": os.path.join(out_dir, "descriptions"),
@@ -66,10 +68,6 @@ def write(out_dir: str, config_spec: str = "configs/gpt4image.py:resnet50",
   with open(os.path.join(out_dir, "overrides"), "w", encoding="utf-8") as f:
     f.write(" ".join(f"--config.{k}={v}" for k, v in overrides.items()) + "\n")
   return overrides
-
-
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-           "truck")
 
 
 def main(argv):

@@ -87,6 +87,9 @@ def _full_size(name: str, batch_size: int, tmp_path, data_dir):
   path, overrides = _FULL_SIZE[name]
   config = config_lib.load(os.path.join(ROOT, path))
   config.batch_size = batch_size
+  if name.startswith("gpt4image"):
+    overrides = {**overrides, **gpt4image_stand_in.write(str(tmp_path / "stand_in"), path,
+                                                         data_dir=data_dir)}
   for field, value in overrides.items():
     section, _, key = field.rpartition(".")
     (config[section] if section else config)[key] = value
@@ -95,11 +98,6 @@ def _full_size(name: str, batch_size: int, tmp_path, data_dir):
   if config.input.get("documents"):  # LCL's interleaved documents, built from Flickr8k pairs
     config.input.documents = str(tmp_path / "train.jsonl")
     interleaved.build_flickr_interleaved(data_dir, config.input.documents)
-  if name.startswith("gpt4image"):
-    stand_in = gpt4image_stand_in.write(str(tmp_path / "stand_in"), path, data_dir=data_dir)
-    for field, value in stand_in.items():
-      section, _, key = field.rpartition(".")
-      (config[section] if section else config)[key] = value
   if name.endswith("_7b"):
     config.text_encoder.name = shapes_only_llm.write(
         str(tmp_path / "mistral-7b-shapes"), shapes_only_llm.PRESETS["mistral-7b"])
