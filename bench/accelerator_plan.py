@@ -33,7 +33,7 @@ from vlpre import config_lib  # noqa: E402
 from vlpre import llm as llm_lib  # noqa: E402
 from vlpre import losses as losses_lib  # noqa: E402
 from vlpre import optim  # noqa: E402
-from vlpre import train  # noqa: E402
+from vlpre import train_state  # noqa: E402
 from vlpre import methods  # noqa: E402
 from vlpre.methods.lift import model as lift  # noqa: E402
 from vlpre.methods.two_tower import model as two_tower  # noqa: E402
@@ -100,9 +100,9 @@ def plan(label, config, model, batch, frozen_patterns):
     frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), frozen)
   tx, schedule = optim.build_optimizer(config.optim, config.total_steps)
   opt_state = jax.eval_shape(tx.init, trainable)
-  state = train.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=trainable,
+  state = train_state.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=trainable,
                            opt_state=opt_state, model_state={})
-  step = jax.jit(lambda s, f, b, r: train.train_step(
+  step = jax.jit(lambda s, f, b, r: train_state.train_step(
       s, f, b, r, model=model, loss_fn=losses_lib.build_loss(
           dict(config.losses), methods.of(config).losses), tx=tx,
       lr_schedule=schedule))

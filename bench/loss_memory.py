@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from tests import helpers  # noqa: E402
 from vlpre import losses as losses_lib  # noqa: E402
 from vlpre import sharding  # noqa: E402
-from vlpre import train  # noqa: E402
+from vlpre import train_state  # noqa: E402
 from vlpre.losses import contrastive  # noqa: E402
 
 DEVICE_COUNTS = (1, 2, 4, 8)
@@ -57,7 +57,7 @@ def step_temp_bytes(accum_steps: int, batch: int = 512) -> int:
   config.batch_size, config.accum_steps = batch, accum_steps
   example = {"image": np.zeros((batch, 32, 32, 3), np.float32),
              "text": np.ones((batch, 16), np.int32), "text_mask": np.ones((batch, 16), np.int32)}
-  s = train.setup(config, example)
+  s = train_state.setup(config, example)
   with jax.set_mesh(s.mesh):
     lowered = s.jit_train_step().lower(s.state, s.frozen, s.device_batch(example),
                                        jax.random.key(0))

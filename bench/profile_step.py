@@ -40,7 +40,7 @@ from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 
 import step_time  # noqa: E402
-from vlpre import train  # noqa: E402
+from vlpre import train_state  # noqa: E402
 
 _CONFIG = flags.DEFINE_string("config", "configs/clip.py:tiny", "config[:arg]")
 _BATCH = step_time._BATCH  # --batch_size, shared with step_time's flags  # pylint: disable=protected-access
@@ -95,7 +95,7 @@ def kind_of(instruction: str, op_name: str) -> str:
 
 
 def profile(config, batch, steps: int) -> dict:
-  s = train.setup(config, batch)
+  s = train_state.setup(config, batch)
   dbatch = s.device_batch(batch)
   rng = jax.random.key(0)
   compiled = s.jit_train_step().lower(s.state, s.frozen, dbatch, rng).compile()
@@ -153,7 +153,7 @@ def components(config, batch) -> dict[str, float]:
   tower's shape [B, L, D], forward / forward + backward (parameters and input)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from vlpre.nn import layers  # pylint: disable=g-import-not-at-top
-  s = train.setup(config, batch)
+  s = train_state.setup(config, batch)
   model, params = s.model, s.variables()["params"]
   image, text = jnp.asarray(batch["image"]), jnp.asarray(batch["text"])
   mask = jnp.asarray(batch["text_mask"])

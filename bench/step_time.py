@@ -36,7 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from ml_collections import config_flags  # noqa: E402,F401
 
-from vlpre import train  # noqa: E402
+from vlpre import train_state  # noqa: E402
 
 # Dense bf16 peak FLOP/s per device (vendor spec sheets).
 PEAK_FLOPS = {
@@ -154,7 +154,7 @@ def unrolled(config):
 
 
 def step_flops(config, batch: dict) -> float:
-  s = train.setup(unrolled(config), batch)
+  s = train_state.setup(unrolled(config), batch)
   compiled = s.jit_train_step().lower(s.state, s.frozen, s.device_batch(batch),
                                       jax.random.key(0)).compile()
   cost = compiled.cost_analysis()
@@ -164,7 +164,7 @@ def step_flops(config, batch: dict) -> float:
 
 def time_row(config, batch: dict, steps: int) -> dict:
   flops = step_flops(config, batch)
-  s = train.setup(config, batch)
+  s = train_state.setup(config, batch)
   dbatch = s.device_batch(batch)
   rng = jax.random.key(0)
   step_fn = s.jit_train_step().lower(s.state, s.frozen, dbatch, rng).compile()

@@ -1,7 +1,7 @@
 """What the notebooks in this folder share: paths, tiny overrides, a trained run back in
 memory, and the pictures (curves, retrieval grids, confusion matrices, captions).
 
-Everything here calls vlpre's own APIs (`vlpre.train.setup`, the evaluators' `Predictor`,
+Everything here calls vlpre's own APIs (`vlpre.train_state.setup`, the evaluators' `Predictor`,
 `vlpre.compare.read_run`); the notebooks stay short and the plotting code lives once.
 """
 from __future__ import annotations
@@ -111,7 +111,7 @@ def load_run(config, workdir: str) -> Loaded:
   (its trainable parameters over the method's initial / pretrained ones)."""
   # pylint: disable=g-import-not-at-top
   import jax
-  from vlpre import checkpoint, data, init_params, methods, optim, stages, train
+  from vlpre import checkpoint, data, init_params, methods, optim, stages, train_state
   from vlpre.evaluators import common
   # pylint: enable=g-import-not-at-top
   if config.get("stages"):
@@ -124,7 +124,7 @@ def load_run(config, workdir: str) -> Loaded:
       config.input, global_batch_size=config.batch_size, seed=0,
       tokenizer=tokenizer if extras.tokenize else None, extra_transforms=extras.transforms,
       extra_keys=extras.keys, stream=extras.stream, records=extras.records)))
-  s = train.setup(config, example)
+  s = train_state.setup(config, example)
   variables = jax.device_get(s.variables(s.state))
   if config.get("init_from") and config.init_from.get("params"):  # a staged run
     params = init_params.load_params(export)

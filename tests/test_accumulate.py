@@ -9,7 +9,8 @@ import pytest
 from flax import linen as nn
 
 from tests import helpers
-from vlpre import accumulate, check, init_params, losses, methods, optim, sharding, stages, train
+from vlpre import accumulate, check, init_params, losses, methods, optim, sharding, stages
+from vlpre import train_state
 
 
 def _assert_trees_close(actual, desired, tolerance=1e-5):
@@ -62,7 +63,7 @@ def _clip_batch(n=32, seed=0):
 
 
 def _one_update(config, batch):
-  s = train.setup(config, batch)
+  s = train_state.setup(config, batch)
   before = jax.device_get(s.state.params)  # the step donates the state
   with jax.set_mesh(s.mesh):
     state, metrics = s.jit_train_step()(s.state, s.frozen, s.device_batch(batch),
@@ -109,7 +110,7 @@ def test_accumulated_contrastive_gradient_equals_the_unaccumulated_one(loss, imp
 
 @pytest.mark.slow
 def test_accumulated_contrastive_update_equals_the_unaccumulated_one():
-  """The real step (train.setup, jit_train_step, the optimiser): the same parameters after
+  """The real step (train_state.setup, jit_train_step, the optimiser): the same parameters after
   one update with 1, 2 or 4 chunks, local and global losses alike. CLIP's loss; SigLIP's
   accumulated gradient is checked against the unaccumulated one above, both forms."""
   loss = "clip"
@@ -297,11 +298,11 @@ def test_batchnorm_state_and_frozen_parameters_of_a_resnet():
 def test_train_step_with_frozen_parameters_and_batchnorm_updates_only_the_trainable():
   model, batch, params, frozen, model_state, loss_fn = _classifier_case({"softmax_ce": 1.0})
   tx = optax.sgd(0.1)
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  state = train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=tx.init(params), model_state=model_state)
   mesh = sharding.make_mesh([("data", 2), ("fsdp", 4)])
   placed = jax.device_put(batch, sharding.batch_sharding(mesh))
-  new, metrics = jax.jit(lambda s, f, b: train.train_step(
+  new, metrics = jax.jit(lambda s, f, b: train_state.train_step(
       s, f, b, jax.random.key(0), model=model, loss_fn=loss_fn, tx=tx,
       lr_schedule=lambda _: 0.1, accum_steps=2))(state, frozen, placed)
   assert np.isfinite(metrics["loss"]) and int(new.step) == 1
@@ -353,7 +354,7 @@ def test_a_staged_run_accumulates_with_frozen_towers(data_dir, tmp_path):
   first = stages.stage_config(config, 0, workdir)
   batch = {"image": np.zeros((16, 32, 32, 3), np.float32), "text": np.ones((16, 16), np.int32),
            "text_mask": np.ones((16, 16), np.int32)}
-  s0 = train.setup(first, batch)
+  s0 = train_state.setup(first, batch)
   init = s0.variables(s0.state)["params"]
   after = [init_params.load_params(f"{d}/final_params") for d in dirs]
   assert _max_difference(after[0]["img"], init["img"]) == 0.0

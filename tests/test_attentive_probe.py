@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from vlpre import sharding
-from vlpre import train
+from vlpre import train_state
 from vlpre.evaluators import attentive_probe, common, linear_probe
 from vlpre.methods.gpt4image import model as classifier
 from vlpre.methods.lift import model as lift
@@ -89,7 +89,7 @@ def test_evaluator_end_to_end_on_tiny_clip_is_deterministic(data_dir):
   config = helpers.tiny_clip_config(data_dir)
   example = {"image": np.zeros((16, 32, 32, 3), np.float32), "text": np.zeros((16, 16), np.int32),
              "text_mask": np.ones((16, 16), np.int32)}
-  s = train.setup(config, example)
+  s = train_state.setup(config, example)
   cfg = dict(kind="attentive_probe", train_data="cifar10/train-*.tar",
              test_data="cifar10/test-*.tar", num_classes=10, max_train_examples=192,
              max_examples=64, image_size=32, resize_size=36, batch_size=32, data_dir=data_dir,

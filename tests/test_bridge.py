@@ -10,6 +10,7 @@ from vlpre import checkpoint
 from vlpre import config_lib
 from vlpre import llm as llm_lib
 from vlpre import train
+from vlpre import train_state
 from vlpre.data import train_input
 from vlpre.methods.bridge import model as bridge
 
@@ -111,7 +112,7 @@ def test_two_steps_partial_bridge_on_8_devices(data_dir, shard, tmp_path):
   batch = next(iter(train_input.build_train_dataset(
       config.input, global_batch_size=config.batch_size, seed=0, tokenizer=None,
       extra_transforms=bridge.input_extras(config).transforms)))
-  s = train.setup(config, batch)
+  s = train_state.setup(config, batch)
   assert set(s.frozen["llm"]) == {"layers_2to3"} and "layers_0to1" in s.state.params["llm"]
   pretrained = llm_lib.load("smollm2-135m", num_layers=4, layer_groups=(2, 2), tokens=False,
                             lm_head=False).params
@@ -141,7 +142,7 @@ def test_two_steps_partial_bridge_on_8_devices(data_dir, shard, tmp_path):
   assert ft.bridge.random_label_ratio == 0 and not ft.frozen
   bridged = checkpoint.restore_params(str(tmp_path / "run"), ("llm", "patch_embed"))
   assert set(bridged["llm"]) == {"layers_0to1", "norm"}  # the trainable part only
-  s2 = train.setup(ft, batch)
+  s2 = train_state.setup(ft, batch)
   assert not jax.tree.leaves(s2.frozen)
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, s2.state.params["llm"]),
                {**frozen_before["llm"], **bridged["llm"]})

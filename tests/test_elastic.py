@@ -13,7 +13,8 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 import pytest
 
-from vlpre import checkpoint, data, init_params, metrics, methods, sharding, stages, train
+from vlpre import checkpoint, data, init_params, methods, metrics, sharding, stages, train
+from vlpre import train_state
 
 from tests import helpers
 
@@ -86,9 +87,9 @@ def test_resume_under_another_mesh_and_on_half_the_devices(tmp_path, data_dir, s
                              ((("data", 4), ("fsdp", 2)), jax.devices())):
     config = _config(data_dir, 3)
     config.mesh = mesh_axes
-    s = train.setup(config, example, mesh=sharding.make_mesh(config.mesh, devices))
+    s = train_state.setup(config, example, mesh=sharding.make_mesh(config.mesh, devices))
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-    restored = ckpt.restore_state_only(3, train.with_shardings(s.state, s.state_shardings))
+    restored = ckpt.restore_state_only(3, train_state.with_shardings(s.state, s.state_shardings))
     ckpt.close()
     for got, want in zip(jax.tree.leaves(restored.params), jax.tree.leaves(saved)):
       assert got.sharding.mesh.shape == s.mesh.shape and len(got.devices()) <= len(devices)

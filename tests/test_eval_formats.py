@@ -15,7 +15,7 @@ from tests import helpers
 from vlpre import check
 from vlpre import data
 from vlpre import sharding
-from vlpre import train
+from vlpre import train_state
 from vlpre.evaluators import common
 from vlpre.evaluators import retrieval
 from vlpre.evaluators import zeroshot
@@ -133,7 +133,7 @@ def tiny_clip(data_dir):
   config = helpers.tiny_clip_config(data_dir)
   example = {"image": np.zeros((16, 32, 32, 3), np.float32), "text": np.zeros((16, 16), np.int32),
              "text_mask": np.ones((16, 16), np.int32)}
-  s = train.setup(config, example)
+  s = train_state.setup(config, example)
   return s, common.Predictor(s, data.get_tokenizer("clip_bpe"))
 
 

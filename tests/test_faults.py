@@ -43,6 +43,7 @@ from vlpre import evaluators
 from vlpre import metrics
 from vlpre import storage
 from vlpre import train
+from vlpre import train_state
 from vlpre.data import convert
 from vlpre.data import documents
 from vlpre.data import interleaved
@@ -1056,7 +1057,7 @@ def _bad_fractions(workdir):
 
 def _nan_in_batch(patch, step):
   """The batch of `step` (counted from 1, as `run` counts a fresh run's steps) is all NaN."""
-  real_device_batch = train.Setup.device_batch
+  real_device_batch = train_state.Setup.device_batch
   calls = []
 
   def device_batch(self, batch):
@@ -1065,7 +1066,7 @@ def _nan_in_batch(patch, step):
       batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
     return real_device_batch(self, batch)
 
-  patch.setattr(train.Setup, "device_batch", device_batch)
+  patch.setattr(train_state.Setup, "device_batch", device_batch)
 
 
 def _metrics_fail_from(patch, step, where):
@@ -1215,7 +1216,7 @@ def _main_with_fault(fault: str, argv: list[str]) -> None:
   elif fault == "hang_in_save":
     _hook_state_writes(patch, lambda step: hang(f"the write of step {step}"))
   elif fault == "sigterm_in_step":
-    real_jit = train.Setup.jit_train_step
+    real_jit = train_state.Setup.jit_train_step
 
     def jit_train_step(self):
       step_fn, calls = real_jit(self), []
@@ -1228,7 +1229,7 @@ def _main_with_fault(fault: str, argv: list[str]) -> None:
 
       return step_with_sigterm
 
-    patch.setattr(train.Setup, "jit_train_step", jit_train_step)
+    patch.setattr(train_state.Setup, "jit_train_step", jit_train_step)
   elif fault != "none":
     raise ValueError(f"unknown fault {fault!r}")
   app.run(main.main, argv=argv, flags_parser=config_lib.parse_flags)

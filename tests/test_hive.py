@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from vlpre import config_lib, data, init_params, metrics, methods, stages, train
+from vlpre import config_lib, data, init_params, methods, metrics, stages, train, train_state
 from vlpre.evaluators import captioning, common
 from vlpre.llm import generate as generate_lib
 
@@ -60,7 +60,7 @@ def test_captioner_loss_reaches_the_image_and_greedy_decoding_matches_the_forwar
     mode, data_dir, shards):
   config = hive_config(data_dir, *shards, mode=mode)
   batch = _batch(config)
-  s = train.setup(config, batch)
+  s = train_state.setup(config, batch)
   names = set(_flat(s.state.params))
   projectors = {n.split("/")[0] for n in names if n.startswith("proj_")}
   assert projectors == ({"proj_1to1", "proj_2to2"} if mode == "hive" else {"proj_sa"})
@@ -93,7 +93,7 @@ def test_stages_freeze_what_they_say_and_resume_inside_a_stage(data_dir, shards,
   workdir = str(tmp_path / "run")
   stages.run(config, workdir)
   dirs = [stages.stage_dir(workdir, i, st) for i, st in enumerate(config.stages)]
-  s0 = train.setup(stages.stage_config(config, 0, workdir), _batch(config))
+  s0 = train_state.setup(stages.stage_config(config, 0, workdir), _batch(config))
   init = _flat(s0.variables(s0.state)["params"])
   after = [_flat(init_params.load_params(os.path.join(d, "final_params"))) for d in dirs]
 

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from vlpre import data, methods, train
+from vlpre import data, methods, train, train_state
 from vlpre.data import interleaved
 from vlpre.evaluators import captioning, common
 from vlpre.llm import generate as generate_lib
@@ -72,7 +72,7 @@ def scratch(data_dir, files):
   """(config, setup, host variables, a real batch) of the from-scratch causal model."""
   config = lcl_config(data_dir, files)
   batch = _batch(config)
-  s = train.setup(config, batch)
+  s = train_state.setup(config, batch)
   return config, s, jax.device_get(s.variables(s.state)), batch
 
 
@@ -213,7 +213,7 @@ def test_two_steps_on_8_devices_with_every_evaluator(data_dir, files, tmp_path):
 def test_smollm2_switch_builds_and_runs(data_dir, files):
   config = lcl_config(data_dir, files, "tiny,llm=smollm2-135m")
   batch = _batch(config)
-  s = train.setup(config, batch)
+  s = train_state.setup(config, batch)
   variables = jax.device_get(s.variables(s.state))
   vocab = s.built.llm.config.vocab_size  # 49152: the pretrained table stays as loaded
   assert s.model.image_token_ids == (vocab, vocab + 1, vocab + 2)

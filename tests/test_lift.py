@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from vlpre import config_lib, methods, train
+from vlpre import config_lib, methods, train, train_state
 from vlpre import sharding
 from vlpre.data import train_input
 from vlpre.text_encoders import store as store_lib
@@ -63,7 +63,7 @@ def test_online_and_cached_modes_give_the_same_loss(data_dir, shard, tmp_path):
 
   losses = []
   for config, batch in ((online, online_batch), (cached, cached_batch)):
-    s = train.setup(config, batch)
+    s = train_state.setup(config, batch)
     step = s.jit_train_step()
     _, metrics = step(s.state, s.frozen, s.device_batch(batch), jax.random.key(0))
     losses.append(float(metrics["loss"]))
@@ -108,7 +108,7 @@ def test_lift_two_steps_with_the_llm_sharded_over_8_devices(data_dir, shard, tmp
   config = lift_config(data_dir, shard)
   final = train.run(config, str(tmp_path / "run"))
   assert np.isfinite(final["loss"]) and "retrieval/i2t_R@1" in final
-  s = train.setup(config, _first_batch(config))
+  s = train_state.setup(config, _first_batch(config))
   frozen_leaves = jax.tree_util.tree_flatten_with_path(s.frozen)[0]
   big = [(p, x) for p, x in frozen_leaves if x.size >= config.min_fsdp_size]
   assert big, "the LLM has weights above the fsdp threshold"
@@ -151,7 +151,7 @@ def test_centred_targets_match_online_and_cached(data_dir, shard, tmp_path):
   losses = []
   for config in (online, cached):
     batch = _first_batch(config)
-    s = train.setup(config, batch)
+    s = train_state.setup(config, batch)
     np.testing.assert_allclose(s.frozen["txt_mean"], store.mean())  # frozen, from the store
     assert "txt_mean" not in s.state.params
     _, metrics = s.jit_train_step()(s.state, s.frozen, s.device_batch(batch), jax.random.key(0))
@@ -161,6 +161,6 @@ def test_centred_targets_match_online_and_cached(data_dir, shard, tmp_path):
   plain = copy.deepcopy(cached)
   plain.text_encoder.center = False
   batch = _first_batch(plain)
-  s = train.setup(plain, batch)
+  s = train_state.setup(plain, batch)
   _, metrics = s.jit_train_step()(s.state, s.frozen, s.device_batch(batch), jax.random.key(0))
   assert abs(float(metrics["loss"]) - losses[1]) > 1e-4

@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from vlpre import methods, sharding, train
+from vlpre import methods, sharding, train, train_state
 from vlpre.data import train_input
 
 from tests import helpers
@@ -50,7 +50,7 @@ def test_two_steps_train_smollm2_on_captions_over_8_devices(data_dir, shard, tmp
 
 
 def _two_steps_lower_the_loss_and_train_only_the_unfrozen_layers(config, batch):
-  s = train.setup(config, batch)
+  s = train_state.setup(config, batch)
   assert sharding.tree_paths(s.frozen) and all(
       p.startswith("llm/layers_0to9/") for p in sharding.tree_paths(s.frozen))
   assert "layers_10to29" in s.state.params["llm"] and "layers_0to9" not in s.state.params["llm"]

@@ -42,6 +42,7 @@ from vlpre import checkpoint as checkpoint_lib
 from vlpre import distributed
 from vlpre import metrics
 from vlpre import train
+from vlpre import train_state
 from vlpre.text_encoders import store as store_lib
 
 from tests import helpers
@@ -188,13 +189,13 @@ def test_two_processes_train_like_one_through_a_kill_and_resume(data_dir, tmp_pa
   try:
     # Meanwhile, here: the reference, 1 process × 8 devices (conftest), its keys recorded.
     reference_keys = []
-    real_device_batch = train.Setup.device_batch
+    real_device_batch = train_state.Setup.device_batch
 
     def recording_device_batch(self, batch):
       reference_keys.append(list(batch["_key"]))
       return real_device_batch(self, batch)
 
-    monkeypatch.setattr(train.Setup, "device_batch", recording_device_batch)
+    monkeypatch.setattr(train_state.Setup, "device_batch", recording_device_batch)
     reference_dir = str(tmp_path / "reference")
     train.run(mp_config(data_dir), reference_dir)
     monkeypatch.undo()
@@ -428,7 +429,7 @@ def _main_recording_keys_and_hanging_after_save(argv):
 
   hang_after, keys_file, flags = int(argv[1]), argv[2], argv[3:]
   patch = pytest.MonkeyPatch()
-  real_device_batch, real_save = train.Setup.device_batch, checkpoint_lib.Checkpointer.save
+  real_device_batch, real_save = train_state.Setup.device_batch, checkpoint_lib.Checkpointer.save
 
   def device_batch(self, batch):
     with open(keys_file, "a", encoding="utf-8") as f:
@@ -443,7 +444,7 @@ def _main_recording_keys_and_hanging_after_save(argv):
       time.sleep(3600)
     return saved
 
-  patch.setattr(train.Setup, "device_batch", device_batch)
+  patch.setattr(train_state.Setup, "device_batch", device_batch)
   patch.setattr(checkpoint_lib.Checkpointer, "save", save)
   app.run(main.main, argv=[argv[0], *flags], flags_parser=config_lib.parse_flags)
 

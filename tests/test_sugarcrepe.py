@@ -10,7 +10,7 @@ import pytest
 from tests import helpers
 from vlpre import data
 from vlpre import sharding
-from vlpre import train
+from vlpre import train_state
 from vlpre.data import hard_negatives as hn
 from vlpre.evaluators import common
 from vlpre.evaluators import sugarcrepe
@@ -98,7 +98,7 @@ def test_evaluator_end_to_end_on_a_tiny_clip(data_dir, tmp_path):
   config = helpers.tiny_clip_config(data_dir)
   example = {"image": np.zeros((16, 32, 32, 3), np.float32), "text": np.zeros((16, 16), np.int32),
              "text_mask": np.ones((16, 16), np.int32)}
-  s = train.setup(config, example)
+  s = train_state.setup(config, example)
   predictor = common.Predictor(s, data.get_tokenizer("clip_bpe"))
   size = dict(image_size=32, resize_size=36, batch_size=16, max_text_len=16, data_dir=data_dir)
   with sharding.active(s.mesh, s.rules):

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from vlpre import data, evaluate, init_params, metrics, methods, train
+from vlpre import data, evaluate, init_params, methods, metrics, train, train_state
 
 from tests import helpers
 
@@ -140,7 +140,7 @@ def test_lit_locks_the_image_tower_loaded_from_another_run(tmp_path, data_dir):
   lit.init_from = dict(workdir=str(tmp_path / "clip"), prefixes=("img", "img_head"))
   lit.frozen = ("img/.*", "img_head/.*")
   train.run(lit, str(tmp_path / "lit"))
-  s = train.setup(lit, next(iter(_dataset(lit))))
+  s = train_state.setup(lit, next(iter(_dataset(lit))))
   assert "img" in s.frozen and "img" not in s.state.params  # never in the optimizer state
   after = checkpoint_params(str(tmp_path / "lit"))
   assert "img" not in after  # the checkpointed trainable params hold only the text side
@@ -153,7 +153,7 @@ def test_lit_locks_the_image_tower_loaded_from_another_run(tmp_path, data_dir):
   # Set up to restore (vlpre.evaluate, a resume): the state stays abstract, nothing is
   # initialised at random, while the frozen tower is loaded as for training.
   batch = next(iter(_dataset(lit)))
-  restoring = train.setup(lit, batch, restoring=True)
+  restoring = train_state.setup(lit, batch, restoring=True)
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(restoring.state))
   assert jax.tree.map(lambda x: (x.shape, x.sharding), restoring.state) == jax.tree.map(
       lambda x: (x.shape, x.sharding), s.state)
@@ -163,7 +163,7 @@ def test_lit_locks_the_image_tower_loaded_from_another_run(tmp_path, data_dir):
   # a frozen weight that only the random init gives: everything is built as for training
   random_frozen = helpers.with_steps(clip, 2)
   random_frozen.frozen = ("img_head/.*",)
-  fallback = train.setup(random_frozen, batch, restoring=True)
+  fallback = train_state.setup(random_frozen, batch, restoring=True)
   assert all(isinstance(x, jax.Array) for x in jax.tree.leaves((fallback.state, fallback.frozen)))
 
 

@@ -4,7 +4,7 @@
     python -m vlpre.compile --config=configs/lift.py --topology=v5p:4x4x4 --config.batch_size=8192
     python -m vlpre.compile --config=configs/clip.py --topology=v4:2x2x4 --json=clip_v4.json
 
-Needs libtpu, the TPU compiler (`pip install -e ".[compile]"`); no TPU. `train.setup(...,
+Needs libtpu, the TPU compiler (`pip install -e ".[compile]"`); no TPU. `train_state.setup(...,
 abstract=True)` builds the trainer's own state, shardings, frozen-parameter argument and
 step (the config's mesh, scan, remat and dtype) from shapes alone: no weight is
 materialised. The step is lowered on `jax.ShapeDtypeStruct`s placed on the slice's devices
@@ -58,7 +58,7 @@ from vlpre import metrics as metrics_lib
 from vlpre import sharding
 from vlpre import stages
 from vlpre import step_analysis
-from vlpre import train
+from vlpre import train_state
 from vlpre.nn import platform
 
 GiB = 2**30
@@ -206,7 +206,7 @@ class StepReport:
             + self.code_bytes)
 
 
-def _trace_step(s: train.Setup, batch, rng):
+def _trace_step(s: train_state.Setup, batch, rng):
   with sharding.active(s.mesh, s.rules):
     return s.jit_train_step().trace(s.state, s.frozen, batch, rng)
 
@@ -243,9 +243,9 @@ def trace_step(config, topology: str) -> TracedStep:
     batch = abstract_batch(config, mesh)
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
   with platform.target("tpu"):  # the layer loop and attention as a TPU run builds them
-    s = train.setup(config, batch, mesh=mesh, abstract=True)
+    s = train_state.setup(config, batch, mesh=mesh, abstract=True)
     traced = _trace_step(s, batch, rng)
-    plain = train.setup(without_remat(config), batch, mesh=mesh, abstract=True)
+    plain = train_state.setup(without_remat(config), batch, mesh=mesh, abstract=True)
     model = step_analysis.jaxpr_flops(_trace_step(plain, batch, rng).jaxpr)
   return TracedStep(traced=traced, config=config, devices=devices, mesh=mesh,
                     executed_flops=step_analysis.jaxpr_flops(traced.jaxpr), model_flops=model)

@@ -37,7 +37,7 @@ from vlpre import metrics as metrics_lib
 from vlpre import methods
 from vlpre import run_record
 from vlpre import sharding
-from vlpre import train
+from vlpre import train_state
 
 
 def evaluate(config, workdir: str, step: int | None = None,
@@ -61,12 +61,13 @@ def evaluate(config, workdir: str, step: int | None = None,
         config.input, global_batch_size=config.batch_size, seed=config.seed,
         tokenizer=tokenizer if extras.tokenize else None, extra_transforms=extras.transforms,
         extra_keys=extras.keys, stream=extras.stream, records=extras.records)))
-  s = train.setup(config, example, restoring=True)  # the state's weights come from the checkpoint
+  # The state's weights come from the checkpoint.
+  s = train_state.setup(config, example, restoring=True)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   step = step if step is not None else ckpt.latest_step()
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-  state = ckpt.restore_state_only(step, train.with_shardings(s.state, s.state_shardings))
+  state = ckpt.restore_state_only(step, train_state.with_shardings(s.state, s.state_shardings))
   ckpt.close()
   results = {}
   with sharding.active(s.mesh, s.rules):

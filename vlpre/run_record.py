@@ -118,7 +118,7 @@ def load_config(workdir: str) -> mlc.ConfigDict:
 
 def input_batch(workdir: str) -> dict[str, np.ndarray] | None:
   """Zeros in the recorded shapes of the run's first batch (None: none recorded), on which
-  `train.setup` initialises the same model without reading any data."""
+  `train_state.setup` initialises the same model without reading any data."""
   record = read(workdir)
   if not record or not record.get("input_shapes"):
     return None

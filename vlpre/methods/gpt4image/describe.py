@@ -41,7 +41,7 @@ import jax
 from ml_collections import config_flags
 import tqdm
 
-from vlpre import checkpoint, config_lib, data, init_params, methods, optim, stages, train
+from vlpre import checkpoint, config_lib, data, init_params, methods, optim, stages, train_state
 from vlpre import llm as llm_lib
 from vlpre import storage
 from vlpre.evaluators import captioning, common
@@ -297,7 +297,7 @@ def caption_images(config, *, progress: bool = True) -> dict[str, str]:
       tokenizer=methods.build_tokenizer(cap_config) if extras.tokenize else None,
       extra_transforms=extras.transforms, extra_keys=extras.keys, stream=extras.stream,
       records=extras.records)))
-  s = train.setup(cap_config, example)
+  s = train_state.setup(cap_config, example)
   params = jax.device_get(s.variables(s.state))["params"]
   if cap_config.get("stages"):
     last = len(cap_config.stages) - 1
