@@ -66,9 +66,13 @@ def place_pretrained(params: dict, pretrained: dict[str, Any], shardings: dict,
 
   Every weight under a placed prefix must be given, except under the prefixes in
   `partial_ok` (subtrees already holding pretrained weights, which a partial tree updates).
+  The tree is checked whole before anything is placed. Each replaced device array is
+  deleted as its weight is placed, so the random init of a pretrained model and its
+  weights are never in memory together; `params` is consumed (use the tree returned).
   """
   flat = traverse_util.flatten_dict(params, sep="/")
   flat_sh = traverse_util.flatten_dict(shardings, sep="/")
+  placed = {}
   for prefix, tree in pretrained.items():
     entries = (traverse_util.flatten_dict(tree, sep="/") if isinstance(tree, dict)
                else {"": tree})  # a single array placed at `prefix` itself
@@ -79,11 +83,17 @@ def place_pretrained(params: dict, pretrained: dict[str, Any], shardings: dict,
       if tuple(flat[key].shape) != tuple(np.shape(value)):
         raise ValueError(f"pretrained '{key}' has shape {np.shape(value)}, the model "
                          f"expects {flat[key].shape}")
-      flat[key] = jax.device_put(np.asarray(value, dtype=flat[key].dtype), flat_sh[key])
+      placed[key] = value
     missing = [k for k in flat if k.startswith(prefix + "/") and k[len(prefix) + 1:] not in entries]
     if missing and any(prefix == p or prefix.startswith(p + "/") for p in partial_ok):
       logging.info("pretrained '%s': %d weights given, %d kept as already placed", prefix,
                    len(entries), len(missing))
     elif missing:
       raise ValueError(f"pretrained '{prefix}' lacks {len(missing)} weights, e.g. {missing[:3]}")
+  del params  # the caller's reference aside, `flat` now holds the only one to each leaf
+  for key, value in placed.items():
+    old = flat[key]
+    flat[key] = jax.device_put(np.asarray(value, dtype=old.dtype), flat_sh[key])
+    if isinstance(old, jax.Array):
+      old.delete()  # freed now, not when the caller's tree goes
   return traverse_util.unflatten_dict(flat, sep="/")
