@@ -16,9 +16,11 @@ def lm_config(data_dir, shard):
   del c["tokenizer"]
   c.model_name = "lm"
   c.model = dict()
-  # Two scanned groups so the first 10 layers are their own subtree, frozen by regex.
-  c.llm = dict(name="smollm2-135m", layer_groups=(10, 20), remat="full")
-  c.frozen = ("llm/layers_0to9/.*",)
+  # Two scanned groups so the first 26 layers are their own subtree, frozen by regex. The
+  # last 4 and the embeddings train: the optimizer state of all 30 would put this file
+  # near 10 GB resident.
+  c.llm = dict(name="smollm2-135m", layer_groups=(26, 4), remat="full")
+  c.frozen = ("llm/layers_0to25/.*",)
   c.losses = {"lm": 1.0}
   c.optim.update(lr=3e-4, warmup_steps=0, weight_decay=0.0)
   c.min_fsdp_size = 2**16
@@ -52,8 +54,8 @@ def test_two_steps_train_smollm2_on_captions_over_8_devices(data_dir, shard, tmp
 def _two_steps_lower_the_loss_and_train_only_the_unfrozen_layers(config, batch):
   s = train_state.setup(config, batch)
   assert sharding.tree_paths(s.frozen) and all(
-      p.startswith("llm/layers_0to9/") for p in sharding.tree_paths(s.frozen))
-  assert "layers_10to29" in s.state.params["llm"] and "layers_0to9" not in s.state.params["llm"]
+      p.startswith("llm/layers_0to25/") for p in sharding.tree_paths(s.frozen))
+  assert "layers_26to29" in s.state.params["llm"] and "layers_0to25" not in s.state.params["llm"]
   big = [x for x in jax.tree.leaves(s.state.params) if x.size >= config.min_fsdp_size]
   assert big and all("fsdp" in str(x.sharding.spec) for x in big)
   frozen_before = jax.tree.map(np.asarray, s.frozen)
@@ -70,4 +72,4 @@ def _two_steps_lower_the_loss_and_train_only_the_unfrozen_layers(config, batch):
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, s.frozen), frozen_before)
   changed = jax.tree.map(lambda a, b: not np.array_equal(np.asarray(a), b), state.params,
                          trainable_before)
-  assert all(jax.tree.leaves(changed["llm"]["layers_10to29"]))
+  assert all(jax.tree.leaves(changed["llm"]["layers_26to29"]))
