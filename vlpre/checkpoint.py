@@ -16,6 +16,7 @@ that was not written and the last complete one, which stays intact and resumable
 from __future__ import annotations
 
 import contextlib
+import logging as std_logging
 import time
 from typing import Any
 
@@ -33,16 +34,30 @@ class CheckpointWriteError(OSError):
   """A checkpoint could not be written; the previous complete one is intact."""
 
 
-def use_replica_parallel_writes_across_processes() -> None:
-  """Makes orbax split the writing of replicated arrays among their replicas only when
-  they span several processes (hosts), where it spreads the write of a data-parallel
-  replicated parameter over the hosts. Within one process it buys nothing and costs a
-  compiled slice program per array shape and device at every save: a staged HIVE test
-  spent 1,424 compiles (34 s) on it. Called before each write, after `jax.distributed`
-  is up (it reads the process count); it sets orbax's global handler for `jax.Array`."""
-  ocp.type_handlers.register_type_handler(
-      jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1),
-      override=True)
+_ONE_PROCESS_HANDLER_SET = False
+
+
+def write_replicated_arrays_from_one_replica_in_one_process() -> None:
+  """Within one process, orbax writes each replicated array (a data-parallel parameter)
+  from one replica. Its default (on CPU and TPU) splits the write among the replicas,
+  which spreads it over the hosts of a multi-host job but within one process buys
+  nothing and compiles a slice program per array shape and device at every save: a
+  staged three-stage test spent 1,424 such compiles (34 s) on it. A job of several
+  processes keeps orbax's default. Called before each write, once `jax.distributed` is
+  up (it reads the process count); it sets orbax's global handler for `jax.Array`, once
+  per process, without orbax's line about overriding it."""
+  global _ONE_PROCESS_HANDLER_SET
+  if _ONE_PROCESS_HANDLER_SET or jax.process_count() > 1:
+    return
+  absl_logger = logging.get_absl_logger()
+  level = absl_logger.level
+  absl_logger.setLevel(std_logging.ERROR)  # orbax warns that it overrides its own default
+  try:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+  finally:
+    absl_logger.setLevel(level)
+  _ONE_PROCESS_HANDLER_SET = True
 
 
 def remove_unfinished_writes(directory: epath.Path) -> list[str]:
@@ -92,7 +107,7 @@ class Checkpointer:
     self.directory = storage.path(directory, what="checkpoint directory")  # local or gs://
     if remove_unfinished and jax.process_index() == 0:
       remove_unfinished_writes(self.directory)
-    use_replica_parallel_writes_across_processes()
+    write_replicated_arrays_from_one_replica_in_one_process()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=every_steps, create=True,
         enable_async_checkpointing=async_save)

@@ -46,7 +46,7 @@ def place_weights(config, built: methods.Built, params: dict, shardings: dict) -
 
 def export_params(path: str, params: Any) -> None:
   """Writes a full parameter tree (trainable and frozen) where `load_params` reads it."""
-  checkpoint_lib.use_replica_parallel_writes_across_processes()
+  checkpoint_lib.write_replicated_arrays_from_one_replica_in_one_process()
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(storage.path(path, what="export_params_to"), params)
     checkpointer.wait_until_finished()
