@@ -33,15 +33,19 @@ def test_the_compilers_out_of_memory_errors_become_one_line_with_the_knob():
   not_fit = compile_lib._not_fit_line  # pylint: disable=protected-access
   temporaries = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
                  "HLO temporaries (373.86G) exceeds available HBM (15.75G).")
-  assert not_fit(temporaries, "clip", config) == (
+  assert not_fit(temporaries, "clip", config, 64) == (
       "clip: does not fit: 358.11 GiB per chip over the 15.75 GiB of HBM; lower "
       "--config.batch_size or turn on remat in config.model")
   total = ("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 20.10G of 15.75G hbm. "
            "Exceeded hbm capacity by 4.35G. Memory usage report: ...")
-  line = not_fit(total, "clip", config)
+  line = not_fit(total, "clip", config, 64)
   assert line.startswith("clip: does not fit: 4.35 GiB per chip over the 15.75 GiB of HBM; "
-                         "shard the weights and optimiser state over fsdp")
-  assert not_fit("INTERNAL: other", "clip", config) is None
+                         "shard the weights and optimiser state over fsdp: --config.mesh="
+                         "'((\"data\", -1), (\"fsdp\", 8), (\"tensor\", 1))'")
+  # The fsdp size offered divides the slice: a 4-chip slice cannot take fsdp 8.
+  assert "(\"fsdp\", 4)" in not_fit(total, "clip", config, 4)
+  assert "(\"fsdp\", 2)" in not_fit(total, "clip", config, 6)
+  assert not_fit("INTERNAL: other", "clip", config, 64) is None
 
 
 def test_topology_errors_are_one_line():

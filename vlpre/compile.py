@@ -267,7 +267,7 @@ def compile_step(config, topology: str, *, label: str = "") -> StepReport:
   try:
     compiled = step.traced.lower().compile()
   except Exception as e:  # pylint: disable=broad-except  (XlaRuntimeError and kin)
-    raise CompileError(_not_fit_line(str(e), label or topology, config) or
+    raise CompileError(_not_fit_line(str(e), label or topology, config, len(devices)) or
                        f"{label or topology}: the TPU compiler failed: "
                        f"{' '.join(str(e).split())[:500]}") from e
   finally:
@@ -297,21 +297,23 @@ def compile_step(config, topology: str, *, label: str = "") -> StepReport:
       collectives=step_analysis.hlo_collectives(compiled.as_text()), compile_seconds=seconds)
   if report.total_bytes > chip.hbm_bytes:
     raise CompileError(_over_line(report.total_bytes - chip.hbm_bytes, chip.hbm_bytes,
-                                  label or topology, _knob(config, activations=False)))
+                                  label or topology,
+                                  _knob(config, activations=False, chips=chips)))
   return report
 
 
-_FSDP = ("shard the weights and optimiser state over fsdp: "
-         "--config.mesh='((\"data\", -1), (\"fsdp\", 8), (\"tensor\", 1))'")
 _ACTIVATIONS = "lower --config.batch_size or turn on remat in config.model"
 
 
-def _knob(config, activations: bool) -> str:
+def _knob(config, activations: bool, chips: int) -> str:
   """Which config field to turn first: fsdp when the state is not sharded, unless the
-  compiler says the temporaries (activations, gradients) alone are too large."""
+  compiler says the temporaries (activations, gradients) alone are too large. The fsdp
+  size offered divides the slice: all its chips up to 8 (a host's chips on a pod)."""
   if activations or int(dict(config.mesh).get("fsdp", 1)) != 1:
     return _ACTIVATIONS
-  return f"{_FSDP}, or {_ACTIVATIONS}"
+  fsdp = next(n for n in (8, 4, 2, 1) if n <= chips and chips % n == 0)
+  return ("shard the weights and optimiser state over fsdp: --config.mesh='((\"data\", -1), "
+          f"(\"fsdp\", {fsdp}), (\"tensor\", 1))', or {_ACTIVATIONS}")
 
 
 def _over_line(excess: int, available: int, where: str, knob: str) -> str:
@@ -326,7 +328,7 @@ def _bytes_of(number: str, unit: str) -> int:
   return int(float(number) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit])
 
 
-def _not_fit_line(message: str, where: str, config) -> str | None:
+def _not_fit_line(message: str, where: str, config, chips: int) -> str | None:
   """The TPU compiler's out-of-memory error as one line; None for any other error. It says
   either "Exceeded hbm capacity by 3.2G" or, when the temporaries alone are too large,
   "required for HLO temporaries (373.86G) exceeds available HBM (15.75G)"."""
@@ -334,11 +336,12 @@ def _not_fit_line(message: str, where: str, config) -> str | None:
                         message):
     groups = match.groups()
     return _over_line(_bytes_of(*groups[4:]), _bytes_of(*groups[2:4]), where,
-                      _knob(config, activations=False))
+                      _knob(config, activations=False, chips=chips))
   if match := re.search(rf"HLO temporaries \({_SIZE}\) exceeds available HBM \({_SIZE}\)",
                         message):
     required, available = _bytes_of(*match.groups()[:2]), _bytes_of(*match.groups()[2:])
-    return _over_line(required - available, available, where, _knob(config, activations=True))
+    return _over_line(required - available, available, where,
+                      _knob(config, activations=True, chips=chips))
   return None
 
 
