@@ -16,6 +16,7 @@ that was not written and the last complete one, which stays intact and resumable
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging as std_logging
 import time
 from typing import Any
@@ -34,9 +35,7 @@ class CheckpointWriteError(OSError):
   """A checkpoint could not be written; the previous complete one is intact."""
 
 
-_ONE_PROCESS_HANDLER_SET = False
-
-
+@functools.cache
 def write_replicated_arrays_from_one_replica_in_one_process() -> None:
   """Within one process, orbax writes each replicated array (a data-parallel parameter)
   from one replica. Its default (on CPU and TPU) splits the write among the replicas,
@@ -45,9 +44,8 @@ def write_replicated_arrays_from_one_replica_in_one_process() -> None:
   staged three-stage test spent 1,424 such compiles (34 s) on it. A job of several
   processes keeps orbax's default. Called before each write, once `jax.distributed` is
   up (it reads the process count); it sets orbax's global handler for `jax.Array`, once
-  per process, without orbax's line about overriding it."""
-  global _ONE_PROCESS_HANDLER_SET
-  if _ONE_PROCESS_HANDLER_SET or jax.process_count() > 1:
+  per process (cached), without orbax's line about overriding it."""
+  if jax.process_count() > 1:
     return
   absl_logger = logging.get_absl_logger()
   level = absl_logger.level
@@ -57,7 +55,6 @@ def write_replicated_arrays_from_one_replica_in_one_process() -> None:
         jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
   finally:
     absl_logger.setLevel(level)
-  _ONE_PROCESS_HANDLER_SET = True
 
 
 def remove_unfinished_writes(directory: epath.Path) -> list[str]:

@@ -311,7 +311,7 @@ def _knob(config, activations: bool, chips: int) -> str:
   size offered divides the slice: all its chips up to 8 (a host's chips on a pod)."""
   if activations or int(dict(config.mesh).get("fsdp", 1)) != 1:
     return _ACTIVATIONS
-  fsdp = next(n for n in (8, 4, 2, 1) if n <= chips and chips % n == 0)
+  fsdp = next(n for n in (8, 4, 2, 1) if chips % n == 0)
   return ("shard the weights and optimiser state over fsdp: --config.mesh='((\"data\", -1), "
           f"(\"fsdp\", {fsdp}), (\"tensor\", 1))', or {_ACTIVATIONS}")
 

@@ -91,7 +91,6 @@ def place_pretrained(params: dict, pretrained: dict[str, Any], shardings: dict,
                    len(entries), len(missing))
     elif missing:
       raise ValueError(f"pretrained '{prefix}' lacks {len(missing)} weights, e.g. {missing[:3]}")
-  del params  # the caller's reference aside, `flat` now holds the only one to each leaf
   for key, value in placed.items():
     old = flat[key]
     flat[key] = jax.device_put(np.asarray(value, dtype=old.dtype), flat_sh[key])
