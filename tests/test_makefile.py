@@ -1,0 +1,38 @@
+"""The Makefile's `make train`: the commands it runs and the workdir it names (`make -n`)."""
+import os
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train_commands(*args: str) -> list[str]:
+  """The vlpre commands `make train ARGS` would run, from its dry run."""
+  out = subprocess.run(["make", "-n", "train", *args], cwd=ROOT, capture_output=True, text=True,
+                       check=True).stdout
+  return [line.split("XLA_FLAGS= ", 1)[1].split(" -m ", 1)[1]
+          for line in out.splitlines() if " -m vlpre." in line]
+
+
+def test_make_train_is_lift_against_minilm_in_its_own_workdir():
+  assert _train_commands() == [
+      "vlpre.embed --config=configs/lift.py:tiny,minilm --workdir=workdirs/lift_minilm",
+      "vlpre.main --config=configs/lift.py:tiny,minilm --workdir=workdirs/lift_minilm"]
+
+
+@pytest.mark.parametrize("config,workdir", [
+    ("configs/lift.py:tiny", "workdirs/lift"),          # the frozen SmolLM2 run
+    ("configs/lift.py:tiny,tuned", "workdirs/lift_tuned"),
+    ("configs/clip.py:tiny", "workdirs/clip"),
+    ("configs/clip.py", "workdirs/clip"),
+    ("configs/bridge.py:tiny,finetune,freeze=last2", "workdirs/bridge_finetune_freeze=last2"),
+])
+def test_the_workdir_is_named_after_the_config_and_its_options(config, workdir):
+  """Two runs of one config file with other options never share (and so never resume) a workdir."""
+  assert _train_commands(f"CONFIG={config}")[-1] == f"vlpre.main --config={config} --workdir={workdir}"
+
+
+def test_an_explicit_workdir_wins():
+  assert _train_commands("WORKDIR=/tmp/w")[-1] == \
+      "vlpre.main --config=configs/lift.py:tiny,minilm --workdir=/tmp/w"
