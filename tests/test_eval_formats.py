@@ -7,6 +7,7 @@ import json
 import os
 import tarfile
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -142,6 +143,17 @@ def _run(tiny_clip, module, cfg):
   size = dict(image_size=32, resize_size=36, batch_size=16, max_text_len=16)
   with sharding.active(s.mesh, s.rules):
     return module.Evaluator("e", {**size, **cfg}, predictor).run(s.variables())
+
+
+def test_a_trained_text_tower_is_embedded_at_every_call(tiny_clip):
+  """CLIP's text tower trains, so its embeddings are never served from memory."""
+  s, predictor = tiny_clip
+  assert predictor.fixed_text_inputs() is None
+  texts = ["a photo of a dog", "a photo of a cat"] * 4
+  before = predictor.text_embeddings(s.variables(), texts, 16)
+  trained = s.state.replace(params=jax.tree.map(lambda x: x * 0.5, s.state.params))
+  after = predictor.text_embeddings(s.variables(trained), texts, 16)
+  assert not np.allclose(before, after)
 
 
 def test_clip_benchmark_source_reads_the_layout(eval_sets):

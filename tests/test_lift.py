@@ -8,6 +8,7 @@ import pytest
 from vlpre import config_lib, methods, train, train_state
 from vlpre import sharding
 from vlpre.data import train_input
+from vlpre.evaluators import common
 from vlpre.text_encoders import store as store_lib
 
 from tests import helpers
@@ -164,3 +165,43 @@ def test_centred_targets_match_online_and_cached(data_dir, shard, tmp_path):
   s = train_state.setup(plain, batch)
   _, metrics = s.jit_train_step()(s.state, s.frozen, s.device_batch(batch), jax.random.key(0))
   assert abs(float(metrics["loss"]) - losses[1]) > 1e-4
+
+
+def _counting(fn, calls):
+  def wrapped(*args):
+    calls.append(1)
+    return fn(*args)
+  return wrapped
+
+
+@pytest.mark.slow
+def test_frozen_text_is_embedded_once_per_run(data_dir, shard):
+  """The evaluators' texts go through the frozen encoder once: the image tower training
+  does not change them; other encoder weights do."""
+  config = lift_config(data_dir, shard, encoder="minilm-l6")
+  s = train_state.setup(config, _first_batch(config))
+  predictor = common.Predictor(s, methods.build_tokenizer(config))
+  inputs = predictor.fixed_text_inputs()
+  assert inputs and all(p.startswith("params/txt_encoder/") for p in inputs), inputs
+  calls = []
+  predictor._embed_text = _counting(predictor._embed_text, calls)  # pylint: disable=protected-access
+  texts = [f"a photo of {n} dogs on the grass" for n in range(16)]
+  first = predictor.text_embeddings(s.variables(), texts, 16)
+  embedded = len(calls)
+  assert embedded >= 1
+  first[:] = 0  # the caller's copy; the cached one is untouched
+  image_trained = s.state.replace(params=jax.tree.map(lambda x: x + 1.0, s.state.params))
+  again = predictor.text_embeddings(s.variables(image_trained), texts, 16)
+  assert len(calls) == embedded and np.abs(again).sum() > 0
+  predictor.text_embeddings(s.variables(), texts[:8], 16)  # other texts: embedded
+  assert len(calls) > embedded
+  embedded = len(calls)
+  # Other frozen weights (another run's encoder): embedded again, to other values.
+  other = {**s.variables(), "params": jax.tree_util.tree_map_with_path(
+      lambda path, x: x * 0.5 if "txt_encoder" in jax.tree_util.keystr(path) else x,
+      s.variables()["params"])}
+  changed = predictor.text_embeddings(other, texts, 16)
+  assert len(calls) > embedded and not np.allclose(changed, again)
+  embedded = len(calls)
+  np.testing.assert_array_equal(predictor.text_embeddings(other, texts, 16), changed)
+  assert len(calls) == embedded

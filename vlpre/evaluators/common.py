@@ -33,7 +33,10 @@ def eval_batches(cfg: Any, split: Any, *, max_examples: int = 0, **kwargs):
 class Predictor:
   """Embeds host batches with the current variables; the batch is split over the data axes.
 
-  Built once per run, so each embedding function compiles once per input shape.
+  Built once per run, so each embedding function compiles once per input shape. Where the
+  model's text embedding reads frozen parameters only (a frozen text encoder: LIFT's), a
+  list of texts is embedded once per run and served from memory afterwards, so periodic
+  evaluations do not run the frozen encoder over the same captions and prompts again.
   """
 
   def __init__(self, setup: Any, tokenizer: Any):
@@ -45,6 +48,8 @@ class Predictor:
         lambda v, text, mask: model.apply(v, text, mask, method=model.embed_text),
         out_shardings=out)
     self._image_methods: dict[str, Any] = {}
+    self._text_inputs: tuple[str, ...] | None | bool = False  # False: not traced yet
+    self._text_cache: dict[tuple, tuple[np.ndarray, tuple]] = {}
 
   def _put(self, x):
     return jax.device_put(np.asarray(x), self.setup.batch_sharding)
@@ -83,12 +88,54 @@ class Predictor:
           parts.setdefault("label", []).append(np.asarray(batch["label"])[keep])
     return {k: np.concatenate(v) for k, v in parts.items()}
 
+  def fixed_text_inputs(self) -> tuple[str, ...] | None:
+    """The parameter paths the model's text embedding reads, when all of them are frozen
+    and it reads no mutable state: its output is then fixed for the run. None otherwise.
+
+    Read off the jaxpr of `embed_text` traced over the run's variables: a variable the
+    embedding does not read appears in none of its equations.
+    """
+    if self._text_inputs is False:
+      setup, model = self.setup, self.setup.model
+      variables = setup.variables()
+      ids = jax.ShapeDtypeStruct((self.data_parallel, 8), np.int32)
+      with sharding.active(setup.mesh, setup.rules):
+        jaxpr = jax.make_jaxpr(
+            lambda v, text, mask: model.apply(v, text, mask, method=model.embed_text))(
+                variables, ids, ids).jaxpr
+      used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
+      read = [p for p, v in zip(_leaves_by_path(variables), jaxpr.invars) if id(v) in used]
+      trainable = {"params/" + p for p in _leaves_by_path(setup.state.params)}
+      fixed = all(p.startswith("params/") and p not in trainable for p in read)
+      self._text_inputs = tuple(read) if fixed else None
+    return self._text_inputs
+
   def text_embeddings(self, variables, texts: Sequence[str], max_len: int,
                       batch_size: int = 256) -> np.ndarray:
-    """[len(texts), E] text embeddings, in order (computed in length buckets)."""
+    """[len(texts), E] text embeddings, in order (computed in length buckets).
+
+    Embedded once per Predictor where the embedding reads frozen weights only
+    (`fixed_text_inputs`); a later call with the same texts and the same weight arrays
+    returns a copy of the first result.
+    """
     if self.tokenizer is None:
       raise ValueError("this model has no tokenizer: it cannot embed text")
     self._check_batch(batch_size)
+    key, weights = None, ()
+    if (inputs := self.fixed_text_inputs()) is not None:
+      leaves = _leaves_by_path(variables)
+      if all(p in leaves for p in inputs):
+        weights = tuple(leaves[p] for p in inputs)  # held by the entry: no id is reused
+        key = (tuple(texts), max_len, batch_size, tuple(id(w) for w in weights))
+        if key in self._text_cache:
+          return self._text_cache[key][0].copy()
+    out_NxE = self._embed_texts(variables, texts, max_len, batch_size)
+    if key is not None:
+      self._text_cache[key] = (out_NxE.copy(), weights)
+    return out_NxE
+
+  def _embed_texts(self, variables, texts: Sequence[str], max_len: int,
+                   batch_size: int) -> np.ndarray:
     ids_NxL, mask_NxL = self.tokenizer.encode_batch(list(texts), max_len)
     out_NxE = None
     with sharding.active(self.setup.mesh, self.setup.rules):
@@ -98,6 +145,12 @@ class Predictor:
           out_NxE = np.zeros((len(texts), out.shape[-1]), np.float32)
         out_NxE[rows] = out[:len(rows)]
     return out_NxE
+
+
+def _leaves_by_path(tree: Any) -> dict[str, Any]:
+  """{"a/b/c": leaf} of a pytree of dicts, in its flattening order."""
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
