@@ -1,5 +1,5 @@
 # Two commands do all the set-up themselves: `make train` and `make test`.
-# make train's run: LIFT against the frozen all-MiniLM-L6-v2 (20 min on 2 cores; the frozen
+# make train's run: LIFT against the frozen all-MiniLM-L6-v2 (17 min on 2 cores; the frozen
 # SmolLM2 run, CONFIG=configs/lift.py:tiny, takes 54: README, "The two commands").
 CONFIG ?= configs/lift.py:tiny,minilm
 # The workdir is named after the config and its options other than "tiny":
