@@ -1,5 +1,7 @@
-"""The Makefile's `make train`: the commands it runs and the workdir it names (`make -n`)."""
+"""The Makefile's `make train`: the commands it runs, the workdir it names (`make -n`), and its
+one line where there is no data."""
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -36,3 +38,18 @@ def test_the_workdir_is_named_after_the_config_and_its_options(config, workdir):
 def test_an_explicit_workdir_wins():
   assert _train_commands("WORKDIR=/tmp/w")[-1] == \
       "vlpre.main --config=configs/lift.py:tiny,minilm --workdir=/tmp/w"
+
+
+def test_without_data_make_train_stops_with_one_line_naming_make_data(tmp_path):
+  """A checkout with no ../shared/data beside it and nothing fetched: one line, before any
+  install or run."""
+  checkout = tmp_path / "vlpre"
+  checkout.mkdir()
+  shutil.copy(os.path.join(ROOT, "Makefile"), checkout)
+  env = {k: v for k, v in os.environ.items() if k != "VLPRE_DATA_DIR"}
+  out = subprocess.run(["make", "train"], cwd=checkout, capture_output=True, text=True, env=env)
+  assert out.returncode != 0
+  assert out.stderr.splitlines()[0] == (
+      f"no data at {checkout}/workdirs/data (../shared/data is absent): run make data "
+      "(or set VLPRE_DATA_DIR)")
+  assert not (checkout / ".venv").exists()
