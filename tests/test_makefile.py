@@ -6,6 +6,8 @@ import subprocess
 
 import pytest
 
+pytestmark = pytest.mark.integration  # every test starts make (a subprocess)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
