@@ -9,12 +9,16 @@ import pytest
 pytestmark = pytest.mark.integration  # every test starts make (a subprocess)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Make reads these from the environment too (`?=`, a parent make's flags): the tests run
+# the Makefile's defaults whatever started them, `make test-all` included.
+_MAKE_ENV = {k: v for k, v in os.environ.items()
+             if k not in ("CONFIG", "WORKDIR", "VLPRE_DATA_DIR", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
 
 
 def _train_commands(*args: str) -> list[str]:
   """The vlpre commands `make train ARGS` would run, from its dry run."""
   out = subprocess.run(["make", "-n", "train", *args], cwd=ROOT, capture_output=True, text=True,
-                       check=True).stdout
+                       check=True, env=_MAKE_ENV).stdout
   return [line.split("XLA_FLAGS= ", 1)[1].split(" -m ", 1)[1]
           for line in out.splitlines() if " -m vlpre." in line]
 
@@ -48,8 +52,8 @@ def test_without_data_make_train_stops_with_one_line_naming_make_data(tmp_path):
   checkout = tmp_path / "vlpre"
   checkout.mkdir()
   shutil.copy(os.path.join(ROOT, "Makefile"), checkout)
-  env = {k: v for k, v in os.environ.items() if k != "VLPRE_DATA_DIR"}
-  out = subprocess.run(["make", "train"], cwd=checkout, capture_output=True, text=True, env=env)
+  out = subprocess.run(["make", "train"], cwd=checkout, capture_output=True, text=True,
+                       env=_MAKE_ENV)
   assert out.returncode != 0
   assert out.stderr.splitlines()[0] == (
       f"no data at {checkout}/workdirs/data (../shared/data is absent): run make data "
