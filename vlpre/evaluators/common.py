@@ -104,8 +104,8 @@ class Predictor:
             lambda v, text, mask: model.apply(v, text, mask, method=model.embed_text))(
                 variables, ids, ids).jaxpr
       used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
-      read = [p for p, v in zip(_leaves_by_path(variables), jaxpr.invars) if id(v) in used]
-      trainable = {"params/" + p for p in _leaves_by_path(setup.state.params)}
+      read = [p for p, v in zip(sharding.tree_paths(variables), jaxpr.invars) if id(v) in used]
+      trainable = {"params/" + p for p in sharding.tree_paths(setup.state.params)}
       fixed = all(p.startswith("params/") and p not in trainable for p in read)
       self._text_inputs = tuple(read) if fixed else None
     return self._text_inputs
@@ -123,7 +123,7 @@ class Predictor:
     self._check_batch(batch_size)
     key, weights = None, ()
     if (inputs := self.fixed_text_inputs()) is not None:
-      leaves = _leaves_by_path(variables)
+      leaves = dict(zip(sharding.tree_paths(variables), jax.tree.leaves(variables)))
       if all(p in leaves for p in inputs):
         weights = tuple(leaves[p] for p in inputs)  # held by the entry: no id is reused
         key = (tuple(texts), max_len, batch_size, tuple(id(w) for w in weights))
@@ -145,12 +145,6 @@ class Predictor:
           out_NxE = np.zeros((len(texts), out.shape[-1]), np.float32)
         out_NxE[rows] = out[:len(rows)]
     return out_NxE
-
-
-def _leaves_by_path(tree: Any) -> dict[str, Any]:
-  """{"a/b/c": leaf} of a pytree of dicts, in its flattening order."""
-  return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
