@@ -148,7 +148,7 @@ def _run(tiny_clip, module, cfg):
 def test_a_trained_text_tower_is_embedded_at_every_call(tiny_clip):
   """CLIP's text tower trains, so its embeddings are never served from memory."""
   s, predictor = tiny_clip
-  assert predictor.fixed_text_inputs() is None
+  assert predictor.fixed_text_inputs is None
   texts = ["a photo of a dog", "a photo of a cat"] * 4
   before = predictor.text_embeddings(s.variables(), texts, 16)
   trained = s.state.replace(params=jax.tree.map(lambda x: x * 0.5, s.state.params))

@@ -181,7 +181,7 @@ def test_frozen_text_is_embedded_once_per_run(data_dir, shard):
   config = lift_config(data_dir, shard, encoder="minilm-l6")
   s = train_state.setup(config, _first_batch(config))
   predictor = common.Predictor(s, methods.build_tokenizer(config))
-  inputs = predictor.fixed_text_inputs()
+  inputs = predictor.fixed_text_inputs
   assert inputs and all(p.startswith("params/txt_encoder/") for p in inputs), inputs
   calls = []
   predictor._embed_text = _counting(predictor._embed_text, calls)  # pylint: disable=protected-access

@@ -1,6 +1,7 @@
 """What every evaluator shares: sharded, jitted embedding of images and texts."""
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Iterable, Sequence
 
@@ -48,7 +49,6 @@ class Predictor:
         lambda v, text, mask: model.apply(v, text, mask, method=model.embed_text),
         out_shardings=out)
     self._image_methods: dict[str, Any] = {}
-    self._text_inputs: tuple[str, ...] | None | bool = False  # False: not traced yet
     self._text_cache: dict[tuple, tuple[np.ndarray, tuple]] = {}
 
   def _put(self, x):
@@ -88,6 +88,7 @@ class Predictor:
           parts.setdefault("label", []).append(np.asarray(batch["label"])[keep])
     return {k: np.concatenate(v) for k, v in parts.items()}
 
+  @functools.cached_property
   def fixed_text_inputs(self) -> tuple[str, ...] | None:
     """The parameter paths the model's text embedding reads, when all of them are frozen
     and it reads no mutable state: its output is then fixed for the run. None otherwise.
@@ -95,20 +96,18 @@ class Predictor:
     Read off the jaxpr of `embed_text` traced over the run's variables: a variable the
     embedding does not read appears in none of its equations.
     """
-    if self._text_inputs is False:
-      setup, model = self.setup, self.setup.model
-      variables = setup.variables()
-      ids = jax.ShapeDtypeStruct((self.data_parallel, 8), np.int32)
-      with sharding.active(setup.mesh, setup.rules):
-        jaxpr = jax.make_jaxpr(
-            lambda v, text, mask: model.apply(v, text, mask, method=model.embed_text))(
-                variables, ids, ids).jaxpr
-      used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
-      read = [p for p, v in zip(sharding.tree_paths(variables), jaxpr.invars) if id(v) in used]
-      trainable = {"params/" + p for p in sharding.tree_paths(setup.state.params)}
-      fixed = all(p.startswith("params/") and p not in trainable for p in read)
-      self._text_inputs = tuple(read) if fixed else None
-    return self._text_inputs
+    setup, model = self.setup, self.setup.model
+    variables = setup.variables()
+    ids = jax.ShapeDtypeStruct((self.data_parallel, 8), np.int32)
+    with sharding.active(setup.mesh, setup.rules):
+      jaxpr = jax.make_jaxpr(
+          lambda v, text, mask: model.apply(v, text, mask, method=model.embed_text))(
+              variables, ids, ids).jaxpr
+    used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
+    read = [p for p, v in zip(sharding.tree_paths(variables), jaxpr.invars) if id(v) in used]
+    trainable = {"params/" + p for p in sharding.tree_paths(setup.state.params)}
+    fixed = all(p.startswith("params/") and p not in trainable for p in read)
+    return tuple(read) if fixed else None
 
   def text_embeddings(self, variables, texts: Sequence[str], max_len: int,
                       batch_size: int = 256) -> np.ndarray:
@@ -122,7 +121,7 @@ class Predictor:
       raise ValueError("this model has no tokenizer: it cannot embed text")
     self._check_batch(batch_size)
     key, weights = None, ()
-    if (inputs := self.fixed_text_inputs()) is not None:
+    if (inputs := self.fixed_text_inputs) is not None:
       leaves = dict(zip(sharding.tree_paths(variables), jax.tree.leaves(variables)))
       if all(p in leaves for p in inputs):
         weights = tuple(leaves[p] for p in inputs)  # held by the entry: no id is reused
