@@ -42,9 +42,10 @@ def write_replicated_arrays_from_one_replica_in_one_process() -> None:
   which spreads it over the hosts of a multi-host job but within one process buys
   nothing and compiles a slice program per array shape and device at every save: a
   staged three-stage test spent 1,424 such compiles (34 s) on it. A job of several
-  processes keeps orbax's default. Called before each write, once `jax.distributed` is
-  up (it reads the process count); it sets orbax's global handler for `jax.Array`, once
-  per process (cached), without orbax's line about overriding it."""
+  processes keeps orbax's default. Called where a writer is made (`Checkpointer`,
+  `init_params.export_params`), once `jax.distributed` is up (it reads the process
+  count); it sets orbax's global handler for `jax.Array`, once per process (cached),
+  without orbax's line about overriding it."""
   if jax.process_count() > 1:
     return
   absl_logger = logging.get_absl_logger()
