@@ -4,8 +4,8 @@ Models name array dimensions with logical axis names only (below); the rules in 
 config map them to the mesh axes `data`, `fsdp` and `tensor`. Nothing else in vlpre
 mentions a mesh axis, except the batch sharding helpers here.
 
-Logical axis names (the glossary; README repeats it). Each name means one thing in
-every file, so one rule shards every weight that has that dimension:
+Logical axis names (summarised in docs/adding_a_method.md's glossary). Each name means
+one thing in every file, so one rule shards every weight that has that dimension:
   weights:
     embed           model width D
     mlp             MLP hidden width F

@@ -29,7 +29,7 @@ rules. Layer parameters are named after the layers they hold:
 so a regex freezes "the first N" or "the last N" layers when N is a group boundary
 (e.g. `llm/layers_0to3/.*`).
 
-Shape letters (the README glossary): B batch, L sequence length, T new tokens of a
+Shape letters (docs/adding_a_method.md#glossary): B batch, L sequence length, T new tokens of a
 cache step, S key slots (cache or extra keys), D model width, H query heads, G key/value
 heads (H a multiple of G), K per-head dim, F MLP width, V vocabulary.
 """

@@ -5,7 +5,7 @@ h // (H / G)), causal or bidirectional, a boolean mask, and optional extra keys/
 that every query sees next to its own keys (the LLM's cross-attention hook: HIVE's image
 keys), scored by the same queries or by a second query set.
 
-Shape letters (the README glossary): B batch, T queries, S keys, E extra keys, H query
+Shape letters (docs/adding_a_method.md#glossary): B batch, T queries, S keys, E extra keys, H query
 heads, G key/value heads (G divides H), R = H / G query heads per key head, K per-head dim.
 """
 from __future__ import annotations

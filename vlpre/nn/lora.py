@@ -9,7 +9,7 @@ adapter of a parameter tree into its kernel (W + (alpha / rank)·A·B): the merg
 on the plain layer with the same outputs, and is what an export writes.
 
 Freeze everything but the adapters with `config.trainable = (".*lora_[ab]",)`.
-Shape letters (the README glossary): D input width, F output width; Q the rank.
+Shape letters (docs/adding_a_method.md#glossary): D input width, F output width; Q the rank.
 """
 from __future__ import annotations
 
